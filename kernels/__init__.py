@@ -1,0 +1,10 @@
+"""Hand-written Triton kernels: flash attention (forward and backward) and online softmax.
+
+On a machine without a CUDA GPU, set TRITON_INTERPRET=1 before importing this
+package to run the same kernels on the CPU (see kernels/runtime.py).
+"""
+from .flash_attention import flash_attention
+from .runtime import INTERPRET
+from .softmax import softmax
+
+__all__ = ["flash_attention", "softmax", "INTERPRET"]
