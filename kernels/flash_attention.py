@@ -57,7 +57,7 @@ import triton.language as tl
 
 from reference.functional import check_attention_inputs
 
-from .runtime import INTERPRET, check_runnable, dot_precision, upcast_tiles
+from .runtime import INTERPRET, accumulator_dtype, check_runnable, dot_precision, upcast_tiles
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # 1/ln 2, so exp(x) == exp2(x * LOG2E)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln 2, so log(x) == log2(x) * LN2
@@ -149,7 +149,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_ptrs + start_n * stride_vn, cur_n, N_K, offs_d, HEAD_DIM, MASKED, PAD_D, UPCAST)
         # acc = acc * alpha + p @ v, with p rounded to v's dtype for the tensor cores.
-        acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=acc.dtype)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -163,7 +163,7 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
               H_Q, GROUP_SIZE, N_Q, N_K,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
-              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, query head). Writes O and the natural-log LSE."""
     start_m = tl.program_id(0) * BLOCK_M
     off_zh = tl.program_id(1)
@@ -181,9 +181,9 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
 
     # The Q tile is read once and stays in registers for the whole key loop.
     q = _load_tile(q_ptrs, offs_m, N_Q, offs_d, HEAD_DIM, True, PAD_D, UPCAST)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, base-2 units
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running normaliser
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)  # unnormalised output
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)  # running max, base-2 units
+    l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)  # running normaliser
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=ACC_DTYPE)  # unnormalised output
 
     full_end, end = _causal_key_range(start_m, N_Q, N_K, BLOCK_M, BLOCK_N, IS_CAUSAL)
     # Stage 1: full, wholly visible key blocks, with no mask at all.
@@ -234,10 +234,13 @@ def _attn_bwd_preprocess(O, DO, DELTA,
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     o = _load_tile(O + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok,
-                   offs_m, N_Q, offs_d, HEAD_DIM, True, PAD_D, True)
+                   offs_m, N_Q, offs_d, HEAD_DIM, True, PAD_D, False)
     do = _load_tile(DO + off_z * stride_doz + off_h * stride_doh + offs_m[:, None] * stride_dom
-                    + offs_d[None, :] * stride_dok, offs_m, N_Q, offs_d, HEAD_DIM, True, PAD_D, True)
-    tl.store(DELTA + off_zh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < N_Q)
+                    + offs_d[None, :] * stride_dok, offs_m, N_Q, offs_d, HEAD_DIM, True, PAD_D, False)
+    # Sum in DELTA's precision (fp32, or float64 for float64 inputs), never in bf16.
+    acc_dtype = DELTA.dtype.element_ty
+    delta = tl.sum(o.to(acc_dtype) * do.to(acc_dtype), 1)
+    tl.store(DELTA + off_zh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
 
 
 @triton.jit
@@ -266,10 +269,10 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_row, DELTA_row, stri
             # tl.where drops the unselected branch, so the inf of a row that sees no key
             # (lse = -inf) never reaches the sums.
             p_t = tl.where(offs_n[:, None] <= cur_m[None, :] + (N_K - N_Q), p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, acc=dv, input_precision=DOT_PRECISION)
+        dv = tl.dot(p_t.to(do.dtype), do, acc=dv, input_precision=DOT_PRECISION, out_dtype=dv.dtype)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, acc=dk, input_precision=DOT_PRECISION)
+        dk = tl.dot(ds_t.to(q.dtype), q, acc=dk, input_precision=DOT_PRECISION, out_dtype=dk.dtype)
     return dk, dv
 
 
@@ -284,7 +287,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
                    H_KV, GROUP_SIZE, N_Q, N_K,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, kv head); sums over every query head of the group."""
     start_n = tl.program_id(0) * BLOCK_N
     off_zkv = tl.program_id(1)
@@ -299,8 +302,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
                    + offs_d[None, :] * stride_kk, offs_n, N_K, offs_d, HEAD_DIM, True, PAD_D, UPCAST)
     v = _load_tile(V + off_z * stride_vz + off_kvh * stride_vh + offs_n[:, None] * stride_vn
                    + offs_d[None, :] * stride_vk, offs_n, N_K, offs_d, HEAD_DIM, True, PAD_D, UPCAST)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
 
     # Which query blocks see this key block (the mirror image of _causal_key_range):
     # [lo, full_start) straddle the diagonal, [full_start, even_end) are full and
@@ -366,7 +369,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, acc=dq, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, acc=dq, input_precision=DOT_PRECISION, out_dtype=dq.dtype)
     return dq
 
 
@@ -380,7 +383,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
                  H_Q, GROUP_SIZE, N_Q, N_K,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, query head); the forward's loop, differentiated."""
     start_m = tl.program_id(0) * BLOCK_M
     off_zh = tl.program_id(1)
@@ -402,7 +405,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
     delta = tl.load(DELTA + row, mask=offs_m < N_Q, other=0.0)
     k_ptrs = K + off_z * stride_kz + off_kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk
     v_ptrs = V + off_z * stride_vz + off_kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk
-    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=ACC_DTYPE)
 
     full_end, end = _causal_key_range(start_m, N_Q, N_K, BLOCK_M, BLOCK_N, IS_CAUSAL)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
@@ -474,6 +477,10 @@ _attn_bwd_dq_tuned = _autotuned(_attn_bwd_dq)
 _PREPROCESS_BLOCK_M = 64
 
 
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 def _head_dim_pad(head_dim: int) -> int:
     """Tiles are powers of two and tl.dot needs K >= 16: pad D inside the kernel, with masked loads."""
     return max(16, triton.next_power_of_2(head_dim))
@@ -506,7 +513,7 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None):
     batch, h_q, n_q, head_dim = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device) if o is None else o
-    lse = torch.empty((batch, h_q, n_q), dtype=torch.float32, device=q.device) if lse is None else lse
+    lse = torch.empty((batch, h_q, n_q), dtype=accumulator_dtype(q.dtype), device=q.device) if lse is None else lse
     if q.numel() == 0:
         return o, lse
     qk_scale = sm_scale * 1.4426950408889634  # fold LOG2E into the scale: exp(x*s) == exp2(x*s*LOG2E)
@@ -519,7 +526,7 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None):
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         h_q, h_q // h_kv, n_q, n_k,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim), IS_CAUSAL=causal,
-        UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+        UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype), ACC_DTYPE=_tl_dtype(lse.dtype),
     )
     return o, lse
 
@@ -541,7 +548,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
     head_dim_pad = _head_dim_pad(head_dim)
     qk_scale = sm_scale * 1.4426950408889634
 
-    delta = torch.empty((batch, h_q, n_q), dtype=torch.float32, device=q.device)
+    delta = torch.empty((batch, h_q, n_q), dtype=lse.dtype, device=q.device)
     _attn_bwd_preprocess[(triton.cdiv(n_q, _PREPROCESS_BLOCK_M), batch * h_q)](
         o, do, delta, *o.stride(), *do.stride(), h_q, n_q,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=_PREPROCESS_BLOCK_M,
@@ -550,7 +557,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
         delta -= dlse
 
     flags = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, IS_CAUSAL=causal,
-                 UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype))
+                 UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype), ACC_DTYPE=_tl_dtype(lse.dtype))
     _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), batch * h_kv)](
         q, k, v, do, lse, delta, dk, dv, qk_scale, sm_scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
@@ -580,7 +587,7 @@ def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @_flash_attn_fwd_op.register_fake
 def _(q, k, v, causal, sm_scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=accumulator_dtype(q.dtype))
 
 
 @torch.library.custom_op("attention_playground::flash_attn_bwd", mutates_args=())
@@ -619,11 +626,11 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, return_lse=False):
     """softmax(q k^T * sm_scale) v, fused in Triton, differentiable.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D), with Hq a multiple of Hkv (GQA/MQA)
-    and 1 <= D <= 256; fp32, fp16 or bf16; any strides. causal masks bottom-right
+    and 1 <= D <= 256; fp32, fp16 or bf16 (float64 too, for gradcheck); any strides. causal masks bottom-right
     (query i sees key j <= i + Nk - Nq). sm_scale defaults to 1/sqrt(D).
     Returns o (B, Hq, Nq, D) in q's dtype, and with return_lse=True also the
     natural-log log-sum-exp of each row's scores, lse (B, Hq, Nq) in fp32
-    (-inf for a row with no visible key, whose output is 0).
+    (float64 for float64 inputs; -inf for a row with no visible key, whose output is 0).
     """
     check_flash_inputs(q, k, v, sm_scale)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)

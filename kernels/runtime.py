@@ -19,7 +19,9 @@ import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 is there for torch.autograd.gradcheck; the kernels then accumulate in float64 too.
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
 
 CPU_HINT = (
     "Triton kernels need a CUDA GPU, or Triton's interpreter on the CPU: set "
@@ -39,9 +41,14 @@ def check_runnable(t: torch.Tensor, name: str) -> None:
 
 def upcast_tiles(dtype: torch.dtype) -> bool:
     """Whether kernels must lift tiles to fp32 after loading (low precision under the interpreter)."""
-    return INTERPRET and dtype != torch.float32
+    return INTERPRET and dtype in LOW_PRECISION_DTYPES
 
 
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs are multiplied in true fp32 ("ieee"), never silently in tf32."""
-    return "ieee" if dtype == torch.float32 or upcast_tiles(dtype) else "tf32"
+    return "tf32" if dtype in LOW_PRECISION_DTYPES and not upcast_tiles(dtype) else "ieee"
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax statistics and accumulators: fp32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
