@@ -2,3 +2,15 @@
 from .functional import causal_visibility, check_attention_inputs, naive_attention, repeat_kv
 from .softmax import naive_softmax, online_softmax, safe_softmax
 from .tiled import tiled_flash_attention
+from .self_attention import SelfAttention, SelfAttentionV1, SelfAttentionV2, explicit_attention
+from .causal import CausalAttention, future_mask
+from .cross_attention import CrossAttention
+from .multi_head import (
+    EfficientMHA,
+    FusedQKVMultiHeadAttention,
+    MultiHeadAttention,
+    MultiHeadAttentionWrapper,
+    merge_heads,
+    split_heads,
+)
+from .gqa import GroupedQueryAttention, MultiQueryAttention, apply_rope, rope_tables, rotate_half
