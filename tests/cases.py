@@ -1,0 +1,91 @@
+"""The one shared list of attention shapes every kernel test runs over.
+
+Each case says why it is there. Under the interpreter (the CPU suite) the
+kernels use BLOCK_M = 64 and BLOCK_N = 32, so lengths around 32/64/128 put
+block edges in interesting places; on a GPU the autotuned blocks differ and
+the `gpu` set adds long sequences.
+"""
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    batch: int
+    h_q: int
+    h_kv: int
+    n_q: int
+    n_k: int
+    head_dim: int
+    causal: bool
+
+    @property
+    def kind(self) -> str:
+        return "mha" if self.h_q == self.h_kv else "mqa" if self.h_kv == 1 else "gqa"
+
+    @property
+    def id(self) -> str:
+        lengths = f"n{self.n_q}" if self.n_q == self.n_k else f"q{self.n_q}-k{self.n_k}"
+        mask = "causal" if self.causal else "full"
+        return f"{self.kind}-b{self.batch}-h{self.h_q}x{self.h_kv}-{lengths}-d{self.head_dim}-{mask}"
+
+    def make_inputs(self, dtype, device, requires_grad=False):
+        """Random q, k, v (never zeros: zeros hide unwritten outputs)."""
+        def rand(h, n):
+            return torch.randn(self.batch, h, n, self.head_dim, dtype=dtype, device=device,
+                               requires_grad=requires_grad)
+        return rand(self.h_q, self.n_q), rand(self.h_kv, self.n_k), rand(self.h_kv, self.n_k)
+
+
+def _both_masks(**shape):
+    return [AttentionCase(**shape, causal=False), AttentionCase(**shape, causal=True)]
+
+
+KINDS = {"mha": (2, 2), "gqa": (4, 2), "mqa": (4, 1)}
+
+ATTENTION_CASES = [
+    # mha, gqa and mqa on a length that is not a multiple of any block.
+    *[case for h_q, h_kv in KINDS.values() for case in _both_masks(batch=2, h_q=h_q, h_kv=h_kv, n_q=97, n_k=97,
+                                                                    head_dim=64)],
+    # Ragged lengths: a single token; shorter than one block; one block and a bit
+    # (130 = 2*64 + 2 leaves a 2-row tail); several blocks and a 1-row tail (257).
+    *[case for n in (1, 7, 130, 257) for case in _both_masks(batch=1, h_q=2, h_kv=1, n_q=n, n_k=n, head_dim=32)],
+    # Nq != Nk both ways. Causal aligns bottom-right: with Nq < Nk (decoding with a
+    # cache) the last query sees every key; with Nq > Nk the first Nq - Nk queries see
+    # no key at all and must output 0, not NaN.
+    *[case for n_q, n_k in ((7, 130), (130, 7), (97, 257), (257, 97), (1, 130), (65, 64))
+      for case in _both_masks(batch=1, h_q=4, h_kv=2, n_q=n_q, n_k=n_k, head_dim=32)],
+    # Head dims: 8 is the seed's demo; 40 and 80 are not powers of two (padded to 64
+    # and 128 inside the kernel); 256 is the largest supported.
+    *[case for d in (8, 16, 40, 80, 128, 256) for case in _both_masks(batch=1, h_q=2, h_kv=1, n_q=70, n_k=70,
+                                                                       head_dim=d)],
+]
+
+# A few cases for the slower checks (gradients in every dtype, strides, determinism).
+SMALL_CASES = [
+    AttentionCase(batch=2, h_q=4, h_kv=2, n_q=97, n_k=97, head_dim=40, causal=True),
+    AttentionCase(batch=1, h_q=4, h_kv=1, n_q=130, n_k=33, head_dim=64, causal=True),
+    AttentionCase(batch=1, h_q=2, h_kv=2, n_q=33, n_k=130, head_dim=16, causal=False),
+]
+
+# Long sequences, only where a GPU makes them affordable.
+GPU_CASES = [
+    AttentionCase(batch=2, h_q=16, h_kv=16, n_q=1024, n_k=1024, head_dim=128, causal=True),
+    AttentionCase(batch=1, h_q=32, h_kv=8, n_q=4096, n_k=4096, head_dim=128, causal=True),
+    AttentionCase(batch=1, h_q=8, h_kv=1, n_q=8192, n_k=8192, head_dim=64, causal=False),
+    AttentionCase(batch=1, h_q=8, h_kv=2, n_q=4000, n_k=8000, head_dim=80, causal=True),
+    AttentionCase(batch=1, h_q=4, h_kv=4, n_q=8000, n_k=1000, head_dim=256, causal=True),
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def params(cases):
+    """pytest.param for each case, with a readable id."""
+    return [pytest.param(case, id=case.id) for case in cases]
+
+
+def dtype_params():
+    return [pytest.param(dtype, id=str(dtype).replace("torch.", "")) for dtype in DTYPES]

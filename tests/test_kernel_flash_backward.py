@@ -1,0 +1,134 @@
+"""The Triton flash-attention backward pass: gradients, gradcheck, determinism, torch.compile."""
+import math
+
+import pytest
+import torch
+
+from kernels import flash_attention
+from kernels.flash_attention import _flash_bwd, _flash_fwd
+from reference import naive_attention
+from tests.cases import ATTENTION_CASES, GPU_CASES, SMALL_CASES, AttentionCase, dtype_params, params
+from tests.helpers import GRADIENT_FACTOR, assert_close_to_reference, poisoned_like, rows_with_a_key
+
+
+def naive_gradients(q, k, v, do, causal, sm_scale, dtype=None):
+    """dq, dk, dv of the naive reference by autograd (in `dtype`, default the inputs')."""
+    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+    o = naive_attention(*leaves, causal=causal, sm_scale=sm_scale)
+    o.backward(do.to(o.dtype))
+    return [t.grad for t in leaves]
+
+
+def run_backward_poisoned(q, k, v, do, causal, sm_scale):
+    """Forward, then the backward launcher writing into NaN-filled gradient buffers."""
+    o, lse = _flash_fwd(q, k, v, causal, sm_scale)
+    return _flash_bwd(do, q, k, v, o, lse, causal, sm_scale,
+                      dq=poisoned_like(q), dk=poisoned_like(k), dv=poisoned_like(v))
+
+
+def check_gradients(case, dtype, device):
+    q, k, v = case.make_inputs(dtype, device)
+    do = torch.randn_like(q)
+    sm_scale = 1.0 / math.sqrt(case.head_dim)
+    grads = run_backward_poisoned(q, k, v, do, case.causal, sm_scale)
+    grads64 = naive_gradients(q, k, v, do, case.causal, sm_scale, dtype=torch.float64)
+    grads_torch = naive_gradients(q, k, v, do, case.causal, sm_scale)
+    for name, grad, grad64, grad_torch in zip(("dq", "dk", "dv"), grads, grads64, grads_torch):
+        assert_close_to_reference(grad, grad64, grad_torch, factor=GRADIENT_FACTOR, name=name)
+    # A query row that sees no key has a constant 0 output: its dq is exactly 0.
+    blind = slice(0, rows_with_a_key(case.n_q, case.n_k, case.causal).start)
+    assert torch.all(grads[0][:, :, blind] == 0)
+
+
+@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("case", params(ATTENTION_CASES))
+def test_gradients_match_references(case, dtype, device):
+    check_gradients(case, dtype, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", params(GPU_CASES))
+def test_gradients_long_sequences_gpu(case, dtype, device):
+    check_gradients(case, dtype, device)
+
+
+@pytest.mark.parametrize("case", params(SMALL_CASES))
+def test_autograd_matches_launcher(case, device):
+    """flash_attention(...).backward goes through the custom op into the same kernels."""
+    q, k, v = case.make_inputs(torch.float32, device, requires_grad=True)
+    do = torch.randn_like(q)
+    flash_attention(q, k, v, causal=case.causal).backward(do)
+    sm_scale = 1.0 / math.sqrt(case.head_dim)
+    expected = run_backward_poisoned(q.detach(), k.detach(), v.detach(), do, case.causal, sm_scale)
+    for leaf, grad in zip((q, k, v), expected):
+        assert torch.equal(leaf.grad, grad)
+
+
+GRADCHECK_CASES = [
+    AttentionCase(batch=1, h_q=2, h_kv=2, n_q=5, n_k=5, head_dim=4, causal=True),
+    AttentionCase(batch=1, h_q=4, h_kv=2, n_q=3, n_k=6, head_dim=5, causal=True),  # gqa, Nq < Nk
+    AttentionCase(batch=2, h_q=2, h_kv=1, n_q=6, n_k=3, head_dim=3, causal=True),  # mqa, rows with no key
+    AttentionCase(batch=1, h_q=2, h_kv=1, n_q=4, n_k=7, head_dim=6, causal=False),
+]
+
+
+@pytest.mark.parametrize("case", params(GRADCHECK_CASES))
+def test_gradcheck_float64(case, device):
+    """Finite differences in float64 agree with the kernels' analytic gradients, lse included."""
+    inputs = case.make_inputs(torch.float64, device, requires_grad=True)
+
+    def outputs(q, k, v):
+        o, lse = flash_attention(q, k, v, causal=case.causal, return_lse=True)
+        return o, lse.masked_fill(torch.isinf(lse), 0.0)  # -inf rows are constant; keep them finite
+
+    assert torch.autograd.gradcheck(outputs, inputs)
+
+
+def test_gqa_gradients_are_deterministic(device):
+    """dK/dV of a kv head are summed over its query heads in a fixed order, without atomics."""
+    case = AttentionCase(batch=1, h_q=8, h_kv=2, n_q=130, n_k=130, head_dim=32, causal=True)
+    q, k, v = case.make_inputs(torch.bfloat16, device)
+    do = torch.randn_like(q)
+    first = run_backward_poisoned(q, k, v, do, True, 0.2)
+    second = run_backward_poisoned(q, k, v, do, True, 0.2)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+class TinyAttentionModel(torch.nn.Module):
+    """A projection, flash attention and an output projection: enough to trace end to end."""
+
+    def __init__(self, d_model=32, heads=4, kv_heads=2):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, d_model // heads
+        self.q_proj = torch.nn.Linear(d_model, d_model, bias=False)
+        self.kv_proj = torch.nn.Linear(d_model, 2 * kv_heads * self.head_dim, bias=False)
+        self.o_proj = torch.nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        # (b, n, d_model) -> (b, heads, n, head_dim)
+        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        # (b, n, 2 * kv_heads * head_dim) -> 2 x (b, kv_heads, n, head_dim)
+        k, v = self.kv_proj(x).view(b, n, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        o = flash_attention(q, k, v, causal=True)
+        # (b, heads, n, head_dim) -> (b, n, d_model)
+        return self.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_compiles_without_graph_breaks(device):
+    """fullgraph=True fails on any graph break; the custom op's fake impl makes it traceable."""
+    torch._dynamo.reset()
+    model = TinyAttentionModel().to(device)
+    x = torch.randn(2, 19, 32, device=device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager = model(x)
+    eager.sum().backward()
+    torch.testing.assert_close(out, eager)
+    for compiled_grad, p in zip(compiled_grads, model.parameters()):
+        torch.testing.assert_close(compiled_grad, p.grad)
