@@ -1,0 +1,14 @@
+"""Benchmarks for the attention playground: `python -m bench` (see bench/__main__.py).
+
+    flops.py      the FLOP count (FlashAttention's convention)
+    timing.py     do_bench on the GPU, a wall-clock median on the CPU; extra memory
+    providers.py  who is measured: naive, SDPA per backend, flex, triton, flash_attn; softmax; modules
+    plan.py       cases, presets per device, the job list
+    sweep.py      runs the jobs; failures become statuses
+    report.py     terminal table, CSV, markdown, plots
+    precompile.py warms Triton's and Inductor's caches in parallel before a GPU sweep
+    gpu_check.sh  all GPU work in one command
+
+Nothing here imports `kernels` at import time: the entry point decides
+first whether Triton must run under its interpreter.
+"""

@@ -1,0 +1,106 @@
+"""The benchmark's entry point: `python -m bench` (also the second half of `make bench`).
+
+    python -m bench                          # every suite, sizes for this machine
+    python -m bench --quick                  # a smoke run: two sizes each
+    python -m bench --suite attention --n 1024 4096 --head-dim 128 --heads 16 32:8 --causal on
+    python -m bench --device cuda --modes fwd bwd fwd+bwd --providers sdpa-flash flex triton
+    python -m bench --list                   # print the jobs and exit
+    python -m bench.report RESULTS.csv       # the short table of a finished run
+
+--device auto picks CUDA when present, else the CPU. Without CUDA, Triton
+runs under its interpreter (TRITON_INTERPRET=1, set here before `kernels` is
+imported), at one tiny size, for correctness only. Results go to --out, else
+$OUT, else bench/results/: a CSV (written row by row), a markdown report and
+PNG plots, named with the device and the date (see bench/report.py).
+--time-budget S stops starting jobs after S seconds; the rest are recorded
+as "skipped: time budget", and the files are still written.
+"""
+import argparse
+import os
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+from .plan import SUITES, add_sweep_options, build_jobs
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--suite", nargs="+", choices=SUITES + ("all",), default=["all"])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: fewer sizes, fewer repeats")
+    parser.add_argument("--out", metavar="DIR", help="output folder (default: $OUT, else bench/results/)")
+    parser.add_argument("--time-budget", type=float, metavar="S", help="start no job after S seconds")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--list", action="store_true", help="print the jobs and exit")
+    return add_sweep_options(parser)
+
+
+def resolve_device(choice):
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return choice
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    device_type = resolve_device(args.device)
+    if not torch.cuda.is_available():
+        # Triton reads this when `kernels` is imported (lazily, by the providers): set it first.
+        # With a GPU present it stays as it is: flipping it mid-process would turn kernels other
+        # code already uses on the GPU into interpreted ones (--device cpu then declines Triton).
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        jobs, _ = build_jobs(args, device_type)
+    except ValueError as exc:
+        raise SystemExit(f"python -m bench: {exc}") from None
+    if args.list:
+        for job in jobs:
+            print(job.suite, job.kind, job.provider, job.mode, job.case.shape)
+        return 0
+
+    from .report import (REPO_ROOT, CsvStream, context, file_name, load_average, summary, terminal_report,
+                         write_outputs)
+    from .sweep import run_jobs
+    from .timing import timer_for
+
+    device = torch.device(device_type)
+    timer = timer_for(device, args.quick)
+    ctx = context(device, timer.method)
+    out_dir = args.out or os.environ.get("OUT") or os.path.join(REPO_ROOT, "bench", "results")
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"bench: {ctx['device']} | torch {ctx['torch']}, triton {ctx['triton']} | {ctx['commit']} | {ctx['date']}\n"
+          f"bench: {len(jobs)} jobs -> {out_dir}; host load {ctx['load']}", file=sys.stderr)
+    if device_type == "cpu":
+        print("bench: CPU run: Triton appears in correctness rows only (interpreter), never timed", file=sys.stderr)
+
+    started = time.perf_counter()
+    stream = CsvStream(os.path.join(out_dir, file_name(ctx, "bench", "csv")), ctx)
+    try:
+        results = run_jobs(jobs, device, timer, args.time_budget, on_result=lambda r: stream.write(r.record()))
+    finally:
+        stream.close()
+    records = [r.record() for r in results]
+    ctx["load_end"] = load_average()
+    paths = write_outputs(records, ctx, out_dir, plots=not args.no_plots)
+    wall = time.perf_counter() - started
+
+    setup = defaultdict(float)
+    for r in records:
+        setup[r["provider"]] += r["setup_s"] or 0.0
+    print(terminal_report(records))
+    print("\nsetup (first calls: compiling, autotuning, warm-up), s: "
+          + ", ".join(f"{name} {s:.1f}" for name, s in setup.items() if s))
+    print("files: " + ", ".join(paths))
+    print(f"wall time: {wall:.0f} s on {ctx['device']}\n")
+    print(summary(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The benchmark harness on the CPU: FLOP counts, statuses, and one tiny run through `python -m bench`.
+
+The end-to-end run happens once per module (a fixture) with a provider that
+always raises placed first, so the same run shows that a failure becomes a
+row and the sweep carries on. Triton runs under the interpreter here
+(conftest sets TRITON_INTERPRET=1 without CUDA): its rows must be correctness
+checks, never times.
+"""
+import csv
+import os
+import subprocess
+import warnings
+
+import pytest
+import torch
+
+from bench import plan, providers, report
+from bench.__main__ import build_parser, main
+from bench.flops import attention_flops, tflops_per_s
+from bench.plan import AttentionCase, Job
+from bench.sweep import CORRECTNESS_ONLY, SKIPPED_BUDGET, run_jobs, status_of
+from bench.timing import NOT_MEASURED, CpuTimer
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+CPU = torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------
+# FLOPs
+# ----------------------------------------------------------------------------
+def test_flops_follow_flashattention_convention():
+    fwd = attention_flops(2, 16, 1024, 1024, 64)
+    assert fwd == 4 * 2 * 16 * 1024 * 1024 * 64
+    assert attention_flops(2, 16, 1024, 1024, 64, causal=True) == 0.5 * fwd
+    assert attention_flops(2, 16, 1024, 1024, 64, mode="bwd") == 2.5 * fwd
+    assert attention_flops(2, 16, 1024, 1024, 64, mode="fwd+bwd") == 3.5 * fwd
+    assert attention_flops(2, 16, 1024, 1024, 64, causal=True, mode="bwd") == 1.25 * fwd
+    # Nq != Nk: one factor each.
+    assert attention_flops(1, 1, 3, 5, 7) == 4 * 3 * 5 * 7
+
+
+def test_gqa_flops_count_query_heads():
+    # 32 query heads over 8 kv heads do the arithmetic of 32 heads: sharing K, V saves memory only.
+    assert attention_flops(1, 32, 512, 512, 128) == 2 * attention_flops(1, 16, 512, 512, 128)
+
+
+def test_tflops_and_bad_mode():
+    assert tflops_per_s(2e12, 1000.0) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="mode"):
+        attention_flops(1, 1, 1, 1, 1, mode="backward")
+
+
+# ----------------------------------------------------------------------------
+# Statuses, budget, timer
+# ----------------------------------------------------------------------------
+def test_status_of_names_the_kind_of_failure():
+    assert status_of(providers.Unsupported("needs a GPU")) == "unsupported: needs a GPU"
+    assert status_of(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8 GiB")) == "OOM"
+    assert status_of(NotImplementedError("no CPU backward")).startswith("unsupported: no CPU backward")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("Flash attention kernel not used because:")
+        warnings.warn("head_dim must be a multiple of 8")
+    status = status_of(RuntimeError("No available kernel. Aborting execution."), caught)
+    assert status == "unsupported: head_dim must be a multiple of 8", status
+    long = status_of(ValueError("x" * 500))
+    assert long.startswith("failed: ValueError: ") and len(long) < 130, long
+
+
+def test_time_budget_skips_the_rest_without_running_them():
+    case = AttentionCase(1, 2, 2, 16, 8, False, torch.float32)
+    jobs = [Job("attention", "time", "naive", "fwd", case)] * 3
+    results = run_jobs(jobs, CPU, CpuTimer(repeats=3), time_budget_s=-1.0)
+    assert [r.status for r in results] == [SKIPPED_BUDGET] * 3
+    assert all(r.time_ms is None for r in results)
+
+
+def test_cpu_timer_median_and_grad_reset():
+    x = torch.randn(8, requires_grad=True)
+    grads_seen = []
+
+    def step():
+        grads_seen.append(x.grad is None)
+        (x * 2).sum().backward()
+
+    ms = CpuTimer(warmup=1, repeats=4)(step, grad_to_none=[x])
+    assert ms > 0
+    assert all(grads_seen), "the timer must reset .grad before every run"
+
+
+# ----------------------------------------------------------------------------
+# Plans: the GPU plan is built (and checked) without a GPU
+# ----------------------------------------------------------------------------
+def _jobs(argv, device_type):
+    return plan.build_jobs(build_parser().parse_args(argv), device_type)[0]
+
+
+def test_cpu_plan_never_times_triton():
+    jobs = _jobs(["--providers", "naive", "triton", "sdpa-flash"], "cpu")
+    triton = [j for j in jobs if "triton" in j.provider]
+    assert triton and all(j.kind == "check" for j in triton)
+    assert {j.suite for j in jobs} == {"attention", "softmax", "modules"}  # no memory suite off the GPU
+
+
+def test_gpu_plan_is_the_standard_sweep():
+    jobs = _jobs([], "cuda")
+    timed = [j for j in jobs if j.kind == "time" and j.suite == "attention"]
+    cases = [j.case for j in timed]
+    assert {c.n for c in cases} == {1024, 2048, 4096, 8192, 16384}
+    assert all(c.batch * c.n == 16384 and c.dtype == torch.bfloat16 for c in cases)
+    assert {(c.heads_q, c.heads_kv) for c in cases} == {(16, 16), (32, 8)}
+    assert {c.head_dim for c in cases} == {64, 128} and {c.causal for c in cases} == {False, True}
+    assert cases[0].head_dim == 128, "head dim 128 runs first: a time budget cuts the end"
+    assert {"sdpa-flash", "sdpa-cudnn", "flex", "triton"} <= {j.provider for j in timed}
+    assert {j.mode for j in timed} == {"fwd", "bwd"}
+    memory = [j for j in jobs if j.suite == "memory"]
+    assert max(j.case.n for j in memory) == 16384 and {"naive", "triton"} <= {j.provider for j in memory}
+    assert any(j.provider == "triton" and j.kind == "time" for j in jobs if j.suite == "softmax")
+
+
+def test_heads_spec():
+    assert plan.parse_heads("16") == (16, 16) and plan.parse_heads("32:8") == (32, 8)
+    with pytest.raises(ValueError):
+        plan.parse_heads("32:7")
+
+
+# ----------------------------------------------------------------------------
+# One tiny run through the real entry point
+# ----------------------------------------------------------------------------
+def _boom(q, k, v, causal):
+    raise RuntimeError("this provider always fails")
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(providers.ATTENTION, "boom", _boom)
+        mp.setattr(providers, "CPU_ATTENTION", providers.CPU_ATTENTION + ("boom",))
+        assert main(["--device", "cpu", "--quick", "--out", str(out), "--n", "32", "64", "--head-dim", "16",
+                     "--heads", "2", "--tokens", "64", "--providers", "boom", "naive", "sdpa-flash",
+                     "--softmax-n", "128"]) == 0
+    files = sorted(os.listdir(out))
+    csv_files = [f for f in files if f.endswith(".csv")]
+    assert len(csv_files) == 1, files
+    with open(out / csv_files[0], newline="") as f:
+        rows = list(csv.DictReader(f))
+    return out, files, rows
+
+
+def test_run_writes_csv_markdown_and_plots_named_by_device_and_date(cpu_run):
+    out, files, rows = cpu_run
+    day = rows[0]["date"][:10]
+    for name in (f"bench_cpu_{day}.csv", f"bench_cpu_{day}.md", f"attention_cpu_{day}.png", f"softmax_cpu_{day}.png"):
+        assert name in files, (name, files)
+    for png in (f for f in files if f.endswith(".png")):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    text = (out / f"bench_cpu_{day}.md").read_text()
+    import triton
+    for needle in ("CPU:", f"| torch | {torch.__version__} |", f"| triton | {triton.__version__} |",
+                   f"| commit | {rows[0]['commit']} |", f"| date | {rows[0]['date']} |", "## attention", "## softmax"):
+        assert needle in text, needle
+    for row in rows:
+        assert row["device"].startswith("CPU:") and row["torch"] == torch.__version__
+        assert row["commit"] and row["date"].endswith("UTC")
+
+
+def test_triton_rows_are_correctness_only_without_time(cpu_run):
+    _, _, rows = cpu_run
+    triton = [r for r in rows if r["provider"] == "triton"]
+    assert {r["suite"] for r in triton} == {"attention", "softmax"}
+    assert all(r["kind"] == "check" and r["time_ms"] == "" and r["tflops"] == "" for r in triton)
+    attention = [r for r in triton if r["suite"] == "attention"]
+    assert {r["mode"] for r in attention} == {"fwd", "bwd"}
+    if torch.cuda.is_available():  # kernels already compiled for the GPU in this session: CPU tensors are declined
+        assert all(r["status"].startswith("unsupported") for r in attention)
+    else:
+        assert all(r["status"] == CORRECTNESS_ONLY for r in triton)
+        errors = [float(r["max_err"]) for r in triton]
+        assert max(errors) < 1e-4, f"fp32 Triton (interpreter) vs float64: max errors {errors}"
+
+
+def test_failing_provider_is_a_row_and_the_sweep_goes_on(cpu_run):
+    _, _, rows = cpu_run
+    attention = [r for r in rows if r["suite"] == "attention" and r["kind"] == "time"]
+    boom = [r for r in attention if r["provider"] == "boom"]
+    assert boom and all(r["status"] == "failed: RuntimeError: this provider always fails" for r in boom)
+    assert all(r["time_ms"] == "" for r in boom)
+    later = attention[attention.index(boom[0]) + 1:]
+    ok = [r for r in later if r["status"] == "ok"]
+    assert {r["provider"] for r in ok} == {"naive", "sdpa-flash"}
+    assert all(float(r["time_ms"]) > 0 and float(r["tflops"]) > 0 for r in ok)
+    assert all(r["extra_mib"] == NOT_MEASURED for r in ok), "memory is not measured on the CPU"
+    # The ratio is against sdpa-flash in the same shape and mode.
+    assert all(float(r["ratio"]) == pytest.approx(1.0) for r in ok if r["provider"] == "sdpa-flash")
+
+
+def test_report_prints_the_summary_of_a_csv(cpu_run, capsys):
+    out, files, _ = cpu_run
+    csv_name = next(f for f in files if f.endswith(".csv"))
+    assert report.main([str(out / csv_name)]) == 0
+    printed = capsys.readouterr().out
+    assert "TFLOP/s at the largest N" in printed and "sdpa-flash" in printed and "CPU:" in printed
+
+
+def test_gpu_check_script_parses():
+    script = os.path.join(BENCH_DIR, "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    text = open(script).read()
+    assert "pytest -m gpu" in text and '${OUT:-bench/results}' in text and "pipefail" in text
