@@ -520,7 +520,7 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None):
     lse = torch.empty((batch, h_q, n_q), dtype=accumulator_dtype(q.dtype), device=q.device) if lse is None else lse
     if q.numel() == 0:
         return o, lse
-    qk_scale = sm_scale * 1.4426950408889634  # fold LOG2E into the scale: exp(x*s) == exp2(x*s*LOG2E)
+    qk_scale = sm_scale * LOG2E.value  # fold LOG2E into the scale: exp(x * s) == exp2(x * s * LOG2E)
 
     def grid(meta):
         return (triton.cdiv(n_q, meta["BLOCK_M"]), batch * h_q)
@@ -550,7 +550,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     head_dim_pad = _head_dim_pad(head_dim)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E.value
 
     delta = torch.empty((batch, h_q, n_q), dtype=lse.dtype, device=q.device)
     _attn_bwd_preprocess[(triton.cdiv(n_q, _PREPROCESS_BLOCK_M), batch * h_q)](

@@ -7,4 +7,5 @@ from .attention import (
     GroupedQueryAttention,
     MultiHeadAttention,
     MultiQueryAttention,
+    SelfAttention,
 )

@@ -59,6 +59,10 @@ class _KernelBacked:
         return out.squeeze(1) if single_head else out  # (B, 1, N, d) -> (B, N, d)
 
 
+class SelfAttention(_KernelBacked, reference.SelfAttentionV2):
+    """reference.SelfAttentionV2 with a `backend` argument (default "triton")."""
+
+
 class CausalAttention(_KernelBacked, reference.CausalAttention):
     """reference.CausalAttention with a `backend` argument (default "triton")."""
 

@@ -14,6 +14,7 @@ D_IN, D_OUT, CONTEXT = 24, 48, 64
 # because the CPU runs the kernels under the interpreter; 19 and 11 tokens are
 # ragged against every block size.
 TWINS = [
+    pytest.param(modules.SelfAttention, reference.SelfAttentionV2, dict(d_in=D_IN, d_out=D_OUT), False, id="self"),
     pytest.param(modules.CausalAttention, reference.CausalAttention,
                  dict(d_in=D_IN, d_out=D_OUT, context_length=CONTEXT, dropout=0.0), False, id="causal"),
     pytest.param(modules.CrossAttention, reference.CrossAttention,
@@ -46,30 +47,40 @@ def test_state_dict_round_trip(twin_cls, reference_cls, kwargs, needs_context, d
         assert torch.equal(back.state_dict()[name], tensor), name
 
 
-@pytest.mark.parametrize("backend", modules.BACKENDS)
-@pytest.mark.parametrize("twin_cls, reference_cls, kwargs, needs_context", TWINS)
-def test_output_and_gradients_match_reference(twin_cls, reference_cls, kwargs, needs_context, backend, device):
-    """Loaded with the reference weights, every backend gives the reference output and gradients."""
-    ref = reference_cls(**kwargs).to(device)
-    twin = twin_cls(**kwargs, backend=backend).to(device)
+def check_twin(twin_cls, reference_cls, kwargs, needs_context, backend, dtype, device):
+    """Loaded with the reference weights, the twin gives the reference output and gradients."""
+    ref = reference_cls(**kwargs).to(device, dtype)
+    twin = twin_cls(**kwargs, backend=backend).to(device, dtype)
     twin.load_state_dict(ref.state_dict())
     ref64 = copy.deepcopy(ref).double()
 
     inputs = make_inputs(needs_context, device)
     grad_out = torch.randn(2, 19, D_OUT, device=device)
     results = {}
-    for label, module, dtype in (("twin", twin, torch.float32), ("torch", ref, torch.float32),
-                                 ("f64", ref64, torch.float64)):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    for label, module, run_dtype in (("twin", twin, dtype), ("torch", ref, dtype), ("f64", ref64, torch.float64)):
+        leaves = [t.detach().to(run_dtype).requires_grad_() for t in inputs]
         out = module(*leaves)
-        out.backward(grad_out.to(dtype))
+        out.backward(grad_out.to(run_dtype))
         results[label] = [out] + [t.grad for t in leaves] + [p.grad for p in module.parameters()]
         module.zero_grad()
     names = ["output"] + [f"d_input{i}" for i in range(len(inputs))] + [n for n, _ in twin.named_parameters()]
     for i, name in enumerate(names):
         factor = 2.0 if i == 0 else GRADIENT_FACTOR
         assert_close_to_reference(results["twin"][i], results["f64"][i], results["torch"][i], factor=factor,
-                                  name=f"{backend}: {name}")
+                                  name=f"{backend} {dtype}: {name}")
+
+
+@pytest.mark.parametrize("backend", modules.BACKENDS)
+@pytest.mark.parametrize("twin_cls, reference_cls, kwargs, needs_context", TWINS)
+def test_output_and_gradients_match_reference(twin_cls, reference_cls, kwargs, needs_context, backend, device):
+    check_twin(twin_cls, reference_cls, kwargs, needs_context, backend, torch.float32, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("twin_cls, reference_cls, kwargs, needs_context", TWINS)
+def test_low_precision_on_triton(twin_cls, reference_cls, kwargs, needs_context, dtype, device):
+    """The whole module in fp16/bf16: weights, activations, the kernel, and all gradients."""
+    check_twin(twin_cls, reference_cls, kwargs, needs_context, "triton", dtype, device)
 
 
 def test_triton_backend_refuses_attention_dropout_in_training(device):
