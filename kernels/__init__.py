@@ -2,6 +2,10 @@
 
 On a machine without a CUDA GPU, set TRITON_INTERPRET=1 before importing this
 package to run the same kernels on the CPU (see kernels/runtime.py).
+
+`kernels.flash_attention` is the function; the module of the same name is
+`importlib.import_module("kernels.flash_attention")` (or `from
+kernels.flash_attention import _flash_fwd` for its private pieces).
 """
 from .flash_attention import flash_attention
 from .runtime import INTERPRET
