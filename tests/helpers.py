@@ -53,6 +53,11 @@ def assert_close_to_reference(actual, reference64, torch_same_dtype, *, factor=O
     return error, allowed
 
 
+def assert_close(actual, expected, what, atol=1e-12, rtol=1e-12):
+    """Tight comparison for float64 computations that must agree to rounding; the message says what differed."""
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda default: f"{what}: {default}")
+
+
 def poisoned_like(t: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     """A buffer full of NaN: any element a kernel forgets to write shows up as NaN."""
     return torch.full(shape or t.shape, float("nan"), dtype=dtype or t.dtype, device=t.device)
@@ -63,7 +68,6 @@ def poisoned_like(t: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------
 def attention_lse(q, k, v, causal, sm_scale, dtype):
     """Per-row natural log-sum-exp of the scores, computed in `dtype` (-inf for a row with no key)."""
-    import torch.nn.functional  # noqa: F401  (keeps torch's lazy modules loaded)
     from reference.functional import causal_visibility, repeat_kv
 
     k = repeat_kv(k.to(dtype), q.shape[1] // k.shape[1])

@@ -5,117 +5,66 @@ tile by tile) and F.scaled_dot_product_attention are three independent ways to
 compute the same thing; in float64 they must agree to rounding. Then the
 three softmax forms, and naive_attention's input errors.
 """
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from reference import (
-    causal_visibility,
     naive_attention,
     naive_softmax,
     online_softmax,
-    repeat_kv,
     safe_softmax,
     tiled_flash_attention,
 )
-from tests.helpers import assert_close_to_reference
-from tests.reference_helpers import assert_close, one_cpu_thread  # noqa: F401 (autouse fixture)
+from tests.cases import ATTENTION_CASES, AttentionCase, params
+from tests.helpers import assert_close, assert_close_to_reference, attention_lse, rows_with_a_key, sdpa_attention
 
 F64 = torch.float64
-BATCH = 2
-# 24 is not a power of two: nothing may assume head_dim is one.
-HEAD_DIM = 24
-# (Nq, Nk). 1, 7, 97 and 130 are ragged against every block size used below, so
-# the last tile of a row or column is partial; (1, 130) is decoding one token
-# with a cache; (130, 7) and (97, 1) have more queries than keys, where causal
-# bottom-right alignment leaves the first queries with no visible key.
-LENGTHS = [(1, 1), (7, 7), (97, 97), (130, 130), (1, 130), (7, 97), (130, 7), (97, 1)]
-# (query heads, kv heads)
-HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
-CASES = [
-    pytest.param(n_q, n_k, h_q, h_kv, id=f"{name}-nq{n_q}-nk{n_k}")
-    for name, (h_q, h_kv) in HEADS.items()
-    for n_q, n_k in LENGTHS
-]
 # (block_m, block_n): the kernel's default, and small unequal tiles so that
-# every length above spans several query and key blocks (multi-block paths).
+# every case spans several query and key blocks (multi-block paths).
 BLOCKS = [pytest.param(64, 64, id="blocks64x64"), pytest.param(16, 32, id="blocks16x32")]
-CAUSAL = [pytest.param(False, id="full"), pytest.param(True, id="causal")]
 
 
-def make_qkv(n_q, n_k, h_q, h_kv, dtype=F64):
-    q = torch.randn(BATCH, h_q, n_q, HEAD_DIM, dtype=dtype)
-    k = torch.randn(BATCH, h_kv, n_k, HEAD_DIM, dtype=dtype)
-    v = torch.randn(BATCH, h_kv, n_k, HEAD_DIM, dtype=dtype)
-    return q, k, v
-
-
-def sdpa(q, k, v, causal):
-    """PyTorch's attention with bottom-right causal alignment, the convention of naive_attention."""
-    n_q, n_k = q.shape[2], k.shape[2]
-    if causal and n_q == n_k:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    # is_causal aligns top-left, which differs from bottom-right when Nq != Nk: pass the mask explicitly.
-    mask = causal_visibility(n_q, n_k) if causal else None
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-
-
-@pytest.mark.parametrize("causal", CAUSAL)
-@pytest.mark.parametrize("n_q, n_k, h_q, h_kv", CASES)
-def test_naive_matches_sdpa(n_q, n_k, h_q, h_kv, causal):
-    q, k, v = make_qkv(n_q, n_k, h_q, h_kv)
-    out = naive_attention(q, k, v, causal=causal)
-    expected = sdpa(q, k, v, causal)
+@pytest.mark.parametrize("case", params(ATTENTION_CASES))
+def test_naive_matches_sdpa(case, device):
+    q, k, v = case.make_inputs(F64, device)
+    out = naive_attention(q, k, v, causal=case.causal)
+    expected = sdpa_attention(q, k, v, case.causal, sm_scale=None)
     # A query row with no visible key has no softmax: SDPA returns NaN there in
     # some versions and backends, 0 in others. naive_attention defines it as 0.
     # Compare SDPA on the rows that see a key; hold the others to 0.
-    sees_key = causal_visibility(n_q, n_k).any(dim=-1) if causal else torch.ones(n_q, dtype=torch.bool)
-    assert_close(out[:, :, sees_key], expected[:, :, sees_key], "naive_attention vs SDPA on rows with a visible key")
-    blind = out[:, :, ~sees_key]
+    rows = rows_with_a_key(case.n_q, case.n_k, case.causal)
+    assert_close(out[:, :, rows], expected[:, :, rows], "naive_attention vs SDPA on rows with a visible key")
+    blind = out[:, :, :rows.start]
     assert torch.equal(blind, torch.zeros_like(blind)), "rows with no visible key must be exactly 0"
 
 
 @pytest.mark.parametrize("block_m, block_n", BLOCKS)
-@pytest.mark.parametrize("causal", CAUSAL)
-@pytest.mark.parametrize("n_q, n_k, h_q, h_kv", CASES)
-def test_tiled_matches_naive(n_q, n_k, h_q, h_kv, causal, block_m, block_n):
-    q, k, v = make_qkv(n_q, n_k, h_q, h_kv)
-    out = tiled_flash_attention(q, k, v, causal=causal, block_m=block_m, block_n=block_n)
-    assert_close(out, naive_attention(q, k, v, causal=causal), "tiled_flash_attention vs naive_attention")
+@pytest.mark.parametrize("case", params(ATTENTION_CASES))
+def test_tiled_matches_naive(case, block_m, block_n, device):
+    q, k, v = case.make_inputs(F64, device)
+    out = tiled_flash_attention(q, k, v, causal=case.causal, block_m=block_m, block_n=block_n)
+    assert_close(out, naive_attention(q, k, v, causal=case.causal), "tiled_flash_attention vs naive_attention")
 
 
-def naive_lse(q, k, causal):
-    """logsumexp over keys of the scaled scores, from the full score matrix: -inf on a row with no visible key."""
-    k = repeat_kv(k, q.shape[1] // k.shape[1])
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, Hq, Nq, Nk)
-    if causal:
-        scores = scores.masked_fill(~causal_visibility(q.shape[2], k.shape[2]), float("-inf"))
-    return torch.logsumexp(scores, dim=-1)
-
-
-@pytest.mark.parametrize("causal", CAUSAL)
-@pytest.mark.parametrize("n_q, n_k, h_q, h_kv", CASES)
-def test_tiled_lse_is_logsumexp_of_scores(n_q, n_k, h_q, h_kv, causal):
-    q, k, v = make_qkv(n_q, n_k, h_q, h_kv)
-    _, lse = tiled_flash_attention(q, k, v, causal=causal, block_m=16, block_n=32, return_lse=True)
-    expected = naive_lse(q, k, causal)
+@pytest.mark.parametrize("case", params(ATTENTION_CASES))
+def test_tiled_lse_is_logsumexp_of_scores(case, device):
+    q, k, v = case.make_inputs(F64, device)
+    _, lse = tiled_flash_attention(q, k, v, causal=case.causal, block_m=16, block_n=32, return_lse=True)
+    expected = attention_lse(q, k, v, case.causal, q.shape[-1] ** -0.5, F64)
     finite = torch.isfinite(expected)
     assert torch.equal(torch.isfinite(lse), finite), "lse must be -inf exactly on the rows with no visible key"
     assert (lse[~finite] == float("-inf")).all(), f"non-finite lse values other than -inf: {lse[~finite]}"
     assert_close(lse[finite], expected[finite], "tiled lse vs logsumexp of the naive scores")
 
 
-@pytest.mark.parametrize("causal", CAUSAL)
-@pytest.mark.parametrize("n_q, n_k, h_q, h_kv", CASES)
-def test_tiled_float32_obeys_tolerance_rule(n_q, n_k, h_q, h_kv, causal):
+@pytest.mark.parametrize("case", params(ATTENTION_CASES))
+def test_tiled_float32_obeys_tolerance_rule(case, device):
     # In float32 the tiled form rounds differently from the full-matrix one;
     # it may be at most 2x as far from float64 as PyTorch's own float32 is.
-    q, k, v = make_qkv(n_q, n_k, h_q, h_kv, dtype=torch.float32)
-    reference64 = naive_attention(q, k, v, causal=causal, dtype=F64)
-    torch32 = naive_attention(q, k, v, causal=causal)
-    out = tiled_flash_attention(q, k, v, causal=causal, block_m=16, block_n=32)
+    q, k, v = case.make_inputs(torch.float32, device)
+    reference64 = naive_attention(q, k, v, causal=case.causal, dtype=F64)
+    torch32 = naive_attention(q, k, v, causal=case.causal)
+    out = tiled_flash_attention(q, k, v, causal=case.causal, block_m=16, block_n=32)
     assert out.dtype == torch.float32, f"output dtype {out.dtype}, expected the input's float32"
     assert_close_to_reference(out, reference64, torch32, name="tiled_flash_attention float32")
 
@@ -164,7 +113,7 @@ def test_online_softmax_rejects_empty_blocks():
 # --- input errors ------------------------------------------------------------
 
 def _good():
-    return make_qkv(5, 6, 4, 2)
+    return AttentionCase(batch=2, h_q=4, h_kv=2, n_q=5, n_k=6, head_dim=24, causal=False).make_inputs(F64, "cpu")
 
 
 @pytest.mark.parametrize(

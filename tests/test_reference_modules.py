@@ -25,7 +25,7 @@ from reference import (
     naive_attention,
     rope_tables,
 )
-from tests.reference_helpers import assert_close, one_cpu_thread  # noqa: F401 (autouse fixture)
+from tests.helpers import assert_close
 
 F64 = torch.float64
 BATCH, NUM_TOKENS, CONTEXT_LENGTH = 2, 7, 10
