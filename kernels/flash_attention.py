@@ -501,12 +501,12 @@ def check_flash_inputs(q, k, v, sm_scale=None):
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share one dtype")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; q, k and v must share one device")
-    check_runnable(q, "q")
     head_dim = q.shape[-1]
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim (q.shape[-1]) must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
     if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale)):
         raise TypeError(f"sm_scale must be a finite float or None, got {sm_scale!r}")
+    check_runnable(q, "q")
 
 
 def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None):

@@ -3,12 +3,14 @@ import pytest
 import torch
 
 import kernels.runtime
+from conftest import DEVICE
 from kernels import flash_attention, softmax
 
 
-def qkv(batch=1, h_q=4, h_kv=2, n_q=8, n_k=8, head_dim=16, dtype=torch.float32):
-    return (torch.randn(batch, h_q, n_q, head_dim, dtype=dtype), torch.randn(batch, h_kv, n_k, head_dim, dtype=dtype),
-            torch.randn(batch, h_kv, n_k, head_dim, dtype=dtype))
+def qkv(batch=1, h_q=4, h_kv=2, n_q=8, n_k=8, head_dim=16, dtype=torch.float32, device=DEVICE):
+    def rand(h, n):
+        return torch.randn(batch, h, n, head_dim, dtype=dtype, device=device)
+    return rand(h_q, n_q), rand(h_kv, n_k), rand(h_kv, n_k)
 
 
 def test_rank_must_be_4():
@@ -44,7 +46,7 @@ def test_dtype_and_device_must_match():
     q, k, v = qkv()
     with pytest.raises(TypeError, match="k has dtype torch.float16 but q has torch.float32"):
         flash_attention(q, k.half(), v)
-    with pytest.raises(ValueError, match="v is on meta but q is on cpu"):
+    with pytest.raises(ValueError, match=f"v is on meta but q is on {DEVICE}"):
         flash_attention(q, k, v.to("meta"))
 
 
@@ -68,7 +70,7 @@ def test_sm_scale_must_be_a_number():
 
 def test_cpu_tensors_without_the_interpreter_say_how_to_run(monkeypatch):
     monkeypatch.setattr(kernels.runtime, "INTERPRET", False)
-    q, k, v = qkv()
+    q, k, v = qkv(device="cpu")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         flash_attention(q, k, v)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
