@@ -103,3 +103,66 @@ def tiled_flash_attention(q, k, v, causal=False, sm_scale=None, block_m=64, bloc
     o = o.reshape(batch, h_q, n_q, head_dim)  # (B, Hkv, group, Nq, D) -> (B, Hq, Nq, D)
     lse = lse.reshape(batch, h_q, n_q)
     return (o, lse) if return_lse else o
+
+
+def tiled_flash_attention_backward(q, k, v, o, lse, do, causal=False, sm_scale=None, block_m=64, block_n=64):
+    """dq, dk, dv of flash attention, tile by tile: the blueprint of the backward kernels.
+
+    With S = q k^T * sm_scale and P = softmax(S), the gradients are
+        dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   delta = rowsum(dO * O),
+        dQ = dS K * sm_scale,   dK = dS^T Q * sm_scale.
+    P is never stored: each tile is recomputed from the forward's lse as
+    exp2(qk * qk_scale - lse * LOG2E). Two loop nests, like the two kernels:
+    one per key block accumulates dK and dV over the query blocks (and over
+    every query head of its GQA group, in order, so nothing needs atomics);
+    one per query block accumulates dQ over the key blocks.
+    """
+    check_attention_inputs(q, k, v)
+    batch, h_q, n_q, head_dim = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    group = h_q // h_kv
+    sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    qk_scale = sm_scale * LOG2E
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    offset = n_k - n_q  # causal: query i sees keys j <= i + offset
+
+    # (B, Hq, N, ...) -> (B, Hkv, group, N, ...): query heads lined up with their kv head.
+    q, o, do = (t.to(acc_dtype).reshape(batch, h_kv, group, n_q, head_dim) for t in (q, o, do))
+    k, v = k.to(acc_dtype)[:, :, None], v.to(acc_dtype)[:, :, None]  # (B, Hkv, 1, Nk, D)
+    lse2 = lse.to(acc_dtype).reshape(batch, h_kv, group, n_q) * LOG2E  # base-2 units, like qk
+    delta = (do * o).sum(dim=-1)  # (B, Hkv, group, Nq): the kernels' _attn_bwd_preprocess
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k[:, :, 0]), torch.zeros_like(v[:, :, 0])
+
+    def recompute_p(start_m, start_n, qk):
+        """P tile from the saved lse; 0 where the causal mask hides a key (also on rows that see none)."""
+        p = torch.exp2(qk - lse2[..., start_m:start_m + qk.shape[-2], None])
+        if causal:
+            offs_m = torch.arange(start_m, start_m + qk.shape[-2], device=q.device)
+            offs_n = torch.arange(start_n, start_n + qk.shape[-1], device=q.device)
+            p = torch.where(offs_n[None, :] <= offs_m[:, None] + offset, p, 0.0)
+        return p
+
+    # dK and dV: one "program" per key block, walking the query blocks that see it.
+    for start_n in range(0, n_k, block_n):
+        k_blk, v_blk = k[..., start_n:start_n + block_n, :], v[..., start_n:start_n + block_n, :]
+        first_m = (max(0, start_n - offset) // block_m) * block_m if causal else 0
+        for start_m in range(first_m, n_q, block_m):
+            rows = slice(start_m, start_m + block_m)
+            p = recompute_p(start_m, start_n, (q[..., rows, :] @ k_blk.transpose(-2, -1)) * qk_scale)
+            ds = p * (do[..., rows, :] @ v_blk.transpose(-2, -1) - delta[..., rows, None])
+            # .sum(2) adds the group's query heads into their shared kv head, in a fixed order.
+            dv[..., start_n:start_n + block_n, :] += (p.transpose(-2, -1) @ do[..., rows, :]).sum(2)
+            dk[..., start_n:start_n + block_n, :] += (ds.transpose(-2, -1) @ q[..., rows, :]).sum(2) * sm_scale
+
+    # dQ: one "program" per query block, walking the key blocks it sees (the forward's loop).
+    for start_m in range(0, n_q, block_m):
+        rows = slice(start_m, start_m + block_m)
+        end = causal_key_bounds(start_m, block_m, block_n, n_q, n_k)[1] if causal else n_k
+        for start_n in range(0, end, block_n):
+            k_blk, v_blk = k[..., start_n:start_n + block_n, :], v[..., start_n:start_n + block_n, :]
+            p = recompute_p(start_m, start_n, (q[..., rows, :] @ k_blk.transpose(-2, -1)) * qk_scale)
+            ds = p * (do[..., rows, :] @ v_blk.transpose(-2, -1) - delta[..., rows, None])
+            dq[..., rows, :] += (ds @ k_blk) * sm_scale
+
+    # (B, Hkv, group, Nq, D) -> (B, Hq, Nq, D)
+    return dq.reshape(batch, h_q, n_q, head_dim), dk, dv

@@ -31,7 +31,7 @@ def shell_commands(doc: Path):
             if command:
                 commands.append(command)
     commands += re.findall(r"(?:Run|Proof): `([^`]+)`", text)
-    commands += re.findall(r"\) and `(\.venv/bin/python -m pytest[^`]+)`", text)
+    commands += re.findall(r"\)\s+and\s+`(\.venv/bin/python -m pytest[^`]+)`", text)
     return commands
 
 

@@ -14,6 +14,7 @@ from reference import (
     online_softmax,
     safe_softmax,
     tiled_flash_attention,
+    tiled_flash_attention_backward,
 )
 from tests.cases import ATTENTION_CASES, AttentionCase, params
 from tests.helpers import assert_close, assert_close_to_reference, attention_lse, rows_with_a_key, sdpa_attention
@@ -132,3 +133,17 @@ def test_naive_attention_input_errors(mutate, error, match):
     q, k, v = mutate(*_good())
     with pytest.raises(error, match=match):
         naive_attention(q, k, v)
+
+
+@pytest.mark.parametrize("block_m, block_n", BLOCKS)
+@pytest.mark.parametrize("case", params(ATTENTION_CASES))
+def test_tiled_backward_matches_autograd(case, block_m, block_n, device):
+    """The backward blueprint gives autograd's gradients of naive attention."""
+    q, k, v = case.make_inputs(F64, device, requires_grad=True)
+    do = torch.randn_like(q)
+    naive_attention(q, k, v, causal=case.causal).backward(do)
+    o, lse = tiled_flash_attention(q.detach(), k.detach(), v.detach(), case.causal, return_lse=True)
+    grads = tiled_flash_attention_backward(q.detach(), k.detach(), v.detach(), o, lse, do, causal=case.causal,
+                                           block_m=block_m, block_n=block_n)
+    for name, grad, leaf in zip(("dq", "dk", "dv"), grads, (q, k, v)):
+        assert_close(grad, leaf.grad, f"tiled backward {name} vs autograd")
