@@ -66,13 +66,14 @@ PY
         >"$precompile_log" 2>&1 &
     precompile_pid=$!
     trap 'kill "$precompile_pid" 2>/dev/null' EXIT
-    timeout "$PYTEST_LIMIT" python3 -m pytest -m gpu -q -p no:cacheprovider
+    # SIGINT, not TERM, at the limit: pytest then still prints the failures it has seen.
+    timeout -s INT -k 15 "$PYTEST_LIMIT" python3 -m pytest -m gpu -q -p no:cacheprovider
     pytest_rc=$?
     case $pytest_rc in
         0) pytest_note="passed" ;;
         1) pytest_note="some tests FAILED" ;;
         5) pytest_note="no gpu tests collected" ;;
-        124) pytest_note="stopped at the ${PYTEST_LIMIT} s limit" ;;
+        124|137) pytest_note="stopped at the ${PYTEST_LIMIT} s limit" ;;
         *) pytest_note="error" ;;
     esac
     echo "pytest -m gpu: exit code $pytest_rc ($pytest_note) at ${SECONDS} s"

@@ -79,6 +79,14 @@ def _compiled_flex_attention():
         setattr(config, name, max(getattr(config, name), FLEX_RECOMPILE_LIMIT))
         if hasattr(config, "fail_on_recompile_limit_hit"):
             config.fail_on_recompile_limit_hit = True  # an error row, not an eager flex timed as if compiled
+        # The bwd mode times out.backward(dout, retain_graph=True). With dynamic shapes AOTAutograd
+        # compiles the backward ahead of time, letting it reuse ("donate") saved buffers such as
+        # flex's logsumexp, and such a backward raises on retain_graph=True ("...compiled with
+        # non-empty donated buffers..."). Donation only saves a little memory in the backward.
+        import torch._functorch.config as functorch_config
+
+        if hasattr(functorch_config, "donated_buffer"):
+            functorch_config.donated_buffer = False
         _flex_compiled = torch.compile(flex_attention, dynamic=FLEX_DYNAMIC)
     return _flex_compiled
 
