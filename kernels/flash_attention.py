@@ -454,8 +454,8 @@ def _prune_configs(configs, named_args, **kwargs):
     next to the resident tile (BLOCK_M x D) and an fp32 accumulator in
     registers: head dim 256 only fits small tiles with at most 2 stages.
     """
-    head_dim = named_args["HEAD_DIM_PAD"]
-    n_max = max(named_args["N_Q"], named_args["N_K"])
+    args = {**named_args, **kwargs}  # named_args holds only positional args; HEAD_DIM_PAD comes as a kwarg
+    head_dim, n_max = args["HEAD_DIM_PAD"], max(args["N_Q"], args["N_K"])
     kept = []
     for config in configs:
         block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
