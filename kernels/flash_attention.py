@@ -453,9 +453,13 @@ def _prune_configs(configs, named_args, **kwargs):
     Every pipeline stage holds a K and a V tile (BLOCK_N x D) in shared memory
     next to the resident tile (BLOCK_M x D) and an fp32 accumulator in
     registers: head dim 256 only fits small tiles with at most 2 stages.
+    fp32 and fp64 inputs skip the tensor cores' fast path and compile slowly
+    (up to a minute a config): they get the smallest config, untuned.
     """
     args = {**named_args, **kwargs}  # named_args holds only positional args; HEAD_DIM_PAD comes as a kwarg
     head_dim, n_max = args["HEAD_DIM_PAD"], max(args["N_Q"], args["N_K"])
+    if args["Q"].dtype in (torch.float32, torch.float64):
+        return configs[-1:]
     kept = []
     for config in configs:
         block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
@@ -507,6 +511,9 @@ def check_flash_inputs(q, k, v, sm_scale=None):
     if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale)):
         raise TypeError(f"sm_scale must be a finite float or None, got {sm_scale!r}")
     check_runnable(q, "q")
+    if q.dtype == torch.float64 and head_dim > 128 and q.device.type == "cuda":
+        # Even the smallest float64 tiles of D > 128 exceed an H100's shared memory.
+        raise ValueError(f"float64 inputs support head_dim up to 128 on a GPU, got {head_dim}")
 
 
 def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None):

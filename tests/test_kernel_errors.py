@@ -75,3 +75,10 @@ def test_cpu_tensors_without_the_interpreter_say_how_to_run(monkeypatch):
         flash_attention(q, k, v)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         softmax(q)
+
+
+@pytest.mark.gpu
+def test_float64_head_dim_above_128_is_refused_on_a_gpu():
+    q, k, v = qkv(head_dim=160, dtype=torch.float64, device="cuda")
+    with pytest.raises(ValueError, match="float64 inputs support head_dim up to 128"):
+        flash_attention(q, k, v)
