@@ -26,7 +26,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
-fa = importlib.import_module("kernels.flash_attention")
+fwd = importlib.import_module("kernels.flash_fwd")
+bwd = importlib.import_module("kernels.flash_bwd")
 sm = importlib.import_module("kernels.softmax")
 
 FP32_POINTERS = {"LSE", "DELTA"}
@@ -66,12 +67,12 @@ def attention_constexprs(block_m, block_n, head_dim=128, causal=True):
 
 def main():
     jobs = {
-        "fwd d128 causal": (fa._attn_fwd, attention_constexprs(128, 64), 8, 3),
-        "fwd d80 full": (fa._attn_fwd, attention_constexprs(128, 64, head_dim=80, causal=False), 4, 3),
-        "fwd d256 causal": (fa._attn_fwd, attention_constexprs(64, 32, head_dim=256), 4, 2),
-        "bwd_dkdv d128 causal": (fa._attn_bwd_dkdv, attention_constexprs(32, 128), 4, 3),
-        "bwd_dq d128 causal": (fa._attn_bwd_dq, attention_constexprs(128, 32), 4, 3),
-        "bwd_preprocess d128": (fa._attn_bwd_preprocess, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=64), 4, 1),
+        "fwd d128 causal": (fwd._attn_fwd, attention_constexprs(128, 64), 8, 3),
+        "fwd d80 full": (fwd._attn_fwd, attention_constexprs(128, 64, head_dim=80, causal=False), 4, 3),
+        "fwd d256 causal": (fwd._attn_fwd, attention_constexprs(64, 32, head_dim=256), 4, 2),
+        "bwd_dkdv d128 causal": (bwd._attn_bwd_dkdv, attention_constexprs(32, 128), 4, 3),
+        "bwd_dq d128 causal": (bwd._attn_bwd_dq, attention_constexprs(128, 32), 4, 3),
+        "bwd_preprocess d128": (bwd._attn_bwd_preprocess, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=64), 4, 1),
         "softmax": (sm._softmax_online, dict(BLOCK_N=4096), 8, 1),
     }
     only = sys.argv[1:]

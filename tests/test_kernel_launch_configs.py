@@ -14,9 +14,10 @@ import triton
 from tests.cases import AttentionCase
 
 fa = importlib.import_module("kernels.flash_attention")
-TUNED = {"_attn_fwd_tuned": (fa._attn_fwd, fa._FWD_CONFIGS), "_attn_bwd_dkdv_tuned": (fa._attn_bwd_dkdv,
-                                                                                      fa._DKDV_CONFIGS),
-         "_attn_bwd_dq_tuned": (fa._attn_bwd_dq, fa._DQ_CONFIGS)}
+tune = importlib.import_module("kernels.autotune")
+TUNED = {"_attn_fwd_tuned": (tune._attn_fwd, tune._FWD_CONFIGS), "_attn_bwd_dkdv_tuned": (tune._attn_bwd_dkdv,
+                                                                                      tune._DKDV_CONFIGS),
+         "_attn_bwd_dq_tuned": (tune._attn_bwd_dq, tune._DQ_CONFIGS)}
 
 
 class Recorder:
@@ -42,8 +43,8 @@ def recorded_launches(monkeypatch, case, dtype):
 
 def pruned(kernel, configs, args, kwargs):
     """What triton's Autotuner keeps for this launch (as Autotuner.run does: nargs, then prune_configs)."""
-    tuner = triton.autotune(configs=configs, key=fa._TUNING_KEY,
-                            prune_configs_by={"early_config_prune": fa._prune_configs})(kernel)
+    tuner = triton.autotune(configs=configs, key=tune._TUNING_KEY,
+                            prune_configs_by={"early_config_prune": tune._prune_configs})(kernel)
     tuner.nargs = dict(zip(tuner.arg_names, args))
     return tuner.prune_configs(kwargs)
 

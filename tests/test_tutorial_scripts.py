@@ -20,7 +20,7 @@ from tutorial.step_through import HEAD_DIM, N_K, make_inputs
 from tutorial.tiling import BLOCK_M, BLOCK_N, FULL, MASKED, PANELS, SKIPPED, classify_tiles
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-KERNEL_FILE = REPO_ROOT / "kernels" / "flash_attention.py"
+KERNEL_FILE = REPO_ROOT / "kernels" / "flash_fwd.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -184,11 +184,11 @@ def watched_line_in_kernel_source():
 
 def test_step_through_prints_the_breakpoint_location():
     out = run_script("step_through", "--print-breakpoint")
-    assert out.strip() == f"kernels/flash_attention.py:{watched_line_in_kernel_source()}"
+    assert out.strip() == f"kernels/flash_fwd.py:{watched_line_in_kernel_source()}"
 
 
 def test_pdb_stops_inside_the_kernel_and_prints_m_i():
-    location = f"kernels/flash_attention.py:{watched_line_in_kernel_source()}"
+    location = f"kernels/flash_fwd.py:{watched_line_in_kernel_source()}"
     # The -c commands break at the loop's last line and continue to it; stdin carries the session.
     session = "\n".join([
         "p m_i.handle.data[:4]",  # first stop: no key seen yet

@@ -35,8 +35,8 @@ Stepping through by hand, with pdb
 The same line takes a debugger breakpoint. Ask for its location, then start
 pdb with a breakpoint there and `continue` to it:
 
-    python -m tutorial.step_through --print-breakpoint      # prints kernels/flash_attention.py:<LINE>
-    TRITON_INTERPRET=1 python -m pdb -c "b kernels/flash_attention.py:<LINE>" -c c -m tutorial.step_through
+    python -m tutorial.step_through --print-breakpoint      # prints kernels/flash_fwd.py:<LINE>
+    TRITON_INTERPRET=1 python -m pdb -c "b kernels/flash_fwd.py:<LINE>" -c c -m tutorial.step_through
 
 At the prompt, `p m_i.handle.data[:4]` prints the first four running maxima
 (-inf at the first stop, before any key is seen), `p m_new.handle.data[:4]`
@@ -86,14 +86,14 @@ def load_kernel_module():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the import: triton reads it when kernels are decorated
     # import_module, not `import kernels.flash_attention as m`: the package exports a function of that name.
     module = importlib.import_module("kernels.flash_attention")
-    if not module.INTERPRET:
+    if not importlib.import_module("kernels.runtime").INTERPRET:
         sys.exit("step_through needs Triton's interpreter: run it with TRITON_INTERPRET=1 (or unset)")
     return module
 
 
 def watched_location(module):
     """(absolute path, line number) of `m_i = m_new` in _attn_fwd_inner, from the kernel's source."""
-    fn = module._attn_fwd_inner
+    fn = importlib.import_module("kernels.flash_fwd")._attn_fwd_inner
     fn = getattr(fn, "fn", fn)  # the Python function behind the jit (or interpreter) wrapper
     lines, first = inspect.getsourcelines(fn)
     for offset, line in enumerate(lines):
