@@ -52,25 +52,111 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h_kv, n_rep, n, d).reshape(b, h_kv * n_rep, n, d)
 
 
-def naive_attention(q, k, v, causal=False, sm_scale=None, dtype=None):
+def window_visibility(n_q: int, n_k: int, window_size, device=None) -> torch.Tensor:
+    """(Nq, Nk) bool: query i sees key j when i + off - left <= j <= i + off + right, off = Nk - Nq.
+
+    window_size = (left, right), None (or -1, FlashAttention's spelling) on a side
+    meaning unlimited: Mistral's sliding window is (W - 1, 0) with causal.
+    """
+    left, right = window_size
+    i = torch.arange(n_q, device=device)[:, None] + (n_k - n_q)  # each query's aligned diagonal
+    j = torch.arange(n_k, device=device)[None, :]
+    visible = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+    if left is not None and left >= 0:
+        visible &= j >= i - left
+    if right is not None and right >= 0:
+        visible &= j <= i + right
+    return visible
+
+
+def alibi_bias(alibi_slopes: torch.Tensor, n_q: int, n_k: int, dtype) -> torch.Tensor:
+    """ALiBi (BLOOM, MPT): -slope * |i + Nk - Nq - j|, FlashAttention's convention.
+
+    alibi_slopes (Hq,) or (B, Hq) -> bias (1 or B, Hq, Nq, Nk).
+    """
+    slopes = alibi_slopes.to(dtype)
+    slopes = slopes[None] if slopes.dim() == 1 else slopes  # (Hq,) -> (1, Hq)
+    i = torch.arange(n_q, device=slopes.device, dtype=dtype)[:, None] + (n_k - n_q)
+    j = torch.arange(n_k, device=slopes.device, dtype=dtype)[None, :]
+    return -slopes[:, :, None, None] * (i - j).abs()  # (b, Hq, 1, 1) * (Nq, Nk)
+
+
+def naive_attention(q, k, v, causal=False, sm_scale=None, dtype=None, *, window_size=None, softcap=None,
+                    alibi_slopes=None, sinks=None, dropout_mask=None, dropout_p=0.0, return_lse=False):
     """softmax(q k^T * sm_scale) v, materialising the full (Nq, Nk) score matrix.
 
     dtype: compute (and return) in this dtype, e.g. torch.float64 for the
     reference the tolerance rule measures against. By default, q's dtype.
+
+    The variants, applied in FlashAttention's order to the scaled scores s:
+      softcap       s = softcap * tanh(s / softcap)              (Gemma 2)
+      alibi_slopes  s = s - slope * |i + Nk - Nq - j|             (BLOOM, MPT)
+      causal, window_size   masked keys get -inf                  (Mistral: window (W - 1, 0))
+      sinks         one logit per head that joins each row's softmax normaliser
+                    but has no value (gpt-oss); a row with no visible key then
+                    outputs 0 with lse = the sink
+      dropout_mask  bool (B, Hq, Nq, Nk), True = kept: P * mask / (1 - dropout_p)
+    With return_lse, also the natural-log normaliser of each row (the sink included).
     """
     check_attention_inputs(q, k, v)
     if dtype is not None:
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    n_q, n_k = q.shape[2], k.shape[2]
     k = repeat_kv(k, q.shape[1] // k.shape[1])
     v = repeat_kv(v, q.shape[1] // v.shape[1])
 
     scores = (q @ k.transpose(-2, -1)) * sm_scale  # (B, Hq, Nq, Nk)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, n_q, n_k, scores.dtype)
+    visible = None
     if causal:
-        visible = causal_visibility(q.shape[2], k.shape[2], q.device)
+        visible = causal_visibility(n_q, n_k, q.device)
+    if window_size is not None:
+        window = window_visibility(n_q, n_k, window_size, q.device)
+        visible = window if visible is None else visible & window
+    if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        # (Hq,) -> (B, Hq, Nq, 1): one more column that joins the softmax and is then dropped.
+        sink_column = sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
+        scores = torch.cat([scores, sink_column], dim=-1)
+    lse = torch.logsumexp(scores, dim=-1)  # (B, Hq, Nq)
     weights = torch.softmax(scores, dim=-1)
-    if causal:
-        # A row with no visible key is softmax over all -inf, which is NaN; define it as 0.
+    if sinks is not None:
+        weights = weights[..., :-1]
+    if visible is not None:
+        # A row with no visible key (and no sink) is softmax over all -inf, which is NaN; define it as 0.
         weights = weights.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
-    return weights @ v
+    if dropout_mask is not None:
+        weights = weights * dropout_mask.to(weights.dtype) / (1.0 - dropout_p)
+    out = weights @ v
+    return (out, lse) if return_lse else out
+
+
+def naive_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, sm_scale=None, dtype=None,
+                           **options):
+    """Packed sequences, attended one at a time: q (total_q, Hq, D), k and v (total_k, Hkv, D).
+
+    Sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q (and likewise
+    for k, v); it never sees another sequence's keys. Options are those of
+    `naive_attention`; alibi_slopes may be (B, Hq) and dropout_mask is a list
+    with one (1, Hq, Nq_b, Nk_b) mask per sequence. Returns (total_q, Hq, D).
+    """
+    out = []
+    dropout_masks = options.pop("dropout_mask", None)
+    slopes = options.pop("alibi_slopes", None)
+    for b in range(len(cu_seqlens_q) - 1):
+        q_b = q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]
+        k_b = k[cu_seqlens_k[b]:cu_seqlens_k[b + 1]]
+        v_b = v[cu_seqlens_k[b]:cu_seqlens_k[b + 1]]
+        # (N_b, H, D) -> (1, H, N_b, D)
+        q_b, k_b, v_b = (t.transpose(0, 1)[None] for t in (q_b, k_b, v_b))
+        slopes_b = None if slopes is None else (slopes[b] if slopes.dim() == 2 else slopes)
+        mask_b = None if dropout_masks is None else dropout_masks[b]
+        o_b = naive_attention(q_b, k_b, v_b, causal, sm_scale, dtype, alibi_slopes=slopes_b, dropout_mask=mask_b,
+                              **options)
+        out.append(o_b[0].transpose(0, 1))  # (1, H, N_b, D) -> (N_b, H, D)
+    return torch.cat(out, dim=0)
