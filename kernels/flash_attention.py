@@ -5,8 +5,13 @@ The kernels live one family per file, read in this order:
     kernels/flash_fwd.py   the forward kernel (the online softmax, derived in its docstring)
     kernels/flash_bwd.py   the backward kernels (delta, dK/dV, dQ)
     kernels/autotune.py    the GPU launch configurations and their pruning
-    this file              launchers (check the contract, allocate, build the grid) ->
-                           the torch.library op with its autograd -> `flash_attention`
+    this file              option checks -> launchers (allocate, build the grid) ->
+                           the torch.library ops with their autograd -> `flash_attention`,
+                           `flash_attention_varlen`
+
+Every option is a compile-time switch of the same three kernels: a call pays
+only for what it asks for, and the forward and backward share one
+description of each variant (kernels/tiles.py).
 """
 import math
 
@@ -19,7 +24,7 @@ from reference.functional import check_attention_inputs
 from .autotune import _PREPROCESS_BLOCK_M, _attn_bwd_dkdv_tuned, _attn_bwd_dq_tuned, _attn_fwd_tuned
 from .flash_bwd import _attn_bwd_preprocess
 from .runtime import accumulator_dtype, check_runnable, dot_precision, upcast_tiles
-from .tiles import LOG2E
+from .tiles import UNLIMITED, _dropout_mask_kernel
 
 MAX_HEAD_DIM = 256
 
@@ -55,115 +60,285 @@ def check_flash_inputs(q, k, v, sm_scale=None):
         raise ValueError(f"float64 inputs support head_dim up to 128 on a GPU, got {head_dim}")
 
 
-def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None):
-    """Run the forward kernel. Returns o (B, Hq, Nq, D) in q's dtype and lse (B, Hq, Nq) in fp32.
+# ----------------------------------------------------------------------------
+# Options: checked once, in the caller's words, then turned into kernel arguments
+# ----------------------------------------------------------------------------
+INT32_MAX = 2**31 - 1
 
+
+def _window_bounds(window_size, causal):
+    """(left, right) as kernel ints, UNLIMITED for an open side; causal sets right = 0."""
+    left = right = UNLIMITED
+    if window_size is not None:
+        if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
+            raise TypeError(f"window_size must be a pair (left, right) or None, got {window_size!r}")
+        bounds = []
+        for side, value in zip(("left", "right"), window_size):
+            if value is None or value == -1:  # -1 is FlashAttention's spelling of "unlimited"
+                bounds.append(UNLIMITED)
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"window_size {side} must be an int, -1 or None, got {value!r}")
+            if value < 0:
+                raise ValueError(f"window_size {side} must be >= 0 (or -1 / None for unlimited), got {value}")
+            bounds.append(min(value, UNLIMITED))
+        left, right = bounds
+    if causal:
+        right = 0
+    return left, right
+
+
+def check_flash_options(q, batch, softcap=None, alibi_slopes=None, sinks=None, dropout_p=0.0):
+    """Raise a clear error, naming the argument, for an option the kernels cannot take."""
+    h_q = q.shape[-3] if q.dim() == 4 else q.shape[-2]
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap):
+            raise TypeError(f"softcap must be a finite float or None, got {softcap!r}")
+        if softcap < 0:
+            raise ValueError(f"softcap must be >= 0 (0 or None turns it off), got {softcap}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {dropout_p!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    for name, t, shapes in (("alibi_slopes", alibi_slopes, [(h_q,), (batch, h_q)]), ("sinks", sinks, [(h_q,)])):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) not in shapes:
+            expected = " or ".join(str(s) for s in shapes)
+            raise ValueError(f"{name} must have shape {expected} for {h_q} query heads, got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+
+
+def _check_tile_offsets(**tensors):
+    """Offsets inside a tile are 32-bit (block starts are 64-bit): refuse strides that would overflow them."""
+    for name, (t, dims) in tensors.items():
+        for dim in dims:
+            if t.stride(dim) * MAX_HEAD_DIM > INT32_MAX:
+                raise ValueError(f"{name}.stride({dim}) = {t.stride(dim)} is too large: offsets within one tile "
+                                 f"would pass 2**31 elements; make {name} contiguous")
+
+
+def _variant_arguments(q, causal, sm_scale, window, softcap, alibi_slopes, sinks, dropout_p, seed, cu_seqlens,
+                       lse):
+    """The pointers, scalars, strides and switches every attention kernel takes after its own tensors."""
+    placeholder = lse  # any tensor: a switched-off option's pointer is never read
+    window_left, window_right = window
+    has_window = window_left < UNLIMITED or (window_right < UNLIMITED and not causal)
+    cu_q, cu_k = cu_seqlens if cu_seqlens is not None else (placeholder, placeholder)
+    alibi = alibi_slopes.float() if alibi_slopes is not None else placeholder
+    # ALiBi slopes (Hq,) are shared by the batch: batch stride 0.
+    alibi_strides = (0, 0) if alibi_slopes is None else (
+        (0, alibi.stride(0)) if alibi.dim() == 1 else (alibi.stride(0), alibi.stride(1)))
+    # lse is (B, Hq, Nq) for padded batches and (Hq, total_q) for packed ones.
+    lse_strides = (lse.stride(0), lse.stride(1)) if lse.dim() == 3 else (0, lse.stride(0))
+    pointers = (cu_q, cu_k, alibi, seed if dropout_p > 0 else placeholder)
+    scalars = (sm_scale, float(softcap or 0.0), float(dropout_p), window_left, window_right)
+    flags = dict(IS_CAUSAL=bool(causal), HAS_WINDOW=has_window, HAS_SOFTCAP=bool(softcap),
+                 HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0, IS_VARLEN=cu_seqlens is not None,
+                 UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype), ACC_DTYPE=_tl_dtype(lse.dtype))
+    sinks = sinks.float() if sinks is not None else placeholder
+    return pointers, sinks, scalars, (*lse_strides, *alibi_strides), flags
+
+
+def _layout(q, k, cu_seqlens, max_seqlens):
+    """(batch, h_q, h_kv, n_q, n_k, strides of a 4-D (z, h, token, d) view) for padded or packed inputs."""
+    if cu_seqlens is None:
+        batch, h_q, n_q, _ = q.shape
+        return batch, h_q, k.shape[1], n_q, k.shape[2], lambda t: t.stride()
+    # Packed (total, H, D): the batch offset comes from cu_seqlens, so its stride is 0.
+    return (cu_seqlens[0].numel() - 1, q.shape[1], k.shape[1], *max_seqlens,
+            lambda t: (0, t.stride(1), t.stride(0), t.stride(2)))
+
+
+def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None, softcap=None, alibi_slopes=None,
+               sinks=None, dropout_p=0.0, seed=None, cu_seqlens=None, max_seqlens=None):
+    """Run the forward kernel. Returns o in q's layout and dtype, and lse in fp32 (float64 for float64).
+
+    Padded: q (B, Hq, Nq, D) -> lse (B, Hq, Nq). Packed: q (total_q, Hq, D) with
+    cu_seqlens = (cu_seqlens_q, cu_seqlens_k) and max_seqlens = (max_q, max_k) -> lse (Hq, total_q).
     o and lse may be passed in (tests pass NaN-filled buffers to catch unwritten elements).
+    seed is a one-element int64 tensor, needed when dropout_p > 0.
     """
-    batch, h_q, n_q, head_dim = q.shape
-    h_kv, n_k = k.shape[1], k.shape[2]
+    batch, h_q, h_kv, n_q, n_k, strides = _layout(q, k, cu_seqlens, max_seqlens)
+    head_dim = q.shape[-1]
+    lse_shape = (batch, h_q, n_q) if cu_seqlens is None else (h_q, q.shape[0])
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device) if o is None else o
-    lse = torch.empty((batch, h_q, n_q), dtype=accumulator_dtype(q.dtype), device=q.device) if lse is None else lse
+    lse = torch.empty(lse_shape, dtype=accumulator_dtype(q.dtype), device=q.device) if lse is None else lse
     if q.numel() == 0:
         return o, lse
-    qk_scale = sm_scale * LOG2E.value  # fold LOG2E into the scale: exp(x * s) == exp2(x * s * LOG2E)
+    if k.numel() == 0:  # no key at all: every row outputs 0 (and a sink's row has lse = the sink)
+        o.zero_()
+        if sinks is None:
+            lse.fill_(float("-inf"))
+        else:
+            lse.copy_(sinks.to(lse.dtype)[:, None].expand(h_q, lse.shape[-1]).reshape(lse.shape)
+                      if lse.dim() == 2 else sinks.to(lse.dtype)[None, :, None].expand(lse.shape))
+        return o, lse
+    _check_tile_offsets(q=(q, (-2, -1)), k=(k, (-2, -1)), v=(v, (-2, -1)), o=(o, (-2, -1)))
+    pointers, sinks_arg, scalars, strides_lse_alibi, flags = _variant_arguments(
+        q, causal, sm_scale, _window_bounds(window_size, causal), softcap, alibi_slopes, sinks, dropout_p, seed,
+        cu_seqlens, lse)
 
     def grid(meta):
-        return (triton.cdiv(n_q, meta["BLOCK_M"]), batch * h_q)
+        return (triton.cdiv(n_q, meta["BLOCK_M"]) * batch * h_q,)
 
     _attn_fwd_tuned[grid](
-        q, k, v, o, lse, qk_scale,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        q, k, v, o, lse, pointers[0], pointers[1], sinks_arg, pointers[2], pointers[3], *scalars,
+        *strides(q), *strides(k), *strides(v), *strides(o), *strides_lse_alibi,
         h_q, h_q // h_kv, n_q, n_k,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim), IS_CAUSAL=causal,
-        UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype), ACC_DTYPE=_tl_dtype(lse.dtype),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim), HAS_SINKS=sinks is not None, **flags,
     )
     return o, lse
 
 
-def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=None, dv=None):
+def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=None, dv=None, *, window_size=None,
+               softcap=None, alibi_slopes=None, sinks=None, dsinks=None, dropout_p=0.0, seed=None,
+               cu_seqlens=None, max_seqlens=None):
     """Run the three backward kernels. Returns dq, dk, dv in the dtypes of q, k, v.
 
     dlse, the gradient flowing into the returned lse (if any), enters through
     delta: d lse_i / d S_ij = P_ij, so it adds P_ij * dlse_i to dS_ij, which is
-    the same as subtracting dlse_i from delta_i.
+    the same as subtracting dlse_i from delta_i. With sinks, their gradient is
+    written into dsinks (a (Hq,) buffer) when one is given.
     """
-    batch, h_q, n_q, head_dim = q.shape
-    h_kv, n_k = k.shape[1], k.shape[2]
+    batch, h_q, h_kv, n_q, n_k, strides = _layout(q, k, cu_seqlens, max_seqlens)
+    head_dim = q.shape[-1]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
+    if dsinks is not None:
+        dsinks.zero_()
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     head_dim_pad = _head_dim_pad(head_dim)
-    qk_scale = sm_scale * LOG2E.value
+    _check_tile_offsets(q=(q, (-2, -1)), k=(k, (-2, -1)), v=(v, (-2, -1)), o=(o, (-2, -1)), do=(do, (-2, -1)),
+                        dq=(dq, (-2, -1)), dk=(dk, (-2, -1)), dv=(dv, (-2, -1)))
 
-    delta = torch.empty((batch, h_q, n_q), dtype=lse.dtype, device=q.device)
-    _attn_bwd_preprocess[(triton.cdiv(n_q, _PREPROCESS_BLOCK_M), batch * h_q)](
-        o, do, delta, *o.stride(), *do.stride(), h_q, n_q,
+    delta = torch.empty_like(lse)
+    # delta is per row: packed sequences go through as one batch of total_q rows.
+    rows, pre_batch = (n_q, batch) if cu_seqlens is None else (q.shape[0], 1)
+    lse_strides = (lse.stride(0), lse.stride(1)) if lse.dim() == 3 else (0, lse.stride(0))
+    _attn_bwd_preprocess[(triton.cdiv(rows, _PREPROCESS_BLOCK_M) * pre_batch * h_q,)](
+        o, do, delta, *strides(o), *strides(do), *lse_strides, h_q, rows,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=_PREPROCESS_BLOCK_M,
     )
     if dlse is not None:
         delta -= dlse
+    if sinks is not None and dsinks is not None:
+        # d sink = -sum_i P_sink,i * delta_i, with P_sink,i = exp(sink - lse_i): one reduction, no kernel.
+        sink = sinks.to(lse.dtype)[None, :, None] if lse.dim() == 3 else sinks.to(lse.dtype)[:, None]
+        p_sink = torch.exp(sink - lse)
+        dsinks.copy_(-(p_sink * delta).sum(dim=(0, 2) if lse.dim() == 3 else 1))
 
-    flags = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, IS_CAUSAL=causal,
-                 UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype), ACC_DTYPE=_tl_dtype(lse.dtype))
-    _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), batch * h_kv)](
-        q, k, v, do, lse, delta, dk, dv, qk_scale, sm_scale,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        h_kv, h_q // h_kv, n_q, n_k, **flags,
+    pointers, _, scalars, strides_lse_alibi, flags = _variant_arguments(
+        q, causal, sm_scale, _window_bounds(window_size, causal), softcap, alibi_slopes, sinks, dropout_p, seed,
+        cu_seqlens, lse)
+    _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]) * batch * h_kv,)](
+        q, k, v, do, lse, delta, dk, dv, *pointers, *scalars,
+        *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv), *strides_lse_alibi,
+        h_kv, h_q // h_kv, n_q, n_k, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **flags,
     )
-    _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * h_q)](
-        q, k, v, do, lse, delta, dq, qk_scale, sm_scale,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        h_q, h_q // h_kv, n_q, n_k, **flags,
+    _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * batch * h_q,)](
+        q, k, v, do, lse, delta, dq, *pointers, *scalars,
+        *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq), *strides_lse_alibi,
+        h_q, h_q // h_kv, n_q, n_k, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **flags,
     )
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------
-# The torch.library op and its autograd
+# The torch.library ops and their autograd
 #
 # Registering the kernels as custom ops, each with a fake (shape-only)
 # implementation, lets torch.compile trace a model that calls them without a
 # graph break; register_autograd makes the forward op differentiable through
 # the backward op (torch builds the autograd.Function from these two pieces).
+# Window bounds travel as ints with -1 for an open side, softcap as 0.0 when off.
 # ----------------------------------------------------------------------------
+def _op_options(window_left, window_right, softcap, alibi_slopes, sinks, dropout_p, seed, cu_seqlens_q,
+                cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    varlen = cu_seqlens_q is not None
+    return dict(window_size=(window_left, window_right), softcap=softcap or None, alibi_slopes=alibi_slopes,
+                sinks=sinks, dropout_p=dropout_p, seed=seed,
+                cu_seqlens=(cu_seqlens_q, cu_seqlens_k) if varlen else None,
+                max_seqlens=(max_seqlen_q, max_seqlen_k) if varlen else None)
+
+
 @torch.library.custom_op("attention_playground::flash_attn_fwd", mutates_args=())
-def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _flash_fwd(q, k, v, causal, sm_scale)
+def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float,
+                       window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+                       alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                       dropout_p: float = 0.0, seed: torch.Tensor | None = None,
+                       cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                       max_seqlen_q: int = 0, max_seqlen_k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    return _flash_fwd(q, k, v, causal, sm_scale, **_op_options(
+        window_left, window_right, softcap, alibi_slopes, sinks, dropout_p, seed, cu_seqlens_q, cu_seqlens_k,
+        max_seqlen_q, max_seqlen_k))
 
 
 @_flash_attn_fwd_op.register_fake
-def _(q, k, v, causal, sm_scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=accumulator_dtype(q.dtype))
+def _(q, k, v, causal, sm_scale, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None,
+      dropout_p=0.0, seed=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    lse_shape = q.shape[:3] if cu_seqlens_q is None else (q.shape[1], q.shape[0])
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=accumulator_dtype(q.dtype))
 
 
 @torch.library.custom_op("attention_playground::flash_attn_bwd", mutates_args=())
 def _flash_attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       o: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None,
-                       causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=dlse)
+                       o: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None, causal: bool, sm_scale: float,
+                       window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+                       alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                       dropout_p: float = 0.0, seed: torch.Tensor | None = None,
+                       cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                       max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dsinks = torch.empty(sinks.shape if sinks is not None else (0,), dtype=lse.dtype, device=q.device)
+    dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=dlse, dsinks=dsinks, **_op_options(
+        window_left, window_right, softcap, alibi_slopes, sinks, dropout_p, seed, cu_seqlens_q, cu_seqlens_k,
+        max_seqlen_q, max_seqlen_k))
+    return dq, dk, dv, dsinks
 
 
 @_flash_attn_bwd_op.register_fake
-def _(do, q, k, v, o, lse, dlse, causal, sm_scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(do, q, k, v, o, lse, dlse, causal, sm_scale, window_left=-1, window_right=-1, softcap=0.0,
+      alibi_slopes=None, sinks=None, dropout_p=0.0, seed=None, cu_seqlens_q=None, cu_seqlens_k=None,
+      max_seqlen_q=0, max_seqlen_k=0):
+    dsinks = lse.new_empty(sinks.shape if sinks is not None else (0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
+
+
+_OPTION_NAMES = ("window_left", "window_right", "softcap", "alibi_slopes", "sinks", "dropout_p", "seed",
+                 "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, sm_scale = inputs
+    q, k, v, causal, sm_scale, *options = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.options = dict(zip(_OPTION_NAMES, options))
+    tensors = {name: ctx.options.pop(name) for name in ("alibi_slopes", "sinks", "seed", "cu_seqlens_q",
+                                                         "cu_seqlens_k")}
+    ctx.tensor_names = list(tensors)
+    ctx.save_for_backward(q, k, v, o, lse, *tensors.values())
     ctx.causal = causal
     ctx.sm_scale = sm_scale
+    # An lse nobody uses gets no gradient: keep it None instead of a tensor of zeros.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _flash_attn_bwd_op(do, q, k, v, o, lse, dlse, ctx.causal, ctx.sm_scale)
-    return dq, dk, dv, None, None
+    q, k, v, o, lse, *tensors = ctx.saved_tensors
+    options = dict(ctx.options, **dict(zip(ctx.tensor_names, tensors)))
+    if do is None:  # only the lse was used
+        do = torch.zeros_like(o)
+    dq, dk, dv, dsinks = _flash_attn_bwd_op(do, q, k, v, o, lse, dlse, ctx.causal, ctx.sm_scale, **options)
+    dsinks = dsinks.to(options["sinks"].dtype) if options["sinks"] is not None else None
+    grads = dict(zip(_OPTION_NAMES, [None] * len(_OPTION_NAMES)), sinks=dsinks)
+    return (dq, dk, dv, None, None, *grads.values())
 
 
 _flash_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -172,17 +347,116 @@ _flash_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------
-def flash_attention(q, k, v, causal=False, sm_scale=None, return_lse=False):
+def _dropout_seed(dropout_p, device):
+    """A Philox seed drawn from torch's default generator: torch.manual_seed makes dropout repeatable."""
+    if not dropout_p:
+        return None
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def _op_window(window_size, causal):
+    left, right = _window_bounds(window_size, causal)
+    return (-1 if left >= UNLIMITED else left), (-1 if right >= UNLIMITED else right)
+
+
+def flash_attention(q, k, v, causal=False, sm_scale=None, return_lse=False, window_size=None, softcap=None,
+                    alibi_slopes=None, sinks=None, dropout_p=0.0, deterministic=True):
     """softmax(q k^T * sm_scale) v, fused in Triton, differentiable.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D), with Hq a multiple of Hkv (GQA/MQA)
     and 1 <= D <= 256; fp32, fp16 or bf16 (float64 too, for gradcheck); any strides. causal masks bottom-right
     (query i sees key j <= i + Nk - Nq). sm_scale defaults to 1/sqrt(D).
+    Options (FlashAttention's names and conventions; `reference.naive_attention` spells each out):
+      window_size   (left, right): query i sees keys i + Nk - Nq - left .. i + Nk - Nq + right;
+                    None or -1 on a side = unlimited; causal sets right = 0. Blocks outside are skipped.
+      softcap       scores become softcap * tanh(s / softcap); None or 0 = off
+      alibi_slopes  (Hq,) or (B, Hq): the score gets -slope * |i + Nk - Nq - j|
+      sinks         (Hq,): one logit per head in every row's normaliser, with no value (gpt-oss); trainable
+      dropout_p     dropout on the probabilities, seeded from torch's default generator
+      deterministic True: the backward sums in a fixed order (bitwise reproducible); False is accepted and
+                    currently runs the same deterministic kernels
     Returns o (B, Hq, Nq, D) in q's dtype, and with return_lse=True also the
-    natural-log log-sum-exp of each row's scores, lse (B, Hq, Nq) in fp32
-    (float64 for float64 inputs; -inf for a row with no visible key, whose output is 0).
+    natural-log log-sum-exp of each row's scores (the sink included), lse (B, Hq, Nq) in fp32
+    (float64 for float64 inputs; -inf for a row with no visible key and no sink, whose output is 0).
     """
     check_flash_inputs(q, k, v, sm_scale)
+    check_flash_options(q, q.shape[0], softcap, alibi_slopes, sinks, dropout_p)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    o, lse = _flash_attn_fwd_op(q, k, v, bool(causal), sm_scale)
+    window_left, window_right = _op_window(window_size, causal)
+    o, lse = _flash_attn_fwd_op(q, k, v, bool(causal), sm_scale, window_left, window_right, float(softcap or 0.0),
+                                alibi_slopes, sinks, float(dropout_p), _dropout_seed(dropout_p, q.device))
     return (o, lse) if return_lse else o
+
+
+def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """Raise a clear error, naming the argument, for packed inputs the kernels cannot take."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have rank 3 (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
+    # The padded-layout checks apply to a (1, H, total, D) view of the same tensors.
+    check_flash_inputs(*(t.transpose(0, 1)[None] for t in (q, k, v)))
+    for name, cu, total, max_name, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q",
+                                                max_seqlen_q),
+                                               ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k",
+                                                max_seqlen_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            described = f"{cu.dtype} of shape {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
+            raise TypeError(f"{name} must be a 1-D int32 tensor of B + 1 offsets, got {described}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
+            raise TypeError(f"{max_name} must be a non-negative int, got {max_len!r}")
+        if torch.compiler.is_compiling():
+            continue  # reading the offsets would break the graph; they are checked in eager mode
+        offsets = cu.tolist()
+        if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise ValueError(f"{name} must start at 0 and never decrease, got {offsets[:8]}...")
+        if offsets[-1] != total:
+            raise ValueError(f"{name} must end at the number of packed tokens ({total}), got {offsets[-1]}")
+        longest = max(b - a for a, b in zip(offsets, offsets[1:]))
+        if max_len < longest:
+            raise ValueError(f"{max_name} ({max_len}) is shorter than the longest sequence in {name} ({longest})")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
+                           sm_scale=None, return_lse=False, window_size=None, softcap=None, alibi_slopes=None,
+                           sinks=None, dropout_p=0.0, deterministic=True):
+    """Attention over packed sequences of different lengths, with no compute spent on padding.
+
+    q: (total_q, Hq, D) and k, v: (total_k, Hkv, D) hold B sequences one after
+    another; cu_seqlens_q and cu_seqlens_k are (B + 1,) int32 prefix sums from 0
+    (sequence b owns rows cu_seqlens[b]:cu_seqlens[b + 1]); max_seqlen_* bound
+    the lengths. A sequence never attends across its boundary, an empty one is
+    allowed, and causal is bottom-right within each sequence. Options are
+    `flash_attention`'s (alibi_slopes may be (B, Hq)). Returns o (total_q, Hq, D),
+    and with return_lse=True also lse (Hq, total_q).
+    """
+    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_flash_options(q, cu_seqlens_q.numel() - 1, softcap, alibi_slopes, sinks, dropout_p)
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    if sm_scale is not None and not math.isfinite(sm_scale):
+        raise TypeError(f"sm_scale must be a finite float or None, got {sm_scale!r}")
+    window_left, window_right = _op_window(window_size, causal)
+    o, lse = _flash_attn_fwd_op(q, k, v, bool(causal), sm_scale, window_left, window_right, float(softcap or 0.0),
+                                alibi_slopes, sinks, float(dropout_p), _dropout_seed(dropout_p, q.device),
+                                cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
+    return (o, lse) if return_lse else o
+
+
+def dropout_keep_mask(seed, dropout_p, streams, n_rows, n_cols, row_offset=0, stream_offset=0):
+    """The kernels' dropout mask, bool (streams, n_rows, n_cols): for tests and for reading, never stored by them.
+
+    For padded inputs stream s is batch * Hq + head and rows are query indices;
+    for packed ones stream s is the head and rows are packed token indices
+    (row_offset = cu_seqlens_q[b] selects sequence b's rows).
+    """
+    mask = torch.empty((streams, n_rows, n_cols), dtype=torch.int8, device=seed.device)
+    block = 32
+    _dropout_mask_kernel[(streams, triton.cdiv(n_rows, block), triton.cdiv(n_cols, block))](
+        seed, mask, float(dropout_p), n_rows, n_cols, row_offset, stream_offset, BLOCK_M=block, BLOCK_N=block)
+    return mask.bool()

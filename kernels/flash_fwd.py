@@ -44,46 +44,68 @@ exp2 instead of exp: exp2 is one instruction on the GPU. With LOG2E = 1/ln 2,
 exp(x * sm_scale) = exp2(x * sm_scale * LOG2E), so the kernel folds LOG2E
 into the scale once (qk_scale) and keeps m_i in base-2 units.
 
+Variants as compile-time switches
+---------------------------------
+Soft-capping, ALiBi, causal and sliding-window masks modify the score tile
+(kernels/tiles.py: _scores, _visible), and the key loop visits only the key
+blocks that some row of the query block can see (_key_range): a window makes
+the cost grow as N * W, not N^2. Sinks start each row's softmax with one
+extra logit (m_i = sink, l_i = 1) that has no value. Dropout zeroes
+probabilities after they joined the normaliser, from a counter-based random
+mask the backward pass regenerates. Packed sequences (IS_VARLEN) read each
+sequence's start and length from cu_seqlens; nothing else changes.
+
 Reading guide: `reference/tiled.py` is this forward pass in plain PyTorch,
-with the same names (m_i, l_i, acc, qk_scale, start_m, start_n). The launcher,
-`_flash_fwd` in `kernels/flash_attention.py`, checks the inputs and builds the grid.
+with the same names (m_i, l_i, acc, start_m, start_n), and
+`reference.naive_attention` spells out every variant on the full score matrix.
+The launcher, `_flash_fwd` in `kernels/flash_attention.py`, checks the inputs
+and builds the grid.
 """
 import triton
 import triton.language as tl
 
-from .tiles import LN2, _causal_key_range, _load_tile
+from .tiles import LN2, LOG2E, _cast_for_store, _dropout_keep, _key_range, _load_tile, _scores, _visible
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
-                    offs_m, offs_n, offs_d, qk_scale, lo, hi, N_Q, N_K,
+def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d, lo, hi,
+                    N_K, offset, sm_scale, softcap, alibi_slope, window_left, window_right,
+                    seed, stream, dropout_row0, dropout_p,
                     HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+                    MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Walk key blocks [lo, hi), updating the online-softmax state (the inner loop of reference/tiled.py)."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cur_n = start_n + offs_n
-        k = _load_tile(k_ptrs + start_n * stride_kn, cur_n, N_K, offs_d, HEAD_DIM, MASKED, PAD_D, UPCAST)
-        # qk = (q @ k.T) * qk_scale, in base-2 units.            (BLOCK_M, BLOCK_N)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        k = _load_tile(k_ptrs + start_n.to(tl.int64) * stride_kn, cur_n, N_K, offs_d, HEAD_DIM, MASKED, PAD_D,
+                       UPCAST)
+        # s = modified (q @ k.T) * sm_scale, in base-2 units.      (BLOCK_M, BLOCK_N)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s, _ = _scores(qk, offs_m[:, None], cur_n[None, :], offset, sm_scale, softcap, alibi_slope,
+                       HAS_SOFTCAP, HAS_ALIBI)
         if MASKED:
-            visible = cur_n[None, :] < N_K
-            if IS_CAUSAL:
-                visible = visible & (cur_n[None, :] <= offs_m[:, None] + (N_K - N_Q))
-            qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+            visible = _visible(offs_m[:, None], cur_n[None, :], N_K, offset, window_left, window_right,
+                               MASK_LEFT, MASK_RIGHT)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:
             # A row that has seen no visible key keeps m = -inf; subtracting 0
             # instead keeps exp2(-inf - -inf) = NaN out of p and alpha.
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_new_safe = m_new  # every score here is finite, so m_new is too
-        p = tl.math.exp2(qk - m_new_safe[:, None])
+        p = tl.math.exp2(s - m_new_safe[:, None])
         # alpha rescales what was accumulated under the old maximum m_i.
         alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_ptrs + start_n * stride_vn, cur_n, N_K, offs_d, HEAD_DIM, MASKED, PAD_D, UPCAST)
+        if HAS_DROPOUT:
+            # Dropped after joining the normaliser: dropout acts on the probabilities.
+            keep = _dropout_keep(seed, stream, offs_m[:, None] + dropout_row0, cur_n[None, :], dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v = _load_tile(v_ptrs + start_n.to(tl.int64) * stride_vn, cur_n, N_K, offs_d, HEAD_DIM, MASKED, PAD_D,
+                       UPCAST)
         # acc = acc * alpha + p @ v, with p rounded to v's dtype for the tensor cores.
         acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=acc.dtype)
         m_i = m_new
@@ -91,52 +113,119 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, qk_scale,
+def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, SEED,
+              sm_scale, softcap, dropout_p, window_left, window_right,
               stride_qz, stride_qh, stride_qm, stride_qk,
               stride_kz, stride_kh, stride_kn, stride_kk,
               stride_vz, stride_vh, stride_vn, stride_vk,
               stride_oz, stride_oh, stride_om, stride_ok,
+              stride_lz, stride_lh, stride_az, stride_ah,
               H_Q, GROUP_SIZE, N_Q, N_K,
-              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
-              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """One program: BLOCK_M query rows of one (batch, query head). Writes O and the natural-log LSE."""
-    start_m = tl.program_id(0) * BLOCK_M
-    off_zh = tl.program_id(1)
+              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              ACC_DTYPE: tl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, query head). Writes O and the natural-log LSE.
+
+    N_Q and N_K are the lengths, or for packed sequences (IS_VARLEN) the longest ones.
+    """
+    # A 1-D grid: consecutive programs take consecutive query blocks of one
+    # (batch, head), so the programs running together share its K and V in L2,
+    # and batch * heads is not capped at 65535 as a second grid axis would be.
+    num_m_blocks = tl.cdiv(N_Q, BLOCK_M)
+    pid = tl.program_id(0)
+    off_zh = pid // num_m_blocks
+    block_m = pid % num_m_blocks
+    if IS_CAUSAL:
+        # Later query blocks see more keys: start them first, so the last wave is short.
+        block_m = num_m_blocks - 1 - block_m
+    start_m = block_m * BLOCK_M
     off_z = (off_zh // H_Q).to(tl.int64)  # int64: batch * stride can pass 2**31 on big inputs
     off_h = (off_zh % H_Q).to(tl.int64)
     off_kvh = off_h // GROUP_SIZE  # GQA: the kv head this query head shares; K and V are not copied
+    if IS_VARLEN:
+        # Sequence off_z owns rows cu_seqlens[z]:cu_seqlens[z + 1] of the packed q (and k, v).
+        q_start = tl.load(CU_SEQLENS_Q + off_z).to(tl.int64)
+        k_start = tl.load(CU_SEQLENS_K + off_z).to(tl.int64)
+        seqlen_q = tl.load(CU_SEQLENS_Q + off_z + 1) - q_start.to(tl.int32)
+        seqlen_k = tl.load(CU_SEQLENS_K + off_z + 1) - k_start.to(tl.int32)
+        if start_m >= seqlen_q:  # this sequence is shorter than the longest
+            return
+        stream = off_h  # dropout counters: packed rows are global token indices
+    else:
+        q_start = 0
+        k_start = 0
+        seqlen_q = N_Q
+        seqlen_k = N_K
+        stream = off_zh
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
+    MASK_RIGHT: tl.constexpr = IS_CAUSAL or HAS_WINDOW  # causal is the band with right = 0
+    offset = seqlen_k - seqlen_q  # bottom-right alignment: query i's diagonal is key i + offset
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = start_m + rows
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    q_ptrs = Q + off_z * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk
-    k_ptrs = K + off_z * stride_kz + off_kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk
-    v_ptrs = V + off_z * stride_vz + off_kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk
+    # Offsets from a block's first row are 32-bit tiles; where the block starts
+    # is a 64-bit scalar, so a long sequence times a large stride cannot overflow.
+    q_row0 = q_start + start_m.to(tl.int64)
+    q_ptrs = (Q + off_z * stride_qz + off_h * stride_qh + q_row0 * stride_qm
+              + rows[:, None] * stride_qm + offs_d[None, :] * stride_qk)
+    k_ptrs = (K + off_z * stride_kz + off_kvh * stride_kh + k_start * stride_kn
+              + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk)
+    v_ptrs = (V + off_z * stride_vz + off_kvh * stride_vh + k_start * stride_vn
+              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk)
+
+    alibi_slope = 0.0
+    if HAS_ALIBI:
+        alibi_slope = tl.load(ALIBI_SLOPES + off_z * stride_az + off_h * stride_ah)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
 
     # The Q tile is read once and stays in registers for the whole key loop.
-    q = _load_tile(q_ptrs, offs_m, N_Q, offs_d, HEAD_DIM, True, PAD_D, UPCAST)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)  # running max, base-2 units
-    l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)  # running normaliser
+    q = _load_tile(q_ptrs, offs_m, seqlen_q, offs_d, HEAD_DIM, True, PAD_D, UPCAST)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=ACC_DTYPE)  # unnormalised output
+    if HAS_SINKS:
+        # The sink is one more logit in every row with no value: exp2(sink - m_i) = 1 to start.
+        m_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE) + tl.load(SINKS + off_h) * LOG2E  # running max, base 2
+        l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE) + 1.0  # running normaliser
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
+        l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
 
-    full_end, end = _causal_key_range(start_m, N_Q, N_K, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    # Stage 1: full, wholly visible key blocks, with no mask at all.
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
-                                    offs_m, offs_n, offs_d, qk_scale, 0, full_end, N_Q, N_K,
-                                    HEAD_DIM, PAD_D, BLOCK_N, IS_CAUSAL, False, UPCAST, DOT_PRECISION)
-    # Stage 2: blocks on the diagonal and the ragged last block, masked element by element.
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
-                                    offs_m, offs_n, offs_d, qk_scale, full_end, end, N_Q, N_K,
-                                    HEAD_DIM, PAD_D, BLOCK_N, IS_CAUSAL, True, UPCAST, DOT_PRECISION)
+    lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                          BLOCK_M, BLOCK_N, HAS_WINDOW, MASK_RIGHT)
+    # Stage 1: key blocks on the window's left edge, masked element by element (none without a window).
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                                    lo, full_lo, seqlen_k, offset, sm_scale, softcap, alibi_slope,
+                                    window_left, window_right, seed, stream, q_start, dropout_p,
+                                    HEAD_DIM, PAD_D, BLOCK_N, HAS_WINDOW, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+                                    HAS_DROPOUT, True, UPCAST, DOT_PRECISION)
+    # Stage 2: full key blocks wholly visible to every row, with no mask at all.
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                                    full_lo, full_hi, seqlen_k, offset, sm_scale, softcap, alibi_slope,
+                                    window_left, window_right, seed, stream, q_start, dropout_p,
+                                    HEAD_DIM, PAD_D, BLOCK_N, HAS_WINDOW, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+                                    HAS_DROPOUT, False, UPCAST, DOT_PRECISION)
+    # Stage 3: blocks on the diagonal (or the window's right edge) and the ragged last block, masked.
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                                    full_hi, hi, seqlen_k, offset, sm_scale, softcap, alibi_slope,
+                                    window_left, window_right, seed, stream, q_start, dropout_p,
+                                    HEAD_DIM, PAD_D, BLOCK_N, HAS_WINDOW, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+                                    HAS_DROPOUT, True, UPCAST, DOT_PRECISION)
 
-    # Normalise once, at the end. A row that saw no key has l_i == 0 and acc == 0:
-    # its output is 0 and its lse is -inf, never NaN.
+    # Normalise once, at the end. A row that saw no key (and has no sink) has
+    # l_i == 0 and acc == 0: its output is 0 and its lse is -inf, never NaN.
     no_key = l_i == 0.0
     l_safe = tl.where(no_key, 1.0, l_i)
     acc = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))  # kept probabilities are scaled up by 1 / (1 - p)
     lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    tl.store(LSE + off_zh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
-    o_ptrs = O + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_ok
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(LSE + off_z * stride_lz + off_h * stride_lh + q_start + offs_m, lse, mask=offs_m < seqlen_q)
+    o_ptrs = (O + off_z * stride_oz + off_h * stride_oh + q_row0 * stride_om
+              + rows[:, None] * stride_om + offs_d[None, :] * stride_ok)
+    tl.store(o_ptrs, _cast_for_store(acc, O.dtype.element_ty, UPCAST),
+             mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))

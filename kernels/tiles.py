@@ -1,14 +1,31 @@
-"""Tile and mask helpers shared by every attention kernel (flash forward, flash backward, decode).
+"""Tile, mask and score helpers shared by the attention kernels (flash forward, flash backward).
 
 Each helper is a small `@triton.jit` function with compile-time switches, so a
-kernel pays only for the checks its shape needs: a full tile loads without a
-mask, a block wholly below the causal diagonal computes without one.
+kernel pays only for the checks its shape and options need: a full tile loads
+without a mask, a key block wholly inside the visible band computes without
+one, and an option that is off (softcap, ALiBi, dropout) compiles to nothing.
+
+The attention variants are modifications of one score tile, applied in
+FlashAttention's order by the forward and the backward alike:
+
+    s = q.k * sm_scale                          the scaled score
+    s = softcap * tanh(s / softcap)             soft-capping (Gemma 2)
+    s = s - slope * |i + Nk - Nq - j|           ALiBi (BLOOM, MPT)
+    s = -inf where j is outside the band        causal, sliding window
+        i + (Nk - Nq) - left <= j <= i + (Nk - Nq) + right
+
+Causal is the band with right = 0 and no left limit, so one pair of bounds
+serves both. Scores are carried in base-2 units (times LOG2E), since the
+kernels use exp2.
 """
 import triton
 import triton.language as tl
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # 1/ln 2, so exp(x) == exp2(x * LOG2E)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln 2, so log(x) == log2(x) * LN2
+# Window bounds are runtime ints; an unlimited side is this far away, which no
+# sequence reaches and which keeps every bound arithmetic inside int32.
+UNLIMITED = 1 << 30
 
 
 @triton.jit
@@ -34,26 +51,168 @@ def _load_tile(ptrs, offs_row, n_rows, offs_col, n_cols,
 
 
 @triton.jit
-def _causal_key_range(start_m, N_Q, N_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """Split the key axis for the query block starting at start_m.
+def _cast_for_store(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x in the output dtype, rounded to nearest even as a GPU rounds.
 
-    Returns (full_end, end): key blocks in [0, full_end) are full and wholly
-    visible, so they need no mask; blocks in [full_end, end) straddle the
-    diagonal or the ragged end of the keys and are masked element by element;
-    keys from `end` on are above the diagonal and are never loaded.
-    Same arithmetic as `reference.tiled.causal_key_bounds`.
+    The interpreter converts fp32 to bf16 by truncating the low 16 bits, a bias
+    toward zero that a GPU does not have; under it (UPCAST) round by hand first,
+    so CPU results are the bits a GPU would store. fp16 conversion rounds already.
     """
-    full_key_blocks_end = (N_K // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        offset = N_K - N_Q  # query i sees keys j <= i + offset
-        # The block's last query sees keys up to start_m + BLOCK_M - 1 + offset.
-        end = tl.minimum(N_K, tl.maximum(0, start_m + BLOCK_M + offset))
-        # Key block [s, s + BLOCK_N) is wholly visible if its last key is seen by the
-        # block's first query. Clamp to >= 0 before dividing: the interpreter floors
-        # a negative quotient while the GPU truncates it.
-        full_end = (tl.maximum(0, start_m + offset + 1) // BLOCK_N) * BLOCK_N
-        full_end = tl.minimum(tl.minimum(full_end, end), full_key_blocks_end)
+    if UPCAST and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _block_range(BLOCK: tl.constexpr, first_seen, last_seen, first_full, last_full, n, even_end):
+    """Split [0, n) into blocks of BLOCK along one axis, for a tile of the other axis.
+
+    The other axis's tile sees indices [first_seen, last_seen] (some of its rows do)
+    and every one of its rows sees [first_full, last_full]. Returns (lo, full_lo,
+    full_hi, hi): blocks in [lo, full_lo) and [full_hi, hi) need the element
+    mask, blocks in [full_lo, full_hi) need none, and blocks outside [lo, hi)
+    are never loaded. Blocks past even_end (the ragged last block) are masked.
+    Bounds are clamped to >= 0 before dividing: the interpreter floors a negative
+    quotient where the GPU truncates it.
+    """
+    lo = (tl.maximum(first_seen, 0) // BLOCK) * BLOCK
+    hi = tl.minimum(n, tl.maximum(last_seen + 1, 0))
+    full_lo = tl.cdiv(tl.maximum(first_full, 0), BLOCK) * BLOCK
+    full_hi = (tl.maximum(last_full + 1, 0) // BLOCK) * BLOCK
+    full_hi = tl.minimum(full_hi, even_end)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _key_range(start_m, N_Q, N_K, window_left, window_right,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr):
+    """Key blocks for the query block [start_m, start_m + BLOCK_M): see _block_range.
+
+    Query i sees keys i + offset - left .. i + offset + right, offset = N_K - N_Q
+    (bottom-right alignment). The block's first query bounds what every row sees
+    on the right and its last query on the left, and the other way round for
+    what some row sees. Same arithmetic as `reference.tiled.causal_key_bounds`
+    when only the right bound (causal, right = 0) is set.
+    """
+    offset = N_K - N_Q
+    last_m = start_m + BLOCK_M - 1
+    if MASK_LEFT:
+        first_seen = start_m + offset - window_left
+        first_full = last_m + offset - window_left
     else:
-        end = N_K
-        full_end = full_key_blocks_end
-    return full_end, end
+        first_seen = 0
+        first_full = 0
+    if MASK_RIGHT:
+        last_seen = last_m + offset + window_right
+        last_full = start_m + offset + window_right
+    else:
+        last_seen = N_K
+        last_full = N_K
+    return _block_range(BLOCK_N, first_seen, last_seen, first_full, last_full, N_K,
+                        (N_K // BLOCK_N) * BLOCK_N)
+
+
+@triton.jit
+def _query_range(start_n, N_Q, N_K, window_left, window_right,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr):
+    """Query blocks that see the key block [start_n, start_n + BLOCK_N): the mirror of _key_range.
+
+    Key j is seen by queries j - offset - right .. j - offset + left. A ragged key
+    block (past N_K) gets no unmasked range, so its padding keys are always masked.
+    """
+    offset = N_K - N_Q
+    last_n = start_n + BLOCK_N - 1
+    if MASK_RIGHT:
+        first_seen = start_n - offset - window_right
+        first_full = last_n - offset - window_right
+    else:
+        first_seen = 0
+        first_full = 0
+    if MASK_LEFT:
+        last_seen = last_n - offset + window_left
+        last_full = start_n - offset + window_left
+    else:
+        last_seen = N_Q
+        last_full = N_Q
+    even_end = tl.where(start_n + BLOCK_N <= N_K, (N_Q // BLOCK_M) * BLOCK_M, 0)
+    return _block_range(BLOCK_M, first_seen, last_seen, first_full, last_full, N_Q, even_end)
+
+
+@triton.jit
+def _visible(q_idx, k_idx, N_K, offset, window_left, window_right, MASK_LEFT: tl.constexpr,
+             MASK_RIGHT: tl.constexpr):
+    """Bool tile: key k_idx exists and lies in query q_idx's band (indices broadcast to the tile)."""
+    visible = k_idx < N_K
+    if MASK_RIGHT:
+        visible = visible & (k_idx <= q_idx + offset + window_right)
+    if MASK_LEFT:
+        visible = visible & (k_idx >= q_idx + offset - window_left)
+    return visible
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 from exp2, accurate to a few ulp (Triton's interpreter has no libdevice tanh).
+
+    (1 - e) / (1 + e) with e = exp(-2|x|) cancels badly near 0, where the odd
+    Taylor series to x^9 is exact to rounding for |x| < 1/8.
+    """
+    ax = tl.abs(x)
+    e = tl.math.exp2(-2.0 * LOG2E * ax)
+    far = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    near = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    t = tl.where(ax < 0.125, near, far)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _scores(qk, q_idx, k_idx, offset, sm_scale, softcap, alibi_slope,
+            HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """The modified score tile in base-2 units, and tanh(s / softcap) for the backward (or 0 if off).
+
+    qk is the raw q.k tile; q_idx and k_idx broadcast to it (the backward's
+    dK/dV kernel works on the transposed tile and passes them transposed).
+    """
+    if HAS_SOFTCAP:
+        t = _tanh(qk * (sm_scale / softcap))
+        s = t * (softcap * LOG2E)
+    else:
+        t = 0.0
+        s = qk * (sm_scale * LOG2E)
+    if HAS_ALIBI:
+        s = s - (alibi_slope * LOG2E) * tl.abs(q_idx + offset - k_idx).to(tl.float32)
+    return s, t
+
+
+@triton.jit
+def _dropout_keep(seed, stream, q_idx, k_idx, dropout_p):
+    """Bool tile: which probabilities dropout keeps, a pure function of (seed, stream, row, column).
+
+    Philox is counter-based: the forward and the backward regenerate the same
+    mask from the same counters, so the mask is never stored. stream is the
+    (batch * heads + head) for dense inputs, the head for packed ones, whose
+    rows are then global token indices.
+    """
+    rows = (q_idx + 0 * k_idx).to(tl.uint32)
+    cols = (k_idx + 0 * q_idx).to(tl.uint32)
+    zero = rows * 0
+    random, _, _, _ = tl.philox(seed, cols, rows, zero + stream.to(tl.uint32), zero)
+    return tl.uint_to_uniform_float(random) >= dropout_p
+
+
+@triton.jit
+def _dropout_mask_kernel(SEED, MASK, dropout_p, N_ROWS, N_COLS, row_offset, stream_offset,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """MASK[s, i, j] = _dropout_keep for stream s + stream_offset, row i + row_offset: the tests' window on the mask."""
+    stream = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(tl.load(SEED), stream + stream_offset, offs_m[:, None] + row_offset, offs_n[None, :],
+                         dropout_p)
+    ptrs = MASK + stream.to(tl.int64) * N_ROWS * N_COLS + offs_m[:, None] * N_COLS + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < N_ROWS) & (offs_n[None, :] < N_COLS))
