@@ -1,4 +1,4 @@
-"""Hand-written Triton kernels: flash attention (forward and backward) and online softmax.
+"""Hand-written Triton kernels: flash attention (forward and backward, padded or packed) and online softmax.
 
 On a machine without a CUDA GPU, set TRITON_INTERPRET=1 before importing this
 package to run the same kernels on the CPU (see kernels/runtime.py).
@@ -7,8 +7,8 @@ package to run the same kernels on the CPU (see kernels/runtime.py).
 `importlib.import_module("kernels.flash_attention")` (or `from
 kernels.flash_attention import _flash_fwd` for its private pieces).
 """
-from .flash_attention import flash_attention
+from .flash_attention import flash_attention, flash_attention_varlen
 from .runtime import INTERPRET
 from .softmax import softmax
 
-__all__ = ["flash_attention", "softmax", "INTERPRET"]
+__all__ = ["flash_attention", "flash_attention_varlen", "softmax", "INTERPRET"]

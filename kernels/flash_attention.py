@@ -141,7 +141,7 @@ def _variant_arguments(q, causal, sm_scale, window, softcap, alibi_slopes, sinks
     flags = dict(IS_CAUSAL=bool(causal), HAS_WINDOW=has_window, HAS_SOFTCAP=bool(softcap),
                  HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0, IS_VARLEN=cu_seqlens is not None,
                  UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype), ACC_DTYPE=_tl_dtype(lse.dtype))
-    sinks = sinks.float() if sinks is not None else placeholder
+    sinks = sinks.to(lse.dtype) if sinks is not None else placeholder  # float64 for gradcheck
     return pointers, sinks, scalars, (*lse_strides, *alibi_strides), flags
 
 

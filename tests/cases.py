@@ -97,3 +97,65 @@ def params(cases):
 
 def dtype_params():
     return [pytest.param(dtype, id=str(dtype).replace("torch.", "")) for dtype in DTYPES]
+
+
+# ----------------------------------------------------------------------------
+# Attention variants (window, softcap, ALiBi, sinks): each case is one shape with
+# its options; tests run it causal and not, in every dtype, forward and backward.
+# ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VariantCase:
+    shape: AttentionCase  # its `causal` is overridden by the test's parameter
+    window_size: tuple | None = None
+    softcap: float | None = None
+    alibi: str | None = None  # "heads": slopes (Hq,); "batch": slopes (B, Hq)
+    sinks: bool = False
+    why: str = ""
+
+    @property
+    def id(self) -> str:
+        parts = [f"window{self.window_size[0]}-{self.window_size[1]}" if self.window_size else "",
+                 f"softcap{self.softcap:g}" if self.softcap else "", f"alibi-{self.alibi}" if self.alibi else "",
+                 "sinks" if self.sinks else ""]
+        s = self.shape
+        return "+".join(p for p in parts if p) + f"-{s.kind}-q{s.n_q}-k{s.n_k}-d{s.head_dim}"
+
+    def options(self, device, requires_grad=False):
+        """The keyword options for flash_attention / naive_attention, with fresh random slopes and sinks."""
+        s = self.shape
+        options = {}
+        if self.window_size:
+            options["window_size"] = self.window_size
+        if self.softcap:
+            options["softcap"] = self.softcap
+        if self.alibi:
+            shape = (s.h_q,) if self.alibi == "heads" else (s.batch, s.h_q)
+            options["alibi_slopes"] = torch.rand(shape, device=device) * 0.5  # BLOOM's slopes are in (0, 1)
+        if self.sinks:
+            options["sinks"] = torch.randn(s.h_q, device=device).requires_grad_(requires_grad)
+        return options
+
+
+def _shape(batch, h_q, h_kv, n_q, n_k, head_dim):
+    return AttentionCase(batch=batch, h_q=h_q, h_kv=h_kv, n_q=n_q, n_k=n_k, head_dim=head_dim, causal=False)
+
+
+VARIANT_CASES = [
+    VariantCase(_shape(1, 4, 2, 97, 130, 40), window_size=(16, 8),
+                why="a two-sided window narrower than the sequence: edge blocks masked on both sides, GQA, Nq < Nk"),
+    VariantCase(_shape(1, 4, 1, 130, 97, 32), window_size=(24, -1),
+                why="left limit only (-1: FlashAttention's unlimited), MQA, Nq > Nk"),
+    VariantCase(_shape(2, 2, 2, 70, 70, 16), window_size=(3, 0),
+                why="a window far narrower than a block: no key block is ever wholly visible"),
+    VariantCase(_shape(1, 4, 2, 70, 97, 64), softcap=5.0, why="soft-capping with GQA; its gradient carries 1 - tanh^2"),
+    VariantCase(_shape(1, 2, 1, 33, 33, 80), softcap=0.5,
+                why="a cap below the scores' spread: tanh saturates; head dim 80 is padded to 128"),
+    VariantCase(_shape(2, 4, 2, 97, 97, 32), alibi="heads", why="ALiBi with one slope per head, GQA"),
+    VariantCase(_shape(2, 2, 2, 33, 70, 16), alibi="batch", why="ALiBi slopes per (batch, head), Nq < Nk"),
+    VariantCase(_shape(1, 4, 1, 130, 33, 32), sinks=True,
+                why="sinks with Nq > Nk: causal rows that see no key output 0 with lse = the sink; MQA"),
+    VariantCase(_shape(1, 4, 2, 57, 57, 24), sinks=True, window_size=(20, 0),
+                why="gpt-oss: sinks with a sliding window"),
+    VariantCase(_shape(1, 4, 2, 97, 70, 48), window_size=(32, 4), softcap=2.0, alibi="heads",
+                why="window, softcap and ALiBi together, as FlashAttention orders them"),
+]
