@@ -196,15 +196,35 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
     return o, lse
 
 
+# An H100 has 132 SMs; under the interpreter the launchers take the decisions an H100 would.
+_ASSUMED_SM_COUNT = 132
+
+
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _ASSUMED_SM_COUNT
+
+
+def _gqa_splits(programs, group, device) -> int:
+    """How many programs share one kv head's query heads in dK/dV: enough to fill the GPU, dividing the group."""
+    wanted = triton.cdiv(_sm_count(device), max(programs, 1))
+    return next((d for d in range(1, group + 1) if group % d == 0 and d >= wanted), group)
+
+
 def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=None, dv=None, *, window_size=None,
                softcap=None, alibi_slopes=None, sinks=None, dsinks=None, dropout_p=0.0, seed=None,
-               cu_seqlens=None, max_seqlens=None):
-    """Run the three backward kernels. Returns dq, dk, dv in the dtypes of q, k, v.
+               cu_seqlens=None, max_seqlens=None, deterministic=True, gqa_splits=None):
+    """Run the backward kernels. Returns dq, dk, dv in the dtypes of q, k, v.
 
     dlse, the gradient flowing into the returned lse (if any), enters through
     delta: d lse_i / d S_ij = P_ij, so it adds P_ij * dlse_i to dS_ij, which is
     the same as subtracting dlse_i from delta_i. With sinks, their gradient is
     written into dsinks (a (Hq,) buffer) when one is given.
+    deterministic=False fuses dQ into the dK/dV kernel with atomic adds (faster,
+    not bitwise reproducible). gqa_splits: how many programs share a GQA group's
+    query heads in dK/dV (None: enough to fill the GPU); their fp32 partial sums
+    are added in a fixed order.
     """
     batch, h_q, h_kv, n_q, n_k, strides = _layout(q, k, cu_seqlens, max_seqlens)
     head_dim = q.shape[-1]
@@ -238,11 +258,30 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
     pointers, _, scalars, strides_lse_alibi, flags = _variant_arguments(
         q, causal, sm_scale, _window_bounds(window_size, causal), softcap, alibi_slopes, sinks, dropout_p, seed,
         cu_seqlens, lse)
-    _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]) * batch * h_kv,)](
-        q, k, v, do, lse, delta, dk, dv, *pointers, *scalars,
-        *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv), *strides_lse_alibi,
-        h_kv, h_q // h_kv, n_q, n_k, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **flags,
+    group = h_q // h_kv
+    # The largest key block (128) gives the fewest programs: split whenever even that leaves SMs idle.
+    splits = _gqa_splits(triton.cdiv(n_k, 128) * batch * h_kv, group, q.device) if gqa_splits is None else gqa_splits
+    if group % splits:
+        raise ValueError(f"gqa_splits ({splits}) must divide the query heads per kv head ({group})")
+    # Split groups write fp32 partial sums, one slice per split; otherwise dK and dV go straight out.
+    dk_out, dv_out = (dk, dv) if splits == 1 else (
+        torch.empty((splits, *t.shape), dtype=lse.dtype, device=t.device) for t in (k, v))
+    stride_split = 0 if splits == 1 else dk_out.stride(0)
+    dk_view, dv_view = (dk_out, dv_out) if splits == 1 else (dk_out[0], dv_out[0])
+    fused_dq = not deterministic
+    dq_acc = torch.zeros(q.shape, dtype=lse.dtype, device=q.device) if fused_dq else dq
+    _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]) * splits * batch * h_kv,)](
+        q, k, v, do, lse, delta, dk_view, dv_view, dq_acc, *pointers, *scalars,
+        *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk_view), *strides(dv_view),
+        *strides(dq_acc), *strides_lse_alibi, stride_split,
+        h_kv, group, group // splits, n_q, n_k, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, FUSED_DQ=fused_dq,
+        **flags,
     )
+    if splits > 1:
+        dk.copy_(dk_out.sum(0))  # a fixed order: bitwise reproducible
+        dv.copy_(dv_out.sum(0))
+    if fused_dq:
+        return dq.copy_(dq_acc), dk, dv
     _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * batch * h_q,)](
         q, k, v, do, lse, delta, dq, *pointers, *scalars,
         *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq), *strides_lse_alibi,
@@ -275,7 +314,8 @@ def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
                        alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
                        dropout_p: float = 0.0, seed: torch.Tensor | None = None,
                        cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
-                       max_seqlen_q: int = 0, max_seqlen_k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                       max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+                       deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     return _flash_fwd(q, k, v, causal, sm_scale, **_op_options(
         window_left, window_right, softcap, alibi_slopes, sinks, dropout_p, seed, cu_seqlens_q, cu_seqlens_k,
         max_seqlen_q, max_seqlen_k))
@@ -283,7 +323,8 @@ def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
 
 @_flash_attn_fwd_op.register_fake
 def _(q, k, v, causal, sm_scale, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None,
-      dropout_p=0.0, seed=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+      dropout_p=0.0, seed=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
+      deterministic=True):
     lse_shape = q.shape[:3] if cu_seqlens_q is None else (q.shape[1], q.shape[0])
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=accumulator_dtype(q.dtype))
 
@@ -295,25 +336,26 @@ def _flash_attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                        alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
                        dropout_p: float = 0.0, seed: torch.Tensor | None = None,
                        cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
-                       max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+                       max_seqlen_q: int = 0, max_seqlen_k: int = 0, deterministic: bool = True,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dsinks = torch.empty(sinks.shape if sinks is not None else (0,), dtype=lse.dtype, device=q.device)
-    dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=dlse, dsinks=dsinks, **_op_options(
-        window_left, window_right, softcap, alibi_slopes, sinks, dropout_p, seed, cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q, max_seqlen_k))
+    dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=dlse, dsinks=dsinks,
+                            deterministic=deterministic, **_op_options(
+                                window_left, window_right, softcap, alibi_slopes, sinks, dropout_p, seed,
+                                cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     return dq, dk, dv, dsinks
 
 
 @_flash_attn_bwd_op.register_fake
 def _(do, q, k, v, o, lse, dlse, causal, sm_scale, window_left=-1, window_right=-1, softcap=0.0,
       alibi_slopes=None, sinks=None, dropout_p=0.0, seed=None, cu_seqlens_q=None, cu_seqlens_k=None,
-      max_seqlen_q=0, max_seqlen_k=0):
+      max_seqlen_q=0, max_seqlen_k=0, deterministic=True):
     dsinks = lse.new_empty(sinks.shape if sinks is not None else (0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
 _OPTION_NAMES = ("window_left", "window_right", "softcap", "alibi_slopes", "sinks", "dropout_p", "seed",
-                 "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+                 "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "deterministic")
 
 
 def _setup_context(ctx, inputs, output):
@@ -373,8 +415,8 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, return_lse=False, wind
       alibi_slopes  (Hq,) or (B, Hq): the score gets -slope * |i + Nk - Nq - j|
       sinks         (Hq,): one logit per head in every row's normaliser, with no value (gpt-oss); trainable
       dropout_p     dropout on the probabilities, seeded from torch's default generator
-      deterministic True: the backward sums in a fixed order (bitwise reproducible); False is accepted and
-                    currently runs the same deterministic kernels
+      deterministic True: the backward sums in a fixed order (bitwise reproducible); False: one fused
+                    backward kernel adds dQ with atomics (FlashAttention-2's scheme; faster, not reproducible)
     Returns o (B, Hq, Nq, D) in q's dtype, and with return_lse=True also the
     natural-log log-sum-exp of each row's scores (the sink included), lse (B, Hq, Nq) in fp32
     (float64 for float64 inputs; -inf for a row with no visible key and no sink, whose output is 0).
@@ -384,7 +426,8 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, return_lse=False, wind
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     window_left, window_right = _op_window(window_size, causal)
     o, lse = _flash_attn_fwd_op(q, k, v, bool(causal), sm_scale, window_left, window_right, float(softcap or 0.0),
-                                alibi_slopes, sinks, float(dropout_p), _dropout_seed(dropout_p, q.device))
+                                alibi_slopes, sinks, float(dropout_p), _dropout_seed(dropout_p, q.device),
+                                deterministic=bool(deterministic))
     return (o, lse) if return_lse else o
 
 
@@ -444,7 +487,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     window_left, window_right = _op_window(window_size, causal)
     o, lse = _flash_attn_fwd_op(q, k, v, bool(causal), sm_scale, window_left, window_right, float(softcap or 0.0),
                                 alibi_slopes, sinks, float(dropout_p), _dropout_seed(dropout_p, q.device),
-                                cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
+                                cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                bool(deterministic))
     return (o, lse) if return_lse else o
 
 

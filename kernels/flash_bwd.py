@@ -18,7 +18,9 @@ is regenerated: dV sees the dropped P, and dP is dropped the same way.
 Two kernels avoid atomics: one program per key block accumulates dK and dV
 over the query blocks (and, for GQA, over every query head of its group, in a
 fixed order, so the sums are bitwise reproducible); one program per query
-block accumulates dQ over the key blocks. The launcher, `_flash_bwd` in
+block accumulates dQ over the key blocks. With deterministic=False, the
+dK/dV kernel also adds dQ with atomics and the dQ kernel is skipped
+(FlashAttention-2's scheme). The launcher, `_flash_bwd` in
 `kernels/flash_attention.py`, runs the three kernels in order;
 `reference/tiled.py` (tiled_flash_attention_backward) is the same computation
 in plain PyTorch, without the variants.
@@ -62,14 +64,20 @@ def _attn_bwd_preprocess(O, DO, DELTA,
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_row, DELTA_row, stride_qm, stride_dom,
-                         offs_n, offs_m, offs_d, lo, hi, N_Q, N_K, offset, sm_scale, softcap, alibi_slope,
-                         window_left, window_right, seed, stream, dropout_row0, dropout_p,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_row, stride_qm, stride_dom,
+                         stride_dqm, offs_n, offs_m, offs_d, lo, hi, N_Q, N_K, offset, sm_scale, softcap,
+                         alibi_slope, window_left, window_right, seed, stream, dropout_row0, dropout_p,
                          HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
                          MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                         HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
-                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Walk query blocks [lo, hi) for one key block, accumulating dK and dV (transposed: keys are rows)."""
+                         HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr,
+                         MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Walk query blocks [lo, hi) for one key block, accumulating dK and dV (transposed: keys are rows).
+
+    FUSED_DQ: also add this key block's share of dQ = dS K * sm_scale into an
+    fp32 buffer with atomic adds (FlashAttention-2's single-kernel backward: five
+    matrix products per tile instead of the seven the separate dQ kernel needs,
+    at the price of a summation order that varies from run to run).
+    """
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         cur_m = start_m + offs_m
@@ -108,11 +116,18 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_row, DELTA_row, stri
         if HAS_SOFTCAP:
             ds_t = ds_t * (1.0 - tanh_t * tanh_t)
         dk = tl.dot(ds_t.to(q.dtype), q, acc=dk, input_precision=DOT_PRECISION, out_dtype=dk.dtype)
+        if FUSED_DQ:
+            dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=DOT_PRECISION) * sm_scale  # (BLOCK_M, D)
+            ptrs = dq_ptrs + start_m.to(tl.int64) * stride_dqm
+            if MASKED or PAD_D:
+                tl.atomic_add(ptrs, dq, mask=(cur_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM))
+            else:
+                tl.atomic_add(ptrs, dq)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_SLOPES, SEED,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_SLOPES, SEED,
                    sm_scale, softcap, dropout_p, window_left, window_right,
                    stride_qz, stride_qh, stride_qm, stride_qk,
                    stride_kz, stride_kh, stride_kn, stride_kk,
@@ -120,16 +135,27 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, 
                    stride_doz, stride_doh, stride_dom, stride_dok,
                    stride_dkz, stride_dkh, stride_dkn, stride_dkk,
                    stride_dvz, stride_dvh, stride_dvn, stride_dvk,
-                   stride_lz, stride_lh, stride_az, stride_ah,
-                   H_KV, GROUP_SIZE, N_Q, N_K,
+                   stride_dqz, stride_dqh, stride_dqm, stride_dqk,
+                   stride_lz, stride_lh, stride_az, stride_ah, stride_split,
+                   H_KV, GROUP_SIZE, HEADS_PER_PROGRAM, N_Q, N_K,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
-                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """One program: BLOCK_N keys of one (batch, kv head); sums over every query head of the group."""
+                   FUSED_DQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   ACC_DTYPE: tl.constexpr):
+    """One program: BLOCK_N keys of one (batch, kv head), summing over HEADS_PER_PROGRAM query heads.
+
+    Normally one program takes the whole GQA group. When batch * kv heads * key
+    blocks is small against the GPU (MQA at batch 1: 64 programs on 132 SMs), the
+    launcher splits the group: split s takes query heads s * HEADS_PER_PROGRAM
+    onwards and writes fp32 partial dK, dV at DK + s * stride_split, which the
+    launcher sums in a fixed order, so the result stays bitwise reproducible.
+    """
     num_n_blocks = tl.cdiv(N_K, BLOCK_N)
-    off_zkv = tl.program_id(0) // num_n_blocks
+    num_splits = GROUP_SIZE // HEADS_PER_PROGRAM
     start_n = (tl.program_id(0) % num_n_blocks) * BLOCK_N
+    split = (tl.program_id(0) // num_n_blocks) % num_splits
+    off_zkv = tl.program_id(0) // (num_n_blocks * num_splits)
     off_z = (off_zkv // H_KV).to(tl.int64)
     off_kvh = (off_zkv % H_KV).to(tl.int64)
     if IS_VARLEN:
@@ -168,12 +194,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, 
                                             BLOCK_M, BLOCK_N, HAS_WINDOW, MASK_RIGHT)
 
     # GQA: the query heads of this kv head are adjacent; visit them in order, no atomics.
-    for g in range(GROUP_SIZE):
+    for g in range(split * HEADS_PER_PROGRAM, (split + 1) * HEADS_PER_PROGRAM):
         off_h = off_kvh * GROUP_SIZE + g
         q_ptrs = (Q + off_z * stride_qz + off_h * stride_qh + q_start * stride_qm
                   + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk)
         do_ptrs = (DO + off_z * stride_doz + off_h * stride_doh + q_start * stride_dom
                    + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok)
+        dq_ptrs = (DQ + off_z * stride_dqz + off_h * stride_dqh + q_start * stride_dqm
+                   + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqk)
         LSE_row = LSE + off_z * stride_lz + off_h * stride_lh + q_start
         DELTA_row = DELTA + off_z * stride_lz + off_h * stride_lh + q_start
         alibi_slope = 0.0
@@ -191,15 +219,17 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, 
                 stage_lo, stage_hi = full_lo, full_hi
             else:
                 stage_lo, stage_hi = full_hi, hi
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_row, DELTA_row, stride_qm, stride_dom,
-                                          offs_n, offs_m, offs_d, stage_lo, stage_hi, seqlen_q, seqlen_k, offset,
-                                          sm_scale, softcap, alibi_slope, window_left, window_right,
-                                          seed, stream, q_start, dropout_p,
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_row, stride_qm,
+                                          stride_dom, stride_dqm, offs_n, offs_m, offs_d, stage_lo, stage_hi,
+                                          seqlen_q, seqlen_k, offset, sm_scale, softcap, alibi_slope,
+                                          window_left, window_right, seed, stream, q_start, dropout_p,
                                           HEAD_DIM, PAD_D, BLOCK_M, HAS_WINDOW, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                          HAS_DROPOUT, stage != 1, UPCAST, DOT_PRECISION)
+                                          HAS_DROPOUT, FUSED_DQ, stage != 1, UPCAST, DOT_PRECISION)
 
     dk = dk * sm_scale  # S = QK^T * sm_scale, so dK picks up the scale once, here
     store_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    DK += split.to(tl.int64) * stride_split  # 0 unless the group is split into partial sums
+    DV += split.to(tl.int64) * stride_split
     tl.store(DK + off_z * stride_dkz + off_kvh * stride_dkh + k_row0 * stride_dkn + cols[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkk, _cast_for_store(dk, DK.dtype.element_ty, UPCAST), mask=store_mask)
     tl.store(DV + off_z * stride_dvz + off_kvh * stride_dvh + k_row0 * stride_dvn + cols[:, None] * stride_dvn
