@@ -1,4 +1,5 @@
-"""The reference variants on the naive scores: window, ALiBi, softcap, sinks, dropout mask, packed varlen.
+"""The reference variants on the naive scores (window, ALiBi, softcap, sinks, dropout mask, packed varlen),
+and the model zoo's modules that use them (reference/model_variants.py).
 
 Each variant is checked against something written independently of
 reference/functional.py: explicit Python loops over (i, j), SDPA with a dense
@@ -14,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference import (alibi_bias, causal_visibility, naive_attention, naive_attention_varlen, repeat_kv,
+from reference import (GroupedQueryAttention, SinkAttention, SlidingWindowAttention, SoftCappedAttention, alibi_bias,
+                       causal_visibility, explicit_attention, naive_attention, naive_attention_varlen, repeat_kv,
                        window_visibility)
 from tests.helpers import assert_close
 
@@ -319,3 +321,81 @@ def test_varlen_dropout_masks_are_per_sequence():
         k_b = k[cu_k[b]:cu_k[b + 1]].transpose(0, 1)[None]
         expected = naive_attention(q_b, k_b, k_b, causal=True, dropout_mask=mask, dropout_p=p)
         assert_close(out[cu_q[b]:cu_q[b + 1]], expected[0].transpose(0, 1), f"sequence {b} with its mask")
+
+
+# --- the model zoo's variants (reference/model_variants.py) ---------------------------
+
+GQA = dict(d_in=12, d_out=16, num_heads=4, num_kv_groups=2, context_length=16)
+
+
+def plain_gqa_like(variant):
+    """GroupedQueryAttention with the variant's projections and rotary tables: only the option differs."""
+    plain = GroupedQueryAttention(**GQA).to(F64)
+    plain.load_state_dict(variant.state_dict(), strict=False)  # plain GQA has no sinks
+    plain.cos, plain.sin = variant.cos, variant.sin
+    return plain
+
+
+def test_sliding_window_module_masks_outside_the_window():
+    module = SlidingWindowAttention(**GQA, sliding_window=3).to(F64)
+    q, k, v = rand(2, 4, 9, 4), rand(2, 2, 9, 4), rand(2, 2, 9, 4)
+    # Query i sees keys i-2, i-1, i: hide everything else, on keys copied out per query head.
+    hidden = ~loop_visibility(9, 9, (2, 0), causal=True)
+    expected = explicit_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), hidden=hidden)
+    assert_close(module.attend(q, k, v), expected, "SlidingWindowAttention.attend vs explicit_attention")
+
+
+@pytest.mark.parametrize("build", [
+    pytest.param(lambda: SlidingWindowAttention(**GQA, sliding_window=None), id="window-none"),
+    pytest.param(lambda: SlidingWindowAttention(**GQA, sliding_window=16), id="window-of-the-context"),
+    pytest.param(lambda: SoftCappedAttention(**GQA, softcap=None), id="softcap-none"),
+    pytest.param(lambda: SinkAttention(**GQA), id="sinks-minus-infinity"),
+])
+def test_variant_without_its_option_is_plain_gqa(build):
+    variant = build().to(F64)
+    if isinstance(variant, SinkAttention):
+        with torch.no_grad():
+            variant.sinks.fill_(float("-inf"))
+    x = rand(2, 9, 12)
+    assert_close(variant(x), plain_gqa_like(variant)(x), f"{type(variant).__name__} without its option vs GQA")
+
+
+def test_softcap_module_caps_the_scaled_scores():
+    module = SoftCappedAttention(**GQA, softcap=0.7, sliding_window=4).to(F64)
+    q, k, v = rand(1, 4, 8, 4) * 3, rand(1, 2, 8, 4), rand(1, 2, 8, 4)
+    scores = q @ repeat_kv(k, 2).transpose(-2, -1) / 2.0  # sqrt(head_dim = 4)
+    scores = (0.7 * torch.tanh(scores / 0.7)).masked_fill(~loop_visibility(8, 8, (3, 0), causal=True), float("-inf"))
+    assert_close(module.attend(q, k, v), torch.softmax(scores, dim=-1) @ repeat_kv(v, 2), "softcap + window")
+
+
+def test_sink_module_learns_its_sinks():
+    module = SinkAttention(**GQA, sliding_window=4).to(F64)
+    assert "sinks" in module.state_dict() and module.sinks.shape == (4,)
+    module(rand(2, 9, 12)).sum().backward()
+    assert module.sinks.grad is not None and (module.sinks.grad != 0).all(), module.sinks.grad
+
+
+def test_variant_dropout_draws_what_gqa_draws():
+    # The dropout mask comes from nn.Dropout's own draw: same seed, same weights dropped as GQA.
+    variant = SlidingWindowAttention(**GQA, sliding_window=None, dropout=0.4).to(F64).train()
+    plain = plain_gqa_like(variant)
+    plain.dropout.p = 0.4
+    plain.train()
+    x = rand(2, 9, 12)
+    outs = []
+    for module in (variant, plain):
+        torch.manual_seed(5)
+        outs.append(module(x))
+    assert_close(outs[0], outs[1], "SlidingWindowAttention vs GQA, dropout with the same seed")
+    assert not torch.allclose(outs[0], variant.eval()(x)), "training mode must drop something"
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(sliding_window=0), ValueError, "sliding_window must be >= 1"),
+    (dict(sliding_window=2.5), TypeError, "sliding_window must be an int or None, got float"),
+    (dict(softcap=-1.0), ValueError, "softcap must be a positive number or None, got -1.0"),
+    (dict(softcap=0), ValueError, "softcap must be a positive number or None, got 0"),
+])
+def test_variant_constructor_errors_name_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SoftCappedAttention(**GQA, **kwargs)
