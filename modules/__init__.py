@@ -10,3 +10,4 @@ from .attention import (
     SelfAttention,
 )
 from .variants import SinkAttention, SlidingWindowAttention, SoftCappedAttention
+from .padding import pad_input, padded_attention, unpad_input
