@@ -86,7 +86,8 @@ def test_low_precision_on_triton(twin_cls, reference_cls, kwargs, needs_context,
 
 
 def test_triton_backend_refuses_attention_dropout_in_training(device):
-    if "dropout_p" in inspect.signature(kernels.flash_attention).parameters:  # kernel_guards: delete this test after the merge
+    # kernel_guards: delete this test once the kernel has dropout (tests/test_modules_variants.py covers it)
+    if "dropout_p" in inspect.signature(kernels.flash_attention).parameters:
         pytest.skip("the kernel has dropout: tests/test_modules_variants.py tests it")
     twin = modules.MultiHeadAttention(D_IN, D_OUT, CONTEXT, dropout=0.1, num_heads=4).to(device)
     x = torch.randn(2, 7, D_IN, device=device)

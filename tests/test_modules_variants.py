@@ -195,7 +195,8 @@ def test_dropout_keeps_about_one_minus_p_and_rescales_the_kept(backend, device, 
     kept = (out != 0) & visible
     fraction = kept.sum().item() / visible.sum().item()
     sigma = (DROPOUT_P * (1 - DROPOUT_P) / visible.sum().item()) ** 0.5
-    assert abs(fraction - (1 - DROPOUT_P)) < 4 * sigma, f"kept {fraction:.3f}, expected {1 - DROPOUT_P} +- {4 * sigma:.3f}"
+    assert abs(fraction - (1 - DROPOUT_P)) < 4 * sigma, \
+        f"kept {fraction:.3f}, expected {1 - DROPOUT_P} +- {4 * sigma:.3f}"
     assert torch.equal(out[~visible], torch.zeros_like(out[~visible])), "masked pairs stay 0"
     assert_close(out[kept], (weights / (1 - DROPOUT_P))[kept], f"{backend}: kept weights are P / (1 - p)",
                  atol=1e-6, rtol=1e-5)
