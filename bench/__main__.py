@@ -23,14 +23,18 @@ from collections import defaultdict
 
 import torch
 
+from . import varlen_suite, window_suite
 from .plan import SUITES, add_sweep_options, build_jobs
+
+EXTRA_SUITES = (window_suite, varlen_suite)  # each: SUITE, build_jobs(args, device_type); window: summary()
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--suite", nargs="+", choices=SUITES + ("all",), default=["all"])
+    parser.add_argument("--suite", nargs="+", choices=SUITES + tuple(s.SUITE for s in EXTRA_SUITES) + ("all",),
+                        default=["all"])
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer sizes, fewer repeats")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: $OUT, else bench/results/)")
     parser.add_argument("--time-budget", type=float, metavar="S", help="start no job after S seconds")
@@ -57,6 +61,7 @@ def main(argv=None):
         os.environ["TRITON_INTERPRET"] = "1"
     try:
         jobs, _ = build_jobs(args, device_type)
+        jobs += [job for suite in EXTRA_SUITES for job in suite.build_jobs(args, device_type)]
     except ValueError as exc:
         raise SystemExit(f"python -m bench: {exc}") from None
     if args.list:
@@ -99,6 +104,7 @@ def main(argv=None):
     print("files: " + ", ".join(paths))
     print(f"wall time: {wall:.0f} s on {ctx['device']}\n")
     print(summary(records))
+    print(window_suite.summary(records))
     return 0
 
 

@@ -56,6 +56,10 @@ class Result:
 # ----------------------------------------------------------------------------
 # Failures into statuses
 # ----------------------------------------------------------------------------
+class Skipped(Exception):
+    """Not run on purpose (e.g. a dense mask that would not fit in memory): status "skipped: <message>"."""
+
+
 def _short(text):
     text = " ".join(str(text).split())
     return text if len(text) <= REASON_CHARS else text[:REASON_CHARS - 3] + "..."
@@ -71,6 +75,8 @@ def status_of(exc, caught=()):
     """A short status for an exception; SDPA explains its refusals in warnings, so look there too."""
     if isinstance(exc, providers.Unsupported):
         return f"unsupported: {_short(exc)}"
+    if isinstance(exc, Skipped):
+        return f"skipped: {_short(exc)}"
     if _is_oom(exc):
         return "OOM"
     text = str(exc)
@@ -188,6 +194,8 @@ def _throughput(result):
         # Effective bandwidth: the row read once and written once, the least any softmax must move.
         nbytes = 2 * case.rows * case.n * torch.empty((), dtype=case.dtype).element_size()
         result.gbps = nbytes / (result.time_ms * 1e-3) / 1e9
+    elif hasattr(case, "flops"):  # the window and varlen suites count their own work (visible pairs, real tokens)
+        result.tflops = tflops_per_s(case.flops(job.mode), result.time_ms)
 
 
 def _measure(job, device, timer, result):

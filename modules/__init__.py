@@ -9,3 +9,5 @@ from .attention import (
     MultiQueryAttention,
     SelfAttention,
 )
+from .variants import SinkAttention, SlidingWindowAttention, SoftCappedAttention
+from .padding import pad_input, padded_attention, unpad_input

@@ -10,9 +10,17 @@ attention itself runs on the backend chosen by `backend`:
     "sdpa"    torch.nn.functional.scaled_dot_product_attention
     "naive"   the reference module's own explicit math
 
-The Triton kernel has no attention dropout. Rather than ignore it, a twin in
-training mode with dropout > 0 on the triton backend raises.
+In training mode with dropout > 0 the triton backend passes dropout_p to the
+kernel, which draws its mask from torch's default generator (torch.manual_seed
+makes it repeatable). A build of `kernels` without dropout raises rather than
+silently ignoring it.
+
+Each twin's constructor shows the reference's parameters plus `backend` to
+help() and inspect.signature (see `_KernelBacked.__init_subclass__`).
 """
+import inspect
+
+import torch.nn as nn
 import torch.nn.functional as F
 
 import reference
@@ -27,12 +35,49 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def kernel_dropout(dropout_p: float) -> dict:
+    """flash_attention's dropout keyword: {} when off; raises if this build of the kernel has no dropout."""
+    if dropout_p == 0:
+        return {}
+    if "dropout_p" not in inspect.signature(flash_attention).parameters:
+        raise ValueError(
+            f"backend='triton' has no attention dropout in this build of kernels (flash_attention takes no "
+            f"dropout_p), and dropout={dropout_p} in training mode would be silently ignored: use backend='sdpa' "
+            "or 'naive', dropout=0.0, or .eval()"
+        )
+    return {"dropout_p": dropout_p}
+
+
+def _twin_init(cls):
+    """An __init__ for twin `cls` whose signature is its reference's constructor plus keyword-only `backend`."""
+    reference_init = next(base.__dict__["__init__"] for base in cls.__mro__
+                          if not issubclass(base, _KernelBacked) and "__init__" in base.__dict__)
+    signature = inspect.signature(reference_init)  # (self, ...): the reference's own parameters
+
+    def __init__(self, *args, backend="triton", **kwargs):
+        super(cls, self).__init__(*args, backend=backend, **kwargs)
+
+    __init__.__signature__ = signature.replace(parameters=[
+        *signature.parameters.values(), inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="triton")
+    ])
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__doc__ = (f"reference.{reference_init.__qualname__.split('.')[0]}'s arguments, then the backend: "
+                        f"{', '.join(map(repr, BACKENDS))}.")
+    return __init__
+
+
 class _KernelBacked:
     """Mixin: run the reference module's `attend` step on a chosen backend."""
 
     def __init__(self, *args, backend: str = "triton", **kwargs):
         super().__init__(*args, **kwargs)
         self.backend = check_backend(backend)
+
+    def __init_subclass__(cls, **kwargs):
+        """Give each twin an __init__ that shows its reference's parameters (not *args, **kwargs) to help()."""
+        super().__init_subclass__(**kwargs)
+        if "__init__" not in cls.__dict__ and issubclass(cls, nn.Module):  # a twin, not a further mixin
+            cls.__init__ = _twin_init(cls)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
@@ -47,12 +92,7 @@ class _KernelBacked:
             queries, keys, values = queries.unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1)
         dropout_p = self.dropout.p if self.training else 0.0
         if self.backend == "triton":
-            if dropout_p > 0:
-                raise ValueError(
-                    f"backend='triton' has no attention dropout, and dropout={dropout_p} in training mode "
-                    "would be silently ignored: use backend='sdpa' or 'naive', dropout=0.0, or .eval()"
-                )
-            out = flash_attention(queries, keys, values, causal=self.causal)
+            out = flash_attention(queries, keys, values, causal=self.causal, **kernel_dropout(dropout_p))
         else:
             out = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p, is_causal=self.causal,
                                                  enable_gqa=queries.shape[1] != keys.shape[1])

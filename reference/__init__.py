@@ -15,3 +15,4 @@ from .multi_head import (
     split_heads,
 )
 from .gqa import GroupedQueryAttention, MultiQueryAttention, apply_rope, rope_tables, rotate_half
+from .model_variants import SinkAttention, SlidingWindowAttention, SoftCappedAttention

@@ -143,11 +143,13 @@ def naive_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, sm
     Sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q (and likewise
     for k, v); it never sees another sequence's keys. Options are those of
     `naive_attention`; alibi_slopes may be (B, Hq) and dropout_mask is a list
-    with one (1, Hq, Nq_b, Nk_b) mask per sequence. Returns (total_q, Hq, D).
+    with one (1, Hq, Nq_b, Nk_b) mask per sequence. Returns (total_q, Hq, D),
+    and with return_lse also the lse as (Hq, total_q), FlashAttention's varlen layout.
     """
-    out = []
+    out, lse = [], []
     dropout_masks = options.pop("dropout_mask", None)
     slopes = options.pop("alibi_slopes", None)
+    return_lse = options.pop("return_lse", False)
     for b in range(len(cu_seqlens_q) - 1):
         q_b = q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]
         k_b = k[cu_seqlens_k[b]:cu_seqlens_k[b + 1]]
@@ -156,7 +158,9 @@ def naive_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, sm
         q_b, k_b, v_b = (t.transpose(0, 1)[None] for t in (q_b, k_b, v_b))
         slopes_b = None if slopes is None else (slopes[b] if slopes.dim() == 2 else slopes)
         mask_b = None if dropout_masks is None else dropout_masks[b]
-        o_b = naive_attention(q_b, k_b, v_b, causal, sm_scale, dtype, alibi_slopes=slopes_b, dropout_mask=mask_b,
-                              **options)
+        o_b, lse_b = naive_attention(q_b, k_b, v_b, causal, sm_scale, dtype, alibi_slopes=slopes_b,
+                                     dropout_mask=mask_b, return_lse=True, **options)
         out.append(o_b[0].transpose(0, 1))  # (1, H, N_b, D) -> (N_b, H, D)
-    return torch.cat(out, dim=0)
+        lse.append(lse_b[0])  # (1, H, N_b) -> (H, N_b)
+    out = torch.cat(out, dim=0)
+    return (out, torch.cat(lse, dim=1)) if return_lse else out

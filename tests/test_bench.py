@@ -139,7 +139,7 @@ def cpu_run(tmp_path_factory):
         mp.setattr(providers, "CPU_ATTENTION", providers.CPU_ATTENTION + ("boom",))
         assert main(["--device", "cpu", "--quick", "--out", str(out), "--n", "32", "64", "--head-dim", "16",
                      "--heads", "2", "--tokens", "64", "--providers", "boom", "naive", "sdpa-flash",
-                     "--softmax-n", "128"]) == 0
+                     "--softmax-n", "128", "--suite", *plan.SUITES]) == 0  # window, varlen: test_bench_variants.py
     files = sorted(os.listdir(out))
     csv_files = [f for f in files if f.endswith(".csv")]
     assert len(csv_files) == 1, files
