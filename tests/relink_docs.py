@@ -5,7 +5,6 @@ pointed at that definition's current lines; if the definition left `path`, the
 link follows it to the file beside `path` that now defines it. Links to whole
 files (`name` ending in .py) are left alone. tests/test_docs.py checks the result.
 """
-import re
 from pathlib import Path
 
 from tests.test_docs import DOCS, LINK, definition_spans

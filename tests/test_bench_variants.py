@@ -1,18 +1,12 @@
 """The sliding-window and varlen bench suites on the CPU: work counts, plans, the mask FlexAttention
 gets, the memory skip, and one tiny run through `python -m bench`.
-
-The Triton rows that need issue 11's kernels report "unsupported" until they
-are merged; the run below accepts that status only while the kernel lacks
-the option (tests/kernel_guards.py lists such guards).
 """
 import csv
-import inspect
 import os
 
 import pytest
 import torch
 
-import kernels
 from bench import sweep, varlen_suite, window_suite
 from bench.__main__ import build_parser, main
 from bench.flops import attention_flops
@@ -111,9 +105,6 @@ def test_summary_shows_linear_growth():
 
 # --- one tiny run through the entry point -------------------------------------------------------
 
-NEEDS = {"triton-window": lambda: "window_size" in inspect.signature(kernels.flash_attention).parameters,
-         "triton-varlen": lambda: hasattr(kernels, "flash_attention_varlen"),
-         "triton-unpad": lambda: hasattr(kernels, "flash_attention_varlen")}
 
 
 def test_cpu_run_gives_correctness_rows(tmp_path):
@@ -126,9 +117,6 @@ def test_cpu_run_gives_correctness_rows(tmp_path):
     assert {r["provider"] for r in rows} == set(window_suite.CPU_PROVIDERS) | set(varlen_suite.PROVIDERS)
     for r in rows:
         assert r["kind"] == "check" and r["time_ms"] == "", r
-        if r["provider"] in NEEDS and not NEEDS[r["provider"]]():  # kernel_guards: until the merge
-            assert r["status"].startswith("unsupported: kernels."), r
-            continue
         assert r["status"] == sweep.CORRECTNESS_ONLY, r
         assert float(r["max_err"]) < 1e-4, f"{r['provider']} {r['mode']}: max err {r['max_err']} vs float64"
     text = open(tmp_path / csv_name.replace(".csv", ".md")).read()

@@ -11,7 +11,7 @@ import torch
 from kernels import flash_attention, flash_attention_varlen
 from kernels.flash_attention import _flash_bwd, _flash_fwd, dropout_keep_mask
 from reference import naive_attention, naive_attention_varlen
-from tests.cases import VARIANT_CASES, AttentionCase, dtype_params, params
+from tests.cases import VARIANT_CASES, AttentionCase, dtype_params
 from tests.helpers import GRADIENT_FACTOR, assert_close_to_reference, poisoned_like
 
 CAUSAL = [pytest.param(False, id="full"), pytest.param(True, id="causal")]

@@ -1,11 +1,9 @@
 """Triton-backed modules: drop-in twins of the reference modules."""
 import copy
-import inspect
 
 import pytest
 import torch
 
-import kernels
 import modules
 import reference
 from tests.helpers import GRADIENT_FACTOR, assert_close_to_reference
@@ -83,22 +81,6 @@ def test_output_and_gradients_match_reference(twin_cls, reference_cls, kwargs, n
 def test_low_precision_on_triton(twin_cls, reference_cls, kwargs, needs_context, dtype, device):
     """The whole module in fp16/bf16: weights, activations, the kernel, and all gradients."""
     check_twin(twin_cls, reference_cls, kwargs, needs_context, "triton", dtype, device)
-
-
-def test_triton_backend_refuses_attention_dropout_in_training(device):
-    # kernel_guards: delete this test once the kernel has dropout (tests/test_modules_variants.py covers it)
-    if "dropout_p" in inspect.signature(kernels.flash_attention).parameters:
-        pytest.skip("the kernel has dropout: tests/test_modules_variants.py tests it")
-    twin = modules.MultiHeadAttention(D_IN, D_OUT, CONTEXT, dropout=0.1, num_heads=4).to(device)
-    x = torch.randn(2, 7, D_IN, device=device)
-    with pytest.raises(ValueError, match="backend='triton' has no attention dropout"):
-        twin(x)
-    twin.eval()  # dropout is off in eval mode, so the kernel is exact again
-    assert twin(x).shape == (2, 7, D_OUT)
-    for backend in ("sdpa", "naive"):  # these backends do apply dropout in training
-        twin.train()
-        twin.backend = backend
-        assert twin(x).shape == (2, 7, D_OUT)
 
 
 def test_unknown_backend_is_refused():

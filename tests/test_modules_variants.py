@@ -1,10 +1,8 @@
 """The variant twins (sliding window, soft-capping, sinks), attention dropout on every backend, and the
 twins' constructor signatures.
 
-Tests that need the kernel options of issue 11 carry a guard from
-tests/kernel_guards.py and skip until the kernels are merged. Until then a
-stand-in `flash_attention` with the new keywords (naive math underneath)
-checks what the twins hand to the kernel.
+A stand-in `flash_attention` with the same keywords (naive math underneath)
+also checks exactly what the twins hand to the kernel.
 """
 import inspect
 import pydoc
@@ -19,7 +17,6 @@ import modules.variants
 import reference
 from reference import naive_attention
 from tests.helpers import assert_close
-from tests.kernel_guards import skip_unless_kernel_has
 from tests.test_modules import CONTEXT, D_IN, D_OUT, TWINS, check_twin
 
 GQA = dict(d_in=D_IN, d_out=D_OUT, num_heads=4, num_kv_groups=2, context_length=CONTEXT)
@@ -78,7 +75,6 @@ def test_output_and_gradients_match_reference(twin_cls, reference_cls, kwargs, n
 
 @pytest.mark.parametrize("twin_cls, reference_cls, kwargs, needs", VARIANTS)
 def test_output_and_gradients_match_reference_on_triton(twin_cls, reference_cls, kwargs, needs, device):
-    skip_unless_kernel_has(*needs)
     check_twin(twin_cls, reference_cls, kwargs, False, "triton", torch.float32, device)
 
 
@@ -86,7 +82,6 @@ def test_output_and_gradients_match_reference_on_triton(twin_cls, reference_cls,
                          ids=["bfloat16-softcap-window", "float16-sinks"])
 def test_low_precision_on_triton(dtype, variant, device):
     twin_cls, reference_cls, kwargs, needs = variant.values
-    skip_unless_kernel_has(*needs)
     check_twin(twin_cls, reference_cls, kwargs, False, "triton", dtype, device)
 
 
@@ -104,14 +99,6 @@ def test_sdpa_backend_says_when_it_runs_naive_math():
             twin(x)
     capless = modules.SoftCappedAttention(**GQA, softcap=None, sliding_window=3, backend="sdpa")
     assert "naive math" not in repr(capless), "without a cap, SDPA runs it (the window as a dense mask)"
-
-
-def test_triton_backend_names_the_missing_kernel_options():
-    if "window_size" in inspect.signature(modules.variants.flash_attention).parameters:
-        pytest.skip("the kernel has the options: nothing is missing")
-    twin = modules.SoftCappedAttention(**GQA, softcap=1.0, sliding_window=3)
-    with pytest.raises(ValueError, match="flash_attention has no softcap, window_size: use backend='naive'"):
-        twin(torch.randn(1, 6, D_IN))
 
 
 def stand_in_kernel(calls):
@@ -175,9 +162,7 @@ def identity_attention(backend, device, dropout=DROPOUT_P):
 
 
 def dropout_backend(backend, monkeypatch):
-    """The backend to build; "stand-in" is triton with the stand-in kernel (the triton path before the merge)."""
-    if backend == "triton":
-        skip_unless_kernel_has("dropout_p")
+    """The backend to build; "stand-in" is triton with the stand-in kernel, which records what it is handed."""
     if backend == "stand-in":
         monkeypatch.setattr(modules.attention, "flash_attention", stand_in_kernel([]))
         return "triton"
@@ -225,7 +210,6 @@ def test_eval_mode_has_no_dropout(backend, device, monkeypatch):
 
 
 def test_variant_twin_dropout_is_repeatable_on_triton(device):
-    skip_unless_kernel_has("dropout_p", "sinks", "window_size")
     twin = modules.SinkAttention(**GQA, sliding_window=5, dropout=0.2).to(device).train()
     x = torch.randn(2, 19, D_IN, device=device)
     outs = []

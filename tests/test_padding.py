@@ -2,8 +2,8 @@
 
 padded_attention must equal attention run on each sequence's real tokens
 alone, whatever the padding (left, right, none, everything), with padded
-queries at exactly 0. The reference path runs now in float64; the Triton
-path waits for kernels.flash_attention_varlen (tests/kernel_guards.py).
+queries at exactly 0, on the reference path in float64 and on the Triton
+path (kernels.flash_attention_varlen).
 """
 import pytest
 import torch
@@ -11,7 +11,6 @@ import torch
 from modules import pad_input, padded_attention, unpad_input
 from reference import naive_attention
 from tests.helpers import assert_close, assert_close_to_reference
-from tests.kernel_guards import skip_unless_kernel_has, skip_unless_kernel_has_varlen
 
 F64 = torch.float64
 
@@ -117,8 +116,6 @@ def test_padded_attention_equals_each_sequence_alone(n_q, options, side):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("side", SIDES)
 def test_padded_attention_on_triton(side, dtype, device):
-    skip_unless_kernel_has_varlen()
-    skip_unless_kernel_has("window_size")
     h_q, h_kv = 4, 2
     options = dict(causal=True, window_size=(3, 0))
     mask = padding_mask(LENGTHS, 9, side).to(device)
