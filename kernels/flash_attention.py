@@ -196,14 +196,11 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
     return o, lse
 
 
-# An H100 has 132 SMs; under the interpreter the launchers take the decisions an H100 would.
-_ASSUMED_SM_COUNT = 132
-
-
 def _sm_count(device) -> int:
+    """The GPU's SM count. The interpreter runs one program at a time: to it, one "SM" (nothing to fill)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return _ASSUMED_SM_COUNT
+    return 1
 
 
 def _gqa_splits(programs, group, device) -> int:
