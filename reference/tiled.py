@@ -166,3 +166,29 @@ def tiled_flash_attention_backward(q, k, v, o, lse, do, causal=False, sm_scale=N
 
     # (B, Hkv, group, Nq, D) -> (B, Hq, Nq, D)
     return dq.reshape(batch, h_q, n_q, head_dim), dk, dv
+
+
+def band_key_bounds(start_m, block_m, block_n, n_q, n_k, left=None, right=None):
+    """Which key blocks a query block needs when each query sees a band of keys (kernels/tiles.py: _key_range).
+
+    Query i sees keys i + off - left .. i + off + right, off = n_k - n_q, a side
+    being unlimited when None; causal is right = 0. Returns (lo, full_lo,
+    full_hi, hi): key blocks in [lo, full_lo) and [full_hi, hi) are partly
+    visible (masked), blocks in [full_lo, full_hi) wholly visible to every row
+    of the block, and the rest are never loaded. With a window of W keys the
+    block visits about (block_m + W) / block_n key blocks whatever n_k is:
+    the cost grows as N * W, not N^2.
+    """
+    offset, last_m = n_k - n_q, start_m + block_m - 1
+    # Some row of the block sees [first_seen, last_seen]; every row sees [first_full, last_full].
+    first_seen = 0 if left is None else start_m + offset - left
+    first_full = 0 if left is None else last_m + offset - left
+    last_seen = n_k if right is None else last_m + offset + right
+    last_full = n_k if right is None else start_m + offset + right
+    lo = max(first_seen, 0) // block_n * block_n
+    hi = min(n_k, max(last_seen + 1, 0))
+    full_lo = -(-max(first_full, 0) // block_n) * block_n
+    full_hi = min(max(last_full + 1, 0) // block_n * block_n, n_k // block_n * block_n)
+    full_lo = min(max(full_lo, lo), hi)
+    full_hi = min(max(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi

@@ -109,6 +109,56 @@ def test_gqa_gradients_are_deterministic(device):
         assert torch.equal(a, b)
 
 
+BACKWARD_PATHS = [
+    # The GQA group split across programs into fp32 partial sums (what a GPU does when the grid is small).
+    pytest.param(dict(gqa_splits=2), id="group-split-2"),
+    pytest.param(dict(gqa_splits=4), id="group-split-4"),
+    # FlashAttention-2's fused backward: dQ added with atomics inside the dK/dV kernel.
+    pytest.param(dict(deterministic=False), id="fused-atomic-dq"),
+    pytest.param(dict(deterministic=False, gqa_splits=4), id="fused-and-split"),
+]
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="float32"), pytest.param(torch.bfloat16,
+                                                                                           id="bfloat16")])
+@pytest.mark.parametrize("path", BACKWARD_PATHS)
+def test_split_and_fused_backward_paths(path, dtype, device):
+    """Every way of running the backward meets the tolerance rule, on GQA 8:2 with Nq > Nk (rows with no key)."""
+    case = AttentionCase(batch=1, h_q=8, h_kv=2, n_q=97, n_k=70, head_dim=40, causal=True)
+    q, k, v = case.make_inputs(dtype, device)
+    do = torch.randn_like(q)
+    o, lse = _flash_fwd(q, k, v, True, 0.2)
+    grads = _flash_bwd(do, q, k, v, o, lse, True, 0.2, dq=poisoned_like(q), dk=poisoned_like(k),
+                       dv=poisoned_like(v), **path)
+    grads64 = naive_gradients(q, k, v, do, True, 0.2, dtype=torch.float64)
+    grads_torch = naive_gradients(q, k, v, do, True, 0.2)
+    for name, grad, grad64, grad_torch in zip(("dq", "dk", "dv"), grads, grads64, grads_torch):
+        assert_close_to_reference(grad, grad64, grad_torch, factor=GRADIENT_FACTOR, name=name)
+    if path.get("deterministic", True):  # partial sums are added in a fixed order: the same bits every run
+        again = _flash_bwd(do, q, k, v, o, lse, True, 0.2, **path)
+        assert all(torch.equal(a, b) for a, b in zip(grads, again))
+
+
+def test_split_count_must_divide_the_group(device):
+    q, k, v = AttentionCase(batch=1, h_q=6, h_kv=2, n_q=8, n_k=8, head_dim=16, causal=False).make_inputs(
+        torch.float32, device)
+    o, lse = _flash_fwd(q, k, v, False, 0.25)
+    with pytest.raises(ValueError, match=r"gqa_splits \(2\) must divide the query heads per kv head \(3\)"):
+        _flash_bwd(torch.randn_like(q), q, k, v, o, lse, False, 0.25, gqa_splits=2)
+
+
+def test_public_api_non_deterministic_backward(device):
+    """flash_attention(deterministic=False) reaches the fused kernel through the custom op."""
+    q, k, v = AttentionCase(batch=1, h_q=4, h_kv=2, n_q=33, n_k=33, head_dim=16, causal=True).make_inputs(
+        torch.float32, device, requires_grad=True)
+    do = torch.randn_like(q)
+    flash_attention(q, k, v, causal=True, deterministic=False).backward(do)
+    o, lse = _flash_fwd(q.detach(), k.detach(), v.detach(), True, 0.25)
+    expected = _flash_bwd(do, q.detach(), k.detach(), v.detach(), o, lse, True, 0.25, deterministic=False)
+    for leaf, grad in zip((q, k, v), expected):
+        torch.testing.assert_close(leaf.grad, grad, rtol=0, atol=1e-6)  # atomics: same sums, any order
+
+
 class TinyAttentionModel(torch.nn.Module):
     """A projection, flash attention and an output projection: enough to trace end to end."""
 

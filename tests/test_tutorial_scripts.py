@@ -207,3 +207,41 @@ def test_pdb_stops_inside_the_kernel_and_prints_m_i():
     m, _ = expected_prefix(32, causal=False)
     assert second == pytest.approx(m[:4].tolist(), abs=1e-5), f"pdb printed {second}, keys 0-31 give {m[:4].tolist()}"
     assert "final o = acc / l_i" in out  # after `disable 1` and `c` the script ran to its end
+
+
+# ----------------------------------------------------------------------------
+# variants: the band's key-block bounds, and the script of chapter 9
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("n_q, n_k, left, right", [
+    (256, 256, None, 0), (256, 256, 100, 0), (200, 300, 64, 10), (300, 200, 5, None), (130, 97, None, None),
+    (97, 130, 0, 0),
+])
+def test_band_key_bounds_match_a_brute_force_count(n_q, n_k, left, right):
+    """Each range of band_key_bounds is exactly the blocks the dense band says it is."""
+    from reference import window_visibility
+    from reference.tiled import band_key_bounds
+
+    visible = window_visibility(n_q, n_k, (left, right))
+    block_m, block_n = 64, 32
+    for start_m in range(0, n_q, block_m):
+        rows = visible[start_m:start_m + block_m]
+        lo, full_lo, full_hi, hi = band_key_bounds(start_m, block_m, block_n, n_q, n_k, left, right)
+        seen = [s for s in range(0, n_k, block_n) if rows[:, s:s + block_n].any()]
+        # Wholly visible to the block's real rows (padding rows past n_q are never stored).
+        full = [s for s in range(0, n_k, block_n) if s + block_n <= n_k and rows[:, s:s + block_n].all()]
+        visited = list(range(lo, hi, block_n))
+        assert set(seen) <= set(visited), f"block {start_m}: a visible key block is skipped"
+        assert not [s for s in visited if s not in seen and s not in full], f"block {start_m}: extra blocks"
+        assert set(range(full_lo, full_hi, block_n)) <= set(full), f"block {start_m}: a masked block runs unmasked"
+        assert not rows[:, :lo].any() and not rows[:, hi:].any(), f"block {start_m}: visible keys outside [lo, hi)"
+
+
+def test_variants_script_counts_window_tiles_linearly():
+    out = run_script("variants")
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
+    by_n = {int(r[0]): (int(r[1]), int(r[3])) for r in rows}
+    assert set(by_n) == {4096, 8192, 16384, 32768, 65536}, out
+    causal_growth = by_n[65536][0] / by_n[32768][0]
+    window_growth = by_n[65536][1] / by_n[32768][1]
+    assert 3.9 < causal_growth < 4.1 and 1.9 < window_growth < 2.1, out
+    assert "identical" in out and "GiB" in out, out
