@@ -8,78 +8,180 @@ stride equal to 1 becomes a constant, and pointers and other strides are
 marked divisible by 16; without that, the compiler cannot prove the loads
 contiguous and does not pipeline them.
 
+Register spills: Triton runs ptxas with -v but keeps its report only when a
+compile fails, and a compile served from Triton's cache runs no ptxas at all.
+So each compiled PTX goes through the bundled ptxas -v once more (under a
+second for these kernels, against seconds for the compile) and its "bytes
+spill stores" line is reported. A spill store parks a value the kernel has
+no register for in local memory (L1, and beyond it DRAM), to be read back.
+
 Run from the repository root, without TRITON_INTERPRET, as
-`python -m tests.hopper_compile [kernel name ...]`; it prints one JSON line per kernel:
-    {"kernel": ..., "async_copies": ..., "wgmma": ..., "shared_bytes": ...}
+`python -m tests.hopper_compile [--workers N] [job name ...]`; it prints one JSON line per job:
+    {"job": ..., <the job's fields>, "async_copies": ..., "wgmma": ..., "shared_bytes": ...,
+     "registers": ..., "spill_stores": ..., "spill_loads": ..., "stack_frame": ..., "seconds": ...}
+(bytes are per thread, except shared_bytes: per block). The jobs are every
+config the autotuner may pick for the dtypes and head dims of VARIANTS, plus
+two helper kernels; `--workers 2` compiles two at a time.
 """
+import argparse
 import importlib
 import json
+import multiprocessing
 import os
+import re
+import subprocess
 import sys
+import tempfile
+import time
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET: the interpreter replaces the kernels the compiler needs")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
+HOPPER_PTXAS_ARCH = "sm_90a"  # what Triton passes ptxas for capability 90 (wgmma needs the "a" features)
 fwd = importlib.import_module("kernels.flash_fwd")
 bwd = importlib.import_module("kernels.flash_bwd")
 sm = importlib.import_module("kernels.softmax")
+tune = importlib.import_module("kernels.autotune")
 
-FP32_POINTERS = {"LSE", "DELTA"}
+KERNELS = {"fwd": fwd._attn_fwd, "bwd_dkdv": bwd._attn_bwd_dkdv, "bwd_dq": bwd._attn_bwd_dq,
+           "bwd_preprocess": bwd._attn_bwd_preprocess, "softmax": sm._softmax_online}
+TRITON_DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32", "fp64": "fp64"}
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+ACCUMULATOR_POINTERS = {"LSE", "DELTA"}  # fp32 (fp64 for fp64 inputs), whatever the input dtype
 INT_ARGS = {"H_Q", "H_KV", "GROUP_SIZE", "N_Q", "N_K", "N_COLS"}
 FLOAT_ARGS = {"qk_scale", "sm_scale"}
+PTXAS_USAGE = {"registers": r"Used (\d+) registers", "stack_frame": r"(\d+) bytes stack frame",
+               "spill_stores": r"(\d+) bytes spill stores", "spill_loads": r"(\d+) bytes spill loads"}
+
+
+def ptxas_usage(ptx):
+    """Registers, stack frame and spill bytes per thread, as the bundled ptxas -v reports them."""
+    ptxas = get_ptxas(HOPPER.arch).path  # the ptxas Triton itself uses for sm_90 (3.9: the newer bundled one)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        run = subprocess.run([ptxas, "-v", f"--gpu-name={HOPPER_PTXAS_ARCH}", src, "-o", src + ".o"],
+                             capture_output=True, text=True)
+    log = run.stdout + run.stderr
+    if run.returncode != 0:
+        raise RuntimeError(f"{ptxas} -v failed:\n{log}")
+    usage = {}
+    for key, pattern in PTXAS_USAGE.items():
+        match = re.search(pattern, log)
+        if match is None:
+            raise RuntimeError(f"ptxas -v printed no '{pattern}':\n{log}")
+        usage[key] = int(match.group(1))
+    return usage
 
 
 def compile_for_hopper(kernel, constexprs, num_warps, num_stages, dtype="bf16"):
+    """Compile `kernel` for sm_90 and describe the code: pipelining, wgmma, shared memory, registers, spills.
+
+    A constexpr the caller does not give takes the kernel's default, so kernels
+    may grow optional switches without breaking this tool.
+    """
     names = kernel.arg_names
+    defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
     # Unit strides of the last (contiguous) dimension are specialised to 1, as at launch.
     # (stride_qk, stride_dok, ... for attention; stride_xc, stride_yc for softmax.)
-    constexprs = dict(constexprs, **{n: 1 for n in names if n.startswith("stride") and n[-1] in "kc"})
+    constexprs = dict(defaults, **constexprs, **{n: 1 for n in names if n.startswith("stride") and n[-1] in "kc"})
+    accumulator = "fp64" if dtype == "fp64" else "fp32"
     signature = {}
-    for name in names:
+    for param in kernel.params:
+        name = param.name
         if name in constexprs:
             signature[name] = "constexpr"
+        elif param.is_constexpr:
+            raise ValueError(f"{kernel.__name__}: no value for constexpr {name}; pass it in constexprs")
         elif name in INT_ARGS or name.startswith("stride"):
             signature[name] = "i32"
         elif name in FLOAT_ARGS:
             signature[name] = "fp32"
         else:
-            signature[name] = "*fp32" if name in FP32_POINTERS else f"*{dtype}"
+            signature[name] = f"*{accumulator}" if name in ACCUMULATOR_POINTERS else f"*{TRITON_DTYPES[dtype]}"
     divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
                  if signature[name] != "constexpr" and (signature[name].startswith("*") or name.startswith("stride"))}
     source = ASTSource(fn=kernel, signature=signature, attrs=divisible,
-                       constexprs={(names.index(k),): v for k, v in constexprs.items()})
+                       constexprs={(names.index(k),): v for k, v in constexprs.items() if k in names})
     compiled = triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
     ttgir = compiled.asm["ttgir"]
     return {"async_copies": ttgir.count("async_copy_global_to_local"), "wgmma": ttgir.count("warp_group_dot"),
-            "shared_bytes": compiled.metadata.shared}
+            "shared_bytes": compiled.metadata.shared, **ptxas_usage(compiled.asm["ptx"])}
 
 
-def attention_constexprs(block_m, block_n, head_dim=128, causal=True):
+def attention_constexprs(block_m, block_n, head_dim=128, causal=True, dtype="bf16"):
+    """The constexprs the launchers in kernels/flash_attention.py pass, on a GPU."""
+    low_precision = dtype in ("fp16", "bf16")
     return dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m,
-                BLOCK_N=block_n, IS_CAUSAL=causal, UPCAST=False, DOT_PRECISION="tf32", ACC_DTYPE=tl.float32)
+                BLOCK_N=block_n, IS_CAUSAL=causal, UPCAST=False, DOT_PRECISION="tf32" if low_precision else "ieee",
+                ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32)
+
+
+# The (dtype, head dim, causal) variants whose autotune configs the sm_90 test compiles: 46 configs.
+# Left out because another variant bounds them (measured, all spill-free): head dim 64 (every tile
+# is smaller than at 128), fp16 (the same code as bf16), causal d80 and non-causal d128 (the other
+# of each pair is here: d80 adds the padded-column masks, causal the diagonal masks). fp32 and fp64
+# at head dim 128 (spill-free too) are left out for time: an fp32 compile takes 5 to 15 s.
+VARIANTS = [("bf16", 128, True), ("bf16", 80, False), ("bf16", 256, True), ("fp32", 256, True), ("fp64", 256, True)]
+
+
+def autotune_jobs(variants=VARIANTS):
+    """One job per config the autotuner may pick for each (dtype, head dim, causal) in `variants`.
+
+    Sequences are long (16k), so no config is pruned for being longer than the sequence.
+    """
+    jobs = []
+    for dtype, head_dim, causal in variants:
+        for kernel, tuner in tune.TUNED_KERNELS.items():
+            for config in tune._prune_configs(tuner.table, TORCH_DTYPES[dtype], head_dim, 16384, 16384):
+                block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+                name = (f"{kernel} {dtype} d{head_dim} {'causal' if causal else 'full'} "
+                        f"{block_m}x{block_n} w{config.num_warps} s{config.num_stages}")
+                jobs.append({"job": name, "kernel": kernel, "dtype": dtype, "head_dim": head_dim, "causal": causal,
+                             "block_m": block_m, "block_n": block_n, "warps": config.num_warps,
+                             "stages": config.num_stages})
+    return jobs
+
+
+HELPER_JOBS = [
+    {"job": "bwd_preprocess d128", "kernel": "bwd_preprocess", "dtype": "bf16", "warps": 4, "stages": 1,
+     "constexprs": {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_M": tune._PREPROCESS_BLOCK_M}},
+    {"job": "softmax", "kernel": "softmax", "dtype": "bf16", "warps": 8, "stages": 1,
+     "constexprs": {"BLOCK_N": 4096}},
+]
+
+
+def run_job(job):
+    """Compile one job; its row is the job's fields plus what `compile_for_hopper` found."""
+    start = time.perf_counter()
+    constexprs = job.get("constexprs") or attention_constexprs(job["block_m"], job["block_n"], job["head_dim"],
+                                                               job["causal"], job["dtype"])
+    row = compile_for_hopper(KERNELS[job["kernel"]], constexprs, job["warps"], job["stages"], job["dtype"])
+    return {**{k: v for k, v in job.items() if k != "constexprs"}, **row,
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def main():
-    jobs = {
-        "fwd d128 causal": (fwd._attn_fwd, attention_constexprs(128, 64), 8, 3),
-        "fwd d80 full": (fwd._attn_fwd, attention_constexprs(128, 64, head_dim=80, causal=False), 4, 3),
-        "fwd d256 causal": (fwd._attn_fwd, attention_constexprs(64, 32, head_dim=256), 4, 2),
-        "bwd_dkdv d128 causal": (bwd._attn_bwd_dkdv, attention_constexprs(32, 128), 4, 3),
-        "bwd_dq d128 causal": (bwd._attn_bwd_dq, attention_constexprs(128, 32), 4, 3),
-        "bwd_preprocess d128": (bwd._attn_bwd_preprocess, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=64), 4, 1),
-        "softmax": (sm._softmax_online, dict(BLOCK_N=4096), 8, 1),
-    }
-    only = sys.argv[1:]
-    for name, (kernel, constexprs, warps, stages) in jobs.items():
-        if only and name not in only:
-            continue
-        print(json.dumps({"kernel": name, **compile_for_hopper(kernel, constexprs, warps, stages)}), flush=True)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=1, help="compile this many jobs at a time")
+    parser.add_argument("only", nargs="*", help="job names to run (default: all)")
+    args = parser.parse_args()
+    jobs = [job for job in autotune_jobs() + HELPER_JOBS if not args.only or job["job"] in args.only]
+    # fork: the workers inherit the imported kernels; nothing was compiled in this process yet.
+    # The slowest compiles (fp32, fp64) go first, so no worker is left with one long job at the end.
+    jobs.sort(key=lambda job: job["dtype"] not in ("fp32", "fp64"))
+    with multiprocessing.get_context("fork").Pool(args.workers) as pool:
+        for row in pool.imap_unordered(run_job, jobs):
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
