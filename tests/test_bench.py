@@ -4,9 +4,10 @@ The end-to-end run happens once per module (a fixture) with a provider that
 always raises placed first, so the same run shows that a failure becomes a
 row and the sweep carries on. Triton runs under the interpreter here
 (conftest sets TRITON_INTERPRET=1 without CUDA): its rows must be correctness
-checks, never times. A run stopped by a signal is a subprocess, sent the
-signal while it sleeps inside a job; bench/gpu_check.sh is run as far as a
-CPU machine lets it: its preflight, which must stop with one line.
+checks, never times. A run stopped by SIGTERM is a subprocess, sent the
+signal while it sleeps inside a job (SIGINT is raised in-process);
+bench/gpu_check.sh is run as far as a CPU machine lets it: its preflight,
+which must stop with one line.
 """
 import csv
 import importlib
@@ -302,8 +303,8 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_stops_the_run_and_the_reports_are_still_written(tmp_path, sig):
+def test_a_signal_stops_the_run_and_the_reports_are_still_written(tmp_path):
+    sig = signal.SIGTERM  # what `timeout` sends at gpu_check.sh's limits
     marker, out = tmp_path / "sleeping", tmp_path / "out"
     args = ["--device", "cpu", "--quick", "--suite", "attention", "--out", str(out), "--n", "32", "--head-dim", "16",
             "--heads", "2", "--tokens", "32", "--providers", "naive"]
@@ -333,6 +334,23 @@ def test_a_signal_stops_the_run_and_the_reports_are_still_written(tmp_path, sig)
     assert stopped > 0 and all(s == "ok" for s in statuses[:stopped]), statuses
     assert statuses[stopped + 1:] and all(s == f"skipped: stopped ({name})" for s in statuses[stopped + 1:]), statuses
     assert f"stopped: {name}" in (out / f"bench_cpu_{day}.md").read_text()
+
+
+def test_sigint_inside_a_job_stops_the_run_in_process(monkeypatch):
+    def interrupted_run_job(job, device, timer):
+        if job.provider == "second":
+            signal.raise_signal(signal.SIGINT)
+        return Result(job, time_ms=1.0, setup_s=0.0)
+
+    monkeypatch.setattr(sweep, "run_job", interrupted_run_job)
+    case = AttentionCase(1, 2, 2, 16, 8, False, torch.float32)
+    jobs = [Job("attention", "time", p, "fwd", case) for p in ("first", "second", "third")]
+    before = signal.getsignal(signal.SIGINT)
+    with sweep.stop_on_signals():
+        results = run_jobs(jobs, CPU, timer=None)
+    assert [r.status for r in results] == ["ok", "stopped: SIGINT", "skipped: stopped (SIGINT)"]
+    assert sweep.stopped_by(results) == "SIGINT"
+    assert signal.getsignal(signal.SIGINT) is before, "the handlers are put back"
 
 
 def test_gpu_check_script_parses():
