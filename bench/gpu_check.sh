@@ -12,7 +12,7 @@
 #     0- 15  1. preflight (hard limit PREFLIGHT_LIMIT=60 s): python3; torch, triton, numpy, pytest
 #               importable; a C compiler and Python.h (Triton builds a launcher per kernel); a CUDA
 #               device; one tiny Triton launch checked against torch. Anything missing: one line
-#               saying what, and the script stops (exit 2). Then nvidia-smi and the versions.
+#               saying what, and the script stops (exit 2). The versions, nvidia-smi, the commit.
 #    15-105  2. pytest -m gpu, forward tests first, with ATTN_PIN_CONFIGS=1 (every tuned kernel runs
 #               the first config of its pruned list: no autotuning); stopped with SIGINT at
 #               PYTEST_LIMIT=90 s, so the failures seen so far are still printed. Meanwhile
@@ -77,13 +77,15 @@ print_steps() {
 
 preflight() {
     echo "== 1. preflight ($(date -u '+%Y-%m-%d %H:%M:%S UTC')) =="
-    local started=$SECONDS line rc
+    local started=$SECONDS output line rc
     if ! command -v python3 >/dev/null; then
         line="preflight FAILED: python3 not found"
     else
-        line=$(timeout -k 5 "$PREFLIGHT_LIMIT" python3 - <<'PY' 2>&1 | tail -n 1
+        # The versions first, then one last line: "preflight ok: ..." or "preflight FAILED: why".
+        output=$(timeout -k 5 "$PREFLIGHT_LIMIT" python3 - <<'PY' 2>&1
 import importlib.util
 import os
+import platform
 import shutil
 import sys
 import sysconfig
@@ -104,9 +106,18 @@ include = sysconfig.get_paths()["include"]
 if not os.path.exists(os.path.join(include, "Python.h")):
     fail(f"no Python.h in {include} (the python3-dev headers): Triton's launcher includes it")
 import torch
+import triton
 
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cuDNN", torch.backends.cudnn.version(), "| triton", triton.__version__)
 if not torch.cuda.is_available():
     fail("torch sees no CUDA device")
+print("GPU", torch.cuda.get_device_name(), "| capability", torch.cuda.get_device_capability())
+try:
+    import flash_attn
+    print("flash_attn", flash_attn.__version__)
+except ImportError:
+    print("flash_attn: not installed")
 from kernels import softmax
 
 x = torch.randn(4, 100, device="cuda")
@@ -117,12 +128,13 @@ except Exception as exc:  # noqa: BLE001 - the one line says what broke
     fail(f"a tiny Triton launch failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
 if not torch.allclose(y, torch.softmax(x, dim=-1), atol=1e-5, rtol=1e-5):
     fail("a tiny Triton launch ran but returned a wrong softmax")
-plots = "plots" if importlib.util.find_spec("matplotlib") else "no matplotlib: no plots"
-print(f"preflight ok: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
-      f"{importlib.import_module('triton').__version__}, a tiny launch checked; {plots}")
+plots = "plots on" if importlib.util.find_spec("matplotlib") else "no matplotlib: no plots"
+print(f"preflight ok: {torch.cuda.get_device_name()}, a tiny Triton launch checked; {plots}")
 PY
 )
         rc=$?
+        line=$(printf '%s\n' "$output" | tail -n 1)
+        printf '%s\n' "$output" | sed '$d'   # everything but the last line, which is printed below
         if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
             line="preflight FAILED: did not finish in ${PREFLIGHT_LIMIT} s (the tiny launch hung?)"
         fi
@@ -137,23 +149,7 @@ PY
         *) step preflight FAILED "$started"; print_steps; return 2 ;;
     esac
     case "$line" in *"no matplotlib"*) PLOTS=(--no-plots) ;; *) PLOTS=() ;; esac
-
     nvidia-smi || echo "nvidia-smi failed"
-    python3 - <<'PY' || echo "version check failed"
-import platform
-
-import torch
-import triton
-
-print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
-      "| cuDNN", torch.backends.cudnn.version(), "| triton", triton.__version__)
-print("GPU", torch.cuda.get_device_name(), "| capability", torch.cuda.get_device_capability())
-try:
-    import flash_attn
-    print("flash_attn", flash_attn.__version__)
-except ImportError:
-    print("flash_attn: not installed")
-PY
     echo "commit $(git rev-parse HEAD 2>/dev/null || echo 'unknown (no git checkout)')"
 }
 
