@@ -1,14 +1,23 @@
 # Two commands do all the set-up on a fresh machine:
 #   make test    create .venv, install the project with its test extra, run pytest
 #   make bench   run the main job: the seed's demos and the benchmark
+# and CI adds a third:
+#   make test-triton39   the kernel tests again, on the newest Triton the kernels support
 VENV    ?= .venv
 PYTHON  := $(VENV)/bin/python
 # torch==2.13.0 resolves to the CPU wheel on a machine without CUDA; an unpinned
 # torch would download a multi-GB CUDA build. triton 3.6 matches the GPU image.
 TORCH   ?= torch==2.13.0
 TRITON  ?= triton==3.6.0
+# The other end of the supported range (setup.cfg): current CUDA builds of torch bring it.
+# It goes into its own folder, put first on PYTHONPATH, so .venv keeps 3.6.
+TRITON_NEWEST     ?= triton==3.9.0
+TRITON_NEWEST_DIR := .triton39
+# Every kernel test file but the sm_90 compile test (slow, and a compiler check rather than
+# an interpreter one): new tests/test_kernel_*.py files join by themselves.
+KERNEL_TESTS := $(filter-out tests/test_kernel_hopper_compile.py,$(sort $(wildcard tests/test_kernel_*.py)))
 
-.PHONY: test bench install clean
+.PHONY: test test-triton39 bench install clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -17,14 +26,25 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m pip install --quiet -e ".[test,bench]"
 	touch $@
 
+$(TRITON_NEWEST_DIR)/.installed: Makefile | $(VENV)/.installed
+	rm -rf $(TRITON_NEWEST_DIR)
+	$(PYTHON) -m pip install --quiet --no-deps --target $(TRITON_NEWEST_DIR) "$(TRITON_NEWEST)"
+	touch $@
+
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest
+
+test-triton39: $(VENV)/.installed $(TRITON_NEWEST_DIR)/.installed
+	PYTHONPATH=$(TRITON_NEWEST_DIR) $(PYTHON) -c "import triton; \
+		assert triton.__version__ == '$(patsubst triton==%,%,$(TRITON_NEWEST))', triton.__version__; \
+		print('triton', triton.__version__, 'from', triton.__file__)"
+	PYTHONPATH=$(TRITON_NEWEST_DIR) $(PYTHON) -m pytest $(KERNEL_TESTS)
 
 bench: $(VENV)/.installed
 	$(PYTHON) demo.py
 	$(PYTHON) -m bench
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(TRITON_NEWEST_DIR) *.egg-info .pytest_cache

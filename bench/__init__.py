@@ -6,8 +6,10 @@
     plan.py       cases, presets per device, the job list
     sweep.py      runs the jobs; failures become statuses
     report.py     terminal table, CSV, markdown, plots
+    overhead.py   the host cost of one flash_attention call at a tiny shape
     precompile.py warms Triton's and Inductor's caches in parallel before a GPU sweep
-    gpu_check.sh  all GPU work in one command
+    tune.py       python -m bench.tune: every config of every tuned kernel, timed on the standard shapes
+    gpu_check.sh  the GPU check in one command, sized for a 15-minute lease (and its `tune` run)
 
 Nothing here imports `kernels` at import time: the entry point decides
 first whether Triton must run under its interpreter.

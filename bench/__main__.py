@@ -12,11 +12,15 @@ runs under its interpreter (TRITON_INTERPRET=1, set here before `kernels` is
 imported), at one tiny size, for correctness only. Results go to --out, else
 $OUT, else bench/results/: a CSV (written row by row), a markdown report and
 PNG plots, named with the device and the date (see bench/report.py).
---time-budget S stops starting jobs after S seconds; the rest are recorded
-as "skipped: time budget", and the files are still written.
+--time-budget S skips every job that would not finish inside S seconds
+(judged from the jobs measured so far); they are recorded as "skipped: time
+budget". SIGTERM or SIGINT stops the run: the job in flight and the rest are
+recorded as stopped, the CSV, the markdown and the plots are still written,
+and the exit code is 128 + the signal's number.
 """
 import argparse
 import os
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -37,7 +41,7 @@ def build_parser():
                         default=["all"])
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer sizes, fewer repeats")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: $OUT, else bench/results/)")
-    parser.add_argument("--time-budget", type=float, metavar="S", help="start no job after S seconds")
+    parser.add_argument("--time-budget", type=float, metavar="S", help="skip the jobs that would not finish inside S seconds")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--list", action="store_true", help="print the jobs and exit")
     return add_sweep_options(parser)
@@ -69,9 +73,7 @@ def main(argv=None):
             print(job.suite, job.kind, job.provider, job.mode, job.case.shape)
         return 0
 
-    from .report import (REPO_ROOT, CsvStream, context, file_name, load_average, summary, terminal_report,
-                         write_outputs)
-    from .sweep import run_jobs
+    from .report import REPO_ROOT, context
     from .timing import timer_for
 
     device = torch.device(device_type)
@@ -84,12 +86,25 @@ def main(argv=None):
     if device_type == "cpu":
         print("bench: CPU run: Triton appears in correctness rows only (interpreter), never timed", file=sys.stderr)
 
+    from .sweep import stop_on_signals
+
+    with stop_on_signals():
+        return _run(jobs, device, timer, ctx, out_dir, args)
+
+
+def _run(jobs, device, timer, ctx, out_dir, args):
+    from .report import CsvStream, file_name, load_average, summary, terminal_report, write_outputs
+    from .sweep import run_jobs, stopped_by
+
     started = time.perf_counter()
     stream = CsvStream(os.path.join(out_dir, file_name(ctx, "bench", "csv")), ctx)
     try:
         results = run_jobs(jobs, device, timer, args.time_budget, on_result=lambda r: stream.write(r.record()))
     finally:
         stream.close()
+    stopped = stopped_by(results)
+    if stopped:
+        print(f"bench: stopped by {stopped}; writing the reports of the {len(results)} rows", file=sys.stderr)
     records = [r.record() for r in results]
     ctx["load_end"] = load_average()
     paths = write_outputs(records, ctx, out_dir, plots=not args.no_plots)
@@ -105,7 +120,7 @@ def main(argv=None):
     print(f"wall time: {wall:.0f} s on {ctx['device']}\n")
     print(summary(records))
     print(window_suite.summary(records))
-    return 0
+    return 128 + signal.Signals[stopped].value if stopped else 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,12 @@ float64 reference, no time). Suites:
     softmax    rows of length N: torch.softmax, the naive reference, Triton
     modules    the seed's MultiHeadAttentionWrapper vs EfficientMHA, and the
                Triton-backed modules.MultiHeadAttention
+    overhead   the host cost of one flash_attention call at a tiny shape (bench/overhead.py)
+
+Order of a run: attention correctness rows, timed attention (Triton and the
+SDPA backends), the host cost of one call, FlexAttention (slow to compile),
+then memory, softmax and modules: under a time budget, what matters most runs
+first.
 
 On the CPU, Triton runs under its interpreter, which is about a thousand times
 slower than a GPU: its rows are correctness checks at one tiny size, never timed.
@@ -21,7 +27,7 @@ import torch
 from . import providers
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SUITES = ("attention", "memory", "softmax", "modules")
+SUITES = ("attention", "memory", "softmax", "modules", "overhead")
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -85,6 +91,23 @@ class ModuleCase:
 
 
 @dataclass(frozen=True)
+class OverheadCase:
+    batch: int
+    heads: int
+    n: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self):
+        return f"B{self.batch} H{self.heads} N{self.n} D{self.head_dim}"
+
+    def columns(self):
+        return dict(dtype=dtype_name(self.dtype), batch=self.batch, heads_q=self.heads, heads_kv=self.heads,
+                    n=self.n, head_dim=self.head_dim, causal=False)
+
+
+@dataclass(frozen=True)
 class Job:
     suite: str
     kind: str  # "time" or "check"
@@ -112,6 +135,7 @@ class Preset:
     module_modes: list = field(default_factory=lambda: ["fwd", "fwd+bwd"])
     check_n: int | None = None  # None: the smallest N of the sweep
     check_shrink_heads: bool = False  # the interpreter's cost grows with heads: check with fewer
+    overhead: tuple = (1, 2, 128, 64)  # (batch, heads, N, head dim): tiny, so launching dominates
 
 
 KIB = 1024
@@ -207,7 +231,7 @@ def _check_case(case, check_n, shrink_heads):
 
 
 def build_jobs(args, device_type):
-    """Every job of this run, in the order they run: checks first, then the timings, suite by suite."""
+    """Every job of this run, in the order they run (see the module docstring)."""
     preset = resolve(args, device_type)
     suites = SUITES if "all" in args.suite else tuple(args.suite)
     dtype = DTYPES[preset.dtype]
@@ -219,30 +243,7 @@ def build_jobs(args, device_type):
         checked = timed + (["triton"] if "triton" in available else [])
     else:  # ours, and the error of PyTorch's own fused kernel in the same dtype to read it against
         checked = [p for p in ("sdpa-flash", "triton") if p in timed]
-    jobs = []
-
-    if "softmax" in suites:
-        softmax_timed = ["torch", "naive"] + (["triton"] if device_type == "cuda" else [])
-        check = SoftmaxCase(16, 1000, dtype)  # a row that is not a power of two: the masked tail
-        jobs += [Job("softmax", "check", "triton", "fwd", check)]
-        jobs += [Job("softmax", "time", p, "fwd", SoftmaxCase(preset.softmax_rows, n, dtype))
-                 for n in sorted(preset.softmax_n) for p in softmax_timed]
-
-    if "modules" in suites:
-        batch, n, d_model, heads = preset.module
-        module_timed = ["wrapper", "efficient-mha"] + (["mha-triton"] if device_type == "cuda" else [])
-        check_n = n if device_type == "cuda" else 16
-        check = ModuleCase(1, check_n, d_model if device_type == "cuda" else 64, heads if device_type == "cuda" else 4,
-                           dtype)
-        jobs += [Job("modules", "check", "mha-triton", "fwd", check)]
-        case = ModuleCase(batch, n, d_model, heads, dtype)
-        jobs += [Job("modules", "time", p, mode, case) for mode in preset.module_modes for p in module_timed]
-
-    if "memory" in suites and device_type == "cuda":
-        memory_providers = [p for p in preset.memory_providers if p in available]
-        for n in sorted(preset.memory_n):
-            case = AttentionCase(1, 16, 16, n, 64, False, dtype)
-            jobs += [Job("memory", "time", p, "fwd", case) for p in memory_providers]
+    attention, flex, overhead, memory, softmax, modules = [], [], [], [], [], []
 
     if "attention" in suites:
         cases = attention_cases(preset, args.causal)
@@ -254,7 +255,39 @@ def build_jobs(args, device_type):
                 continue
             seen.add(check)
             check_modes = ["fwd", "bwd"] if any(m != "fwd" for m in preset.modes) else ["fwd"]
-            jobs += [Job("attention", "check", p, mode, check) for p in checked for mode in check_modes]
+            attention += [Job("attention", "check", p, mode, check) for p in checked for mode in check_modes]
         for case in cases:
-            jobs += [Job("attention", "time", p, mode, case) for p in timed for mode in preset.modes]
-    return jobs, preset
+            for p in timed:
+                # FlexAttention compiles for tens of seconds per variant: it runs after the rest.
+                (flex if p == "flex" else attention).extend(
+                    Job("attention", "time", p, mode, case) for mode in preset.modes)
+
+    if "overhead" in suites:
+        ours = "triton" if device_type == "cuda" else "triton-noop"
+        case = OverheadCase(*preset.overhead, dtype)
+        overhead += [Job("overhead", "time", p, mode, case) for mode in ("fwd", "fwd+bwd") for p in (ours, "sdpa")]
+
+    if "memory" in suites and device_type == "cuda":
+        memory_providers = [p for p in preset.memory_providers if p in available]
+        for n in sorted(preset.memory_n):
+            case = AttentionCase(1, 16, 16, n, 64, False, dtype)
+            memory += [Job("memory", "time", p, "fwd", case) for p in memory_providers]
+
+    if "softmax" in suites:
+        softmax_timed = ["torch", "naive"] + (["triton"] if device_type == "cuda" else [])
+        check = SoftmaxCase(16, 1000, dtype)  # a row that is not a power of two: the masked tail
+        softmax += [Job("softmax", "check", "triton", "fwd", check)]
+        softmax += [Job("softmax", "time", p, "fwd", SoftmaxCase(preset.softmax_rows, n, dtype))
+                    for n in sorted(preset.softmax_n) for p in softmax_timed]
+
+    if "modules" in suites:
+        batch, n, d_model, heads = preset.module
+        module_timed = ["wrapper", "efficient-mha"] + (["mha-triton"] if device_type == "cuda" else [])
+        check_n = n if device_type == "cuda" else 16
+        check = ModuleCase(1, check_n, d_model if device_type == "cuda" else 64, heads if device_type == "cuda" else 4,
+                           dtype)
+        modules += [Job("modules", "check", "mha-triton", "fwd", check)]
+        case = ModuleCase(batch, n, d_model, heads, dtype)
+        modules += [Job("modules", "time", p, mode, case) for mode in preset.module_modes for p in module_timed]
+
+    return attention + overhead + flex + memory + softmax + modules, preset

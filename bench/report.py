@@ -27,13 +27,14 @@ import torch
 from .timing import NOT_MEASURED
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASELINE = {"attention": "sdpa-flash", "memory": "sdpa-flash", "softmax": "torch", "modules": "wrapper"}
+BASELINE = {"attention": "sdpa-flash", "memory": "sdpa-flash", "softmax": "torch", "modules": "wrapper",
+            "overhead": "sdpa"}
 CONTEXT_COLUMNS = ["device", "torch", "triton", "commit", "date"]
 COLUMNS = ["suite", "kind", "provider", "mode", "shape", "dtype", "batch", "heads_q", "heads_kv", "n", "head_dim",
            "causal", "rows", "d_model", "status", "time_ms", "tflops", "gbps", "ratio", "extra_mib", "max_err",
-           "setup_s"] + CONTEXT_COLUMNS
+           "setup_s", "launches"] + CONTEXT_COLUMNS
 NUMERIC = {"batch", "heads_q", "heads_kv", "n", "head_dim", "rows", "d_model", "time_ms", "tflops", "gbps", "ratio",
-           "extra_mib", "max_err", "setup_s"}
+           "extra_mib", "max_err", "setup_s", "launches"}
 
 
 # ----------------------------------------------------------------------------
@@ -178,6 +179,9 @@ def _columns(suite):
     first = [("provider", "provider", str), ("mode", "mode", str), ("shape", "shape", str),
              ("status", "status", str), ("ms", "time_ms", _num(".3f"))]
     base = BASELINE[suite]
+    if suite == "overhead":  # the ratio would set no-op kernels against real work on the CPU: none
+        us = lambda v: "" if v is None else f"{1e3 * v:.1f}"  # noqa: E731
+        return first[:4] + [("us per call", "time_ms", us), ("launches", "launches", _num(".0f"))]
     memory = [("extra MiB", "extra_mib", _num(".0f")), ("max err", "max_err", _num(".2e"))]
     if suite == "softmax":
         return first + [("GB/s", "gbps", _num(".1f")), (f"vs {base}", "ratio", _ratio)] + memory
@@ -260,8 +264,20 @@ def markdown_report(records, ctx):
     for suite in _suites(records):
         columns = _columns(suite)
         rows = [r for r in records if r["suite"] == suite]
-        lines += [f"## {suite}", "", markdown_table([c[0] for c in columns], _cells(rows, columns)), ""]
+        lines += [f"## {suite}", ""]
+        if suite == "overhead":
+            lines += [OVERHEAD_NOTE, ""]
+        lines += [markdown_table([c[0] for c in columns], _cells(rows, columns)), ""]
     return "\n".join(lines)
+
+
+OVERHEAD_NOTE = ("The host cost of one call at a tiny shape (bench/overhead.py): wall time per call of many calls in "
+                 "a row, the median of 7 rounds. `triton` (GPU) is flash_attention itself. `triton-noop` (CPU) is "
+                 "flash_attention with every Triton kernel replaced by a no-op recorder: the Python above the "
+                 "launches (input checks, the custom op, autograd, buffers), without Triton's launch path and the "
+                 "autotuner's lookup; `launches` counts the kernels one call launched. `sdpa` is "
+                 "F.scaled_dot_product_attention on the same inputs, for scale (on the CPU it also computes). On the CPU "
+                 "every row runs on one torch thread.")
 
 
 # ----------------------------------------------------------------------------

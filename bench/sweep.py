@@ -16,8 +16,19 @@ and records the max abs error against the same computation in float64.
 A provider that raises becomes a status, never a crash: "unsupported: why"
 (the provider or the library declined the case), "OOM", or "failed: error".
 Memory is freed after every job, so one failure does not starve the next.
+
+A time budget skips every job that would not finish inside it, judged from
+the last job of the same kind, provider and mode measured so far (the first
+of its kind is always tried while time is left). Inside stop_on_signals(),
+SIGTERM and SIGINT raise `Stopped`, which ends the run between two Python
+steps: the job in flight is "stopped: SIGTERM", the rest "skipped: stopped
+(SIGTERM)", and the results so far are returned, so the caller can still
+write its reports.
 """
+import contextlib
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,11 +37,12 @@ import torch
 
 from . import providers
 from .flops import attention_flops, tflops_per_s
-from .plan import AttentionCase, ModuleCase, SoftmaxCase
+from .plan import AttentionCase, ModuleCase, OverheadCase, SoftmaxCase
 from .timing import extra_memory_mib, free_memory, synchronize
 
 CORRECTNESS_ONLY = "correctness only"
 SKIPPED_BUDGET = "skipped: time budget"
+STOPPED = "stopped"
 REASON_CHARS = 90
 
 
@@ -44,13 +56,15 @@ class Result:
     extra_mib: object = None  # MiB, or timing.NOT_MEASURED
     max_err: float | None = None
     setup_s: float | None = None
+    launches: int | None = None  # overhead suite on the CPU: kernel launches per call
 
     def record(self):
         """A flat dict: one CSV row."""
         job = self.job
         return dict(suite=job.suite, kind=job.kind, provider=job.provider, mode=job.mode, shape=job.case.shape,
                     **job.case.columns(), status=self.status, time_ms=self.time_ms, tflops=self.tflops,
-                    gbps=self.gbps, extra_mib=self.extra_mib, max_err=self.max_err, setup_s=self.setup_s)
+                    gbps=self.gbps, extra_mib=self.extra_mib, max_err=self.max_err, setup_s=self.setup_s,
+                    launches=self.launches)
 
 
 # ----------------------------------------------------------------------------
@@ -183,6 +197,41 @@ CHECKERS = {AttentionCase: _check_attention, SoftmaxCase: _check_softmax, Module
 
 
 # ----------------------------------------------------------------------------
+# Stopping on a signal
+# ----------------------------------------------------------------------------
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(BaseException):
+    """Raised (by a signal handler) to end a run early; BaseException, so no `except Exception` turns it into a row."""
+
+    def __init__(self, signal_name):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Inside: SIGTERM and SIGINT raise Stopped once, and a second signal is ignored while the reports
+    are written. The previous handlers come back on exit (bench's main() also runs inside pytest)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def handler(signum, frame):
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Stopped(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# ----------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------
 def _throughput(result):
@@ -203,6 +252,11 @@ def _measure(job, device, timer, result):
     if job.kind == "check":
         result.max_err = CHECKERS[type(job.case)](job, device)
         result.status = CORRECTNESS_ONLY
+        return
+    if isinstance(job.case, OverheadCase):
+        from .overhead import measure
+
+        result.time_ms, result.launches = measure(job, device)  # warms up by itself: no setup_s
         return
     started = time.perf_counter()
     call, leaves = BUILDERS[type(job.case)](job, device)
@@ -248,7 +302,10 @@ def describe(result):
     """One progress line."""
     job = result.job
     parts = [f"{job.suite:9} {job.kind:5} {job.provider:14} {job.mode:7} {job.case.shape:28}"]
-    if result.time_ms is not None:
+    if result.time_ms is not None and isinstance(job.case, OverheadCase):
+        launches = "" if result.launches is None else f", {result.launches} kernel launches"
+        parts.append(f"{1e3 * result.time_ms:9.1f} us per call{launches}")
+    elif result.time_ms is not None:
         parts.append(f"{result.time_ms:9.3f} ms")
         if result.tflops is not None:
             parts.append(f"{result.tflops:8.2f} TFLOP/s")
@@ -264,18 +321,48 @@ def describe(result):
     return " ".join(parts)
 
 
+def _estimate_s(job, history):
+    """Seconds `job` should take: the last finished job of the same suite, kind, provider and mode; else 0."""
+    key = (job.suite, job.kind, job.provider, job.mode)
+    return history.get(key, 0.0)
+
+
 def run_jobs(jobs, device, timer, time_budget_s=None, on_result=None, log=sys.stderr):
-    """Run every job in order; past the time budget the rest are recorded as skipped."""
+    """Run every job in order; skip those that would not fit the time budget; stop cleanly on `Stopped`.
+
+    Returns the results, one per job, in order (a stopped run's last ones say so in their status).
+    """
     started = time.perf_counter()
-    results = []
-    for i, job in enumerate(jobs, 1):
-        elapsed = time.perf_counter() - started
-        if time_budget_s is not None and elapsed > time_budget_s:
-            result = Result(job, status=SKIPPED_BUDGET)
-        else:
-            result = run_job(job, device, timer)
+    results, history = [], {}
+
+    def record(result, elapsed, note=""):
         results.append(result)
         if on_result is not None:
             on_result(result)
-        print(f"[{i:3}/{len(jobs)} {elapsed:6.0f}s] {describe(result)}", file=log, flush=True)
+        print(f"[{len(results):3}/{len(jobs)} {elapsed:6.0f}s] {describe(result)}{note}", file=log, flush=True)
+
+    try:
+        for job in jobs:
+            elapsed = time.perf_counter() - started
+            estimate = _estimate_s(job, history)
+            if time_budget_s is not None and elapsed + estimate > time_budget_s:
+                note = f" (about {estimate:.0f} s, {max(0.0, time_budget_s - elapsed):.0f} s left)" if estimate else ""
+                record(Result(job, status=SKIPPED_BUDGET), elapsed, note)
+                continue
+            result = run_job(job, device, timer)
+            history[(job.suite, job.kind, job.provider, job.mode)] = time.perf_counter() - started - elapsed
+            record(result, elapsed)
+    except (Stopped, KeyboardInterrupt) as exc:
+        name = exc.signal_name if isinstance(exc, Stopped) else "SIGINT"
+        elapsed = time.perf_counter() - started
+        for i, job in enumerate(jobs[len(results):]):
+            record(Result(job, status=f"{STOPPED}: {name}" if i == 0 else f"skipped: {STOPPED} ({name})"), elapsed)
     return results
+
+
+def stopped_by(results):
+    """The signal that stopped the run ("SIGTERM", "SIGINT"), or None if it ran to the end."""
+    for r in results:
+        if r.status.startswith(f"{STOPPED}: "):
+            return r.status.split(": ", 1)[1]
+    return None

@@ -4,24 +4,34 @@ The end-to-end run happens once per module (a fixture) with a provider that
 always raises placed first, so the same run shows that a failure becomes a
 row and the sweep carries on. Triton runs under the interpreter here
 (conftest sets TRITON_INTERPRET=1 without CUDA): its rows must be correctness
-checks, never times.
+checks, never times. A run stopped by SIGTERM is a subprocess, sent the
+signal while it sleeps inside a job (SIGINT is raised in-process);
+bench/gpu_check.sh is run as far as a CPU machine lets it: its preflight,
+which must stop with one line.
 """
 import csv
+import importlib
 import os
+import signal
 import subprocess
+import sys
+import time
+import types
 import warnings
 
 import pytest
 import torch
 
-from bench import plan, providers, report
+from bench import plan, providers, report, sweep
 from bench.__main__ import build_parser, main
 from bench.flops import attention_flops, tflops_per_s
+from bench.overhead import noop_kernels
 from bench.plan import AttentionCase, Job
-from bench.sweep import CORRECTNESS_ONLY, SKIPPED_BUDGET, run_jobs, status_of
+from bench.sweep import CORRECTNESS_ONLY, SKIPPED_BUDGET, Result, run_jobs, status_of
 from bench.timing import NOT_MEASURED, CpuTimer
 
-BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DIR = os.path.join(ROOT, "bench")
 CPU = torch.device("cpu")
 
 
@@ -75,6 +85,25 @@ def test_time_budget_skips_the_rest_without_running_them():
     assert all(r.time_ms is None for r in results)
 
 
+def test_time_budget_skips_a_job_that_would_not_fit_and_runs_cheaper_ones(monkeypatch):
+    # A fake clock: each job advances it by its provider's cost, so the budget decisions are exact.
+    clock = [0.0]
+    cost = {"slow": 10.0, "fast": 1.0}
+
+    def fake_run_job(job, device, timer):
+        clock[0] += cost[job.provider]
+        return Result(job, time_ms=1.0, setup_s=0.0)
+
+    monkeypatch.setattr(sweep, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(sweep, "run_job", fake_run_job)
+    case = AttentionCase(1, 2, 2, 16, 8, False, torch.float32)
+    jobs = [Job("attention", "time", p, "fwd", case) for p in ("slow", "slow", "fast", "fast", "slow")]
+    results = run_jobs(jobs, CPU, timer=None, time_budget_s=15.0)
+    # slow runs (nothing known yet): t=10; slow again would end at 20 > 15: skipped; fast, fast: t=12;
+    # slow again would end at 22: skipped.
+    assert [r.status for r in results] == ["ok", SKIPPED_BUDGET, "ok", "ok", SKIPPED_BUDGET]
+
+
 def test_cpu_timer_median_and_grad_reset():
     x = torch.randn(8, requires_grad=True)
     grads_seen = []
@@ -97,9 +126,11 @@ def _jobs(argv, device_type):
 
 def test_cpu_plan_never_times_triton():
     jobs = _jobs(["--providers", "naive", "triton", "sdpa-flash"], "cpu")
-    triton = [j for j in jobs if "triton" in j.provider]
+    triton = [j for j in jobs if "triton" in j.provider and j.suite != "overhead"]
     assert triton and all(j.kind == "check" for j in triton)
-    assert {j.suite for j in jobs} == {"attention", "softmax", "modules"}  # no memory suite off the GPU
+    # The host-cost rows time the Python around no-op kernels, never the interpreter.
+    assert {j.provider for j in jobs if j.suite == "overhead"} == {"triton-noop", "sdpa"}
+    assert {j.suite for j in jobs} == {"attention", "softmax", "modules", "overhead"}  # no memory suite off the GPU
 
 
 def test_gpu_plan_is_the_standard_sweep():
@@ -116,6 +147,24 @@ def test_gpu_plan_is_the_standard_sweep():
     memory = [j for j in jobs if j.suite == "memory"]
     assert max(j.case.n for j in memory) == 16384 and {"naive", "triton"} <= {j.provider for j in memory}
     assert any(j.provider == "triton" and j.kind == "time" for j in jobs if j.suite == "softmax")
+
+
+def test_gpu_plan_runs_what_matters_first():
+    jobs = _jobs([], "cuda")
+    suites = [j.suite for j in jobs]
+    first_other = min(i for i, s in enumerate(suites) if s not in ("attention", "overhead"))
+    assert all(s in ("attention", "overhead") for s in suites[:first_other])
+    assert "attention" not in suites[first_other:], "attention jobs run before memory, softmax, modules"
+    kinds = [j.kind for j in jobs if j.suite == "attention"]
+    assert kinds == sorted(kinds), "attention correctness rows (check) come before the timed ones"
+    flex = [i for i, j in enumerate(jobs) if j.provider == "flex"]
+    ours_and_sdpa = [i for i, j in enumerate(jobs) if j.suite == "attention" and j.kind == "time"
+                     and (j.provider == "triton" or j.provider.startswith("sdpa"))]
+    overhead = [i for i, j in enumerate(jobs) if j.suite == "overhead"]
+    assert flex and ours_and_sdpa and overhead
+    assert max(ours_and_sdpa) < min(overhead) < max(overhead) < min(flex), "Triton and SDPA, then overhead, then flex"
+    assert {(j.provider, j.mode) for j in jobs if j.suite == "overhead"} == {
+        (p, m) for p in ("triton", "sdpa") for m in ("fwd", "fwd+bwd")}
 
 
 def test_heads_spec():
@@ -203,8 +252,129 @@ def test_report_prints_the_summary_of_a_csv(cpu_run, capsys):
     assert "TFLOP/s at the largest N" in printed and "sdpa-flash" in printed and "CPU:" in printed
 
 
+def test_overhead_rows_are_labelled_and_count_launches(cpu_run):
+    out, files, rows = cpu_run
+    overhead = {(r["provider"], r["mode"]): r for r in rows if r["suite"] == "overhead"}
+    assert set(overhead) == {(p, m) for p in ("triton-noop", "sdpa") for m in ("fwd", "fwd+bwd")}
+    assert all(r["status"] == "ok" and float(r["time_ms"]) > 0 for r in overhead.values())
+    fwd, both = int(overhead["triton-noop", "fwd"]["launches"]), int(overhead["triton-noop", "fwd+bwd"]["launches"])
+    assert 1 <= fwd < both, (fwd, both)
+    text = (out / next(f for f in files if f.endswith(".md"))).read_text()
+    assert "## overhead" in text and "no-op recorder" in text
+
+
+def test_noop_kernels_put_every_kernel_back():
+    importlib.import_module("kernels.flash_attention")
+    from triton.runtime.jit import KernelInterface
+
+    def kernel_objects():
+        return {(name, attr): value for name, module in list(sys.modules.items())
+                if name == "kernels" or name.startswith("kernels.")
+                for attr, value in vars(module).items() if isinstance(value, KernelInterface)}
+
+    before = kernel_objects()
+    with noop_kernels() as launches:
+        from kernels import flash_attention
+
+        q = torch.randn(1, 2, 8, 16)
+        flash_attention(q, q, q)  # no kernel runs: the output is whatever torch.empty held
+        assert launches[0] == 1 and not kernel_objects(), "every kernel object is replaced inside"
+    after = kernel_objects()
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+
+
+# The driver sleeps inside the first causal timed job, once the non-causal ones have rows
+# (the correctness rows are stubbed: the interpreter's time is not what this test is about).
+SLEEPY_DRIVER = """
+import os, sys, time
+os.environ["TRITON_INTERPRET"] = "1"
+from bench import sweep
+from bench.__main__ import main
+marker, real = sys.argv[1], sweep.run_job
+def run_job(job, device, timer):
+    if job.kind == "check":
+        return sweep.Result(job, status=sweep.CORRECTNESS_ONLY, max_err=0.0)
+    if job.case.causal:
+        open(marker, "w").close()
+        time.sleep(120)
+    return real(job, device, timer)
+sweep.run_job = run_job
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_signal_stops_the_run_and_the_reports_are_still_written(tmp_path):
+    sig = signal.SIGTERM  # what `timeout` sends at gpu_check.sh's limits
+    marker, out = tmp_path / "sleeping", tmp_path / "out"
+    args = ["--device", "cpu", "--quick", "--suite", "attention", "--out", str(out), "--n", "32", "--head-dim", "16",
+            "--heads", "2", "--tokens", "32", "--providers", "naive"]
+    proc = subprocess.Popen([sys.executable, "-c", SLEEPY_DRIVER, str(marker), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), f"the run never reached the sleeping job:\n{proc.stdout.read() if proc.poll() else ''}"
+        proc.send_signal(sig)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + sig.value, output[-2000:]
+    name = sig.name
+    files = sorted(os.listdir(out))
+    day = next(f for f in files if f.endswith(".csv"))[len("bench_cpu_"):-len(".csv")]
+    for kind in ("bench_cpu_{}.csv", "bench_cpu_{}.md", "attention_cpu_{}.png"):
+        assert kind.format(day) in files, (kind, files)
+    with open(out / f"bench_cpu_{day}.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    statuses = [r["status"] for r in rows if r["kind"] == "time"]
+    stopped = statuses.index(f"stopped: {name}")
+    assert stopped > 0 and all(s == "ok" for s in statuses[:stopped]), statuses
+    assert statuses[stopped + 1:] and all(s == f"skipped: stopped ({name})" for s in statuses[stopped + 1:]), statuses
+    assert f"stopped: {name}" in (out / f"bench_cpu_{day}.md").read_text()
+
+
+def test_sigint_inside_a_job_stops_the_run_in_process(monkeypatch):
+    def interrupted_run_job(job, device, timer):
+        if job.provider == "second":
+            signal.raise_signal(signal.SIGINT)
+        return Result(job, time_ms=1.0, setup_s=0.0)
+
+    monkeypatch.setattr(sweep, "run_job", interrupted_run_job)
+    case = AttentionCase(1, 2, 2, 16, 8, False, torch.float32)
+    jobs = [Job("attention", "time", p, "fwd", case) for p in ("first", "second", "third")]
+    before = signal.getsignal(signal.SIGINT)
+    with sweep.stop_on_signals():
+        results = run_jobs(jobs, CPU, timer=None)
+    assert [r.status for r in results] == ["ok", "stopped: SIGINT", "skipped: stopped (SIGINT)"]
+    assert sweep.stopped_by(results) == "SIGINT"
+    assert signal.getsignal(signal.SIGINT) is before, "the handlers are put back"
+
+
 def test_gpu_check_script_parses():
     script = os.path.join(BENCH_DIR, "gpu_check.sh")
     assert subprocess.run(["bash", "-n", script]).returncode == 0
     text = open(script).read()
     assert "pytest -m gpu" in text and '${OUT:-bench/results}' in text and "pipefail" in text
+    assert "ATTN_PIN_CONFIGS=1" in text and "bench.tune" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the preflight passes on a GPU machine")
+def test_gpu_check_preflight_stops_with_one_line_without_a_gpu(tmp_path):
+    # python3 on PATH must be this interpreter (with torch), so the preflight gets as far as the GPU.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"))
+    run = subprocess.run(["bash", os.path.join(BENCH_DIR, "gpu_check.sh")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    failed = [line for line in run.stdout.splitlines() if line.startswith("preflight FAILED")]
+    assert failed == ["preflight FAILED: torch sees no CUDA device"], run.stdout
+    assert "pytest" not in run.stdout.split("== steps")[0].split("preflight FAILED")[1], "it must stop there"
+    logs = os.listdir(tmp_path / "out")
+    assert len(logs) == 1 and logs[0].startswith("gpu_check_") and logs[0].endswith(".log"), logs
+    assert failed[0] in (tmp_path / "out" / logs[0]).read_text(), "the log is tee'd into $OUT"
