@@ -1,0 +1,133 @@
+"""Context-parallel attention: the one-process simulation (reference/context_parallel.py) against naive attention."""
+import math
+
+import pytest
+import torch
+
+from reference import naive_attention
+from reference.context_parallel import (
+    check_shardable, context_parallel_attention, merge_partials, ring_attention, ring_attention_backward,
+    ring_schedule_table, ring_step, shard_of, shard_sequence, ulysses_attention, unshard_sequence,
+)
+from tests.helpers import assert_close, attention_lse
+
+
+# ----------------------------------------------------------------------------
+# The simulation, in one process
+# ----------------------------------------------------------------------------
+def full_inputs(world, h_q, h_kv, chunk=3, head_dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    n = 2 * world * chunk
+    return [torch.randn(2, h, n, head_dim, generator=generator, dtype=torch.float64) for h in (h_q, h_kv, h_kv, h_q)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("zigzag", [True, False])
+def test_shard_unshard_roundtrip_and_zigzag_positions(world, zigzag):
+    positions = torch.arange(4 * world)
+    shards = shard_sequence(positions.view(1, 1, -1, 1), world, zigzag=zigzag)
+    assert torch.equal(unshard_sequence(shards, zigzag=zigzag).flatten(), positions)
+    chunk = 2 if zigzag else 4
+    for rank, shard in enumerate(shards):
+        owned = [rank, 2 * world - 1 - rank] if zigzag else [rank]
+        expected = torch.cat([torch.arange(c * chunk, (c + 1) * chunk) for c in owned])
+        assert torch.equal(shard.flatten(), expected), f"rank {rank} holds {shard.flatten().tolist()}"
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
+def test_zigzag_ring_schedule_covers_each_visible_pair_once_with_equal_work(world):
+    """Summed over the steps, each rank computes every (query, key) pair the causal mask allows, exactly once."""
+    n = 2 * world * 2
+    positions = shard_sequence(torch.arange(n).view(1, 1, n, 1), world)
+    for rank in range(world):
+        count = torch.zeros(n, n, dtype=torch.long)
+        work = []
+        for step in range(world):
+            src, rows, cols, masked = ring_step(rank, step, world, True, 4)
+            q_pos, k_pos = positions[rank].flatten()[rows], positions[src].flatten()[cols]
+            block = torch.ones(len(q_pos), len(k_pos), dtype=torch.long)
+            if masked:  # the mask inside a block compares local order; it must agree with global order
+                block = block.tril()
+            count[q_pos[:, None], k_pos[None, :]] += block
+            work.append(block.sum().item())
+        mine = positions[rank].flatten()
+        expected = torch.ones(n, n, dtype=torch.long).tril()[mine]
+        assert torch.equal(count[mine], expected), f"rank {rank}: wrong pairs computed"
+        assert len(set(work[1:])) <= 1, f"rank {rank}: unequal work after step 0: {work}"
+
+
+def table_totals(table):
+    """The per-rank totals and the critical path (sum of each step's slowest rank) from the table's last line."""
+    *per_rank, critical = (float(cell) for cell in table.splitlines()[-1].split("|")[1:])
+    return per_rank, critical
+
+
+def test_schedule_table_shows_zigzag_balanced_and_contiguous_not():
+    zigzag, contiguous = ring_schedule_table(4), ring_schedule_table(4, zigzag=False)
+    assert len(zigzag.splitlines()) == 4 + 4 + 1  # title, legend, header, rule, 4 steps, total
+    per_rank, critical = table_totals(zigzag)
+    assert len(set(per_rank)) == 1 and critical == per_rank[0], zigzag
+    per_rank_c, critical_c = table_totals(contiguous)
+    assert sum(per_rank_c) == sum(per_rank), "both layouts do the same total work"
+    assert critical_c == max(per_rank_c) > critical, contiguous
+
+
+def test_merge_partials_is_exact_and_never_nan():
+    q, k, v, _ = full_inputs(1, 2, 2, chunk=4)
+    o64 = naive_attention(q, k, v)
+    halves = [(k[:, :, s], v[:, :, s]) for s in (slice(0, 3), slice(3, None))]
+    parts = [naive_attention(q, kh, vh) for kh, vh in halves]
+    lses = [attention_lse(q, kh, vh, False, 1 / math.sqrt(q.shape[-1]), torch.float64) for kh, vh in halves]
+    o, lse = merge_partials(parts[0], lses[0], parts[1], lses[1])
+    assert_close(o, o64, "merged output")
+    # A row that has seen no key (lse = -inf) on both sides stays 0 and -inf, with no NaN.
+    minus_inf = torch.full_like(lse, float("-inf"))
+    o_none, lse_none = merge_partials(torch.zeros_like(o), minus_inf, torch.zeros_like(o), minus_inf)
+    assert torch.all(o_none == 0) and torch.all(lse_none == float("-inf"))
+    o_one, _ = merge_partials(torch.zeros_like(o), minus_inf, parts[0], lses[0])
+    assert torch.equal(o_one, parts[0])
+
+
+SIM_CASES = [  # (world, h_q, h_kv): one rank, MHA, GQA, MQA at a world that is not a power of two
+    (1, 2, 1), (2, 2, 2), (3, 6, 3), (4, 4, 2), (4, 4, 1),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("world, h_q, h_kv", SIM_CASES)
+def test_simulated_ring_matches_naive_forward_and_backward(world, h_q, h_kv, causal):
+    q, k, v, do = full_inputs(world, h_q, h_kv)
+    shards = [shard_sequence(t, world, zigzag=causal) for t in (q, k, v, do)]
+    o, lse = ring_attention(*shards[:3], causal)
+    assert_close(unshard_sequence(o, zigzag=causal), naive_attention(q, k, v, causal), "ring output")
+    lse64 = attention_lse(q, k, v, causal, 1 / math.sqrt(q.shape[-1]), torch.float64)
+    assert_close(unshard_sequence(lse, zigzag=causal), lse64, "ring lse")
+
+    grads = ring_attention_backward(shards[3], *shards[:3], o, lse, causal)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    naive_attention(*leaves, causal).backward(do)
+    for name, grad, leaf in zip(("dq", "dk", "dv"), grads, leaves):
+        assert_close(unshard_sequence(grad, zigzag=causal), leaf.grad, f"ring {name}")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("world, h_q, h_kv", [c for c in SIM_CASES if c[1] % c[0] == 0])
+def test_simulated_ulysses_matches_naive(world, h_q, h_kv, causal):
+    q, k, v, _ = full_inputs(world, h_q, h_kv)
+    shards = [shard_sequence(t, world, zigzag=False) for t in (q, k, v)]
+    o, lse = context_parallel_attention(*shards, causal=causal, strategy="ulysses", return_lse=True)
+    assert_close(unshard_sequence(o, zigzag=False), naive_attention(q, k, v, causal), "ulysses output")
+    lse64 = attention_lse(q, k, v, causal, 1 / math.sqrt(q.shape[-1]), torch.float64)
+    assert_close(unshard_sequence(lse, zigzag=False), lse64, "ulysses lse")
+
+
+def test_simulation_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"x.shape\[2\] = 10 must be divisible by 2 \* world = 4"):
+        check_shardable(10, 2, zigzag=True)
+    with pytest.raises(ValueError, match=r"x.shape\[1\] = 5 must be divisible by world = 2"):
+        shard_of(torch.zeros(1, 5), 0, 2, dim=1, zigzag=False)
+    with pytest.raises(ValueError, match=r"k.shape\[1\] = 3"):
+        ulysses_attention(*[[torch.zeros(1, h, 2, 4)] * 2 for h in (6, 3, 3)])
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        context_parallel_attention([torch.zeros(1, 1, 2, 4)] * 3, [torch.zeros(1, 1, 2, 4)] * 3,
+                                   [torch.zeros(1, 1, 2, 4)] * 3, strategy="tree")
