@@ -1,5 +1,16 @@
-"""Context-parallel attention: the one-process simulation (reference/context_parallel.py) against naive attention."""
+"""Context-parallel attention: the one-process simulation, then real gloo ranks on localhost.
+
+The simulation (reference/context_parallel.py) is held to naive attention in
+float64, tightly. The kernels (kernels/context_parallel.py) run in pools of 2
+and 4 processes started once for the whole module (tests/cp_worker.py); a
+subgroup of 3 of the 4 covers a world size that is not a power of two, and a
+group of one rank covers the degenerate case. Every rank builds the same full
+inputs from a seed, shards them, and hands back the gathered output and
+gradients, which must obey the tolerance rule against float64 attention on the
+full sequence, with PyTorch's own attention in the same dtype as the baseline.
+"""
 import math
+import re
 
 import pytest
 import torch
@@ -9,7 +20,8 @@ from reference.context_parallel import (
     check_shardable, context_parallel_attention, merge_partials, ring_attention, ring_attention_backward,
     ring_schedule_table, ring_step, shard_of, shard_sequence, ulysses_attention, unshard_sequence,
 )
-from tests.helpers import assert_close, attention_lse
+from tests.cp_worker import CPCase, Pool
+from tests.helpers import GRADIENT_FACTOR, assert_close, assert_close_to_reference, attention_lse, sdpa_attention
 
 
 # ----------------------------------------------------------------------------
@@ -131,3 +143,121 @@ def test_simulation_errors_name_the_argument():
     with pytest.raises(ValueError, match="strategy must be one of"):
         context_parallel_attention([torch.zeros(1, 1, 2, 4)] * 3, [torch.zeros(1, 1, 2, 4)] * 3,
                                    [torch.zeros(1, 1, 2, 4)] * 3, strategy="tree")
+
+
+# ----------------------------------------------------------------------------
+# Real processes: gloo on localhost, the kernels under the interpreter
+# ----------------------------------------------------------------------------
+f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+
+CP_CASES = [
+    # Two ranks, each strategy causal and not, MHA and GQA, over the dtypes.
+    CPCase(2, "ring", True, 2, 2, f32),  # the zigzag schedule at its smallest
+    CPCase(2, "ring", True, 4, 2, bf16, transposed_grad=True),  # GQA sent as is; the backward gets a strided dO
+    CPCase(2, "ring", False, 2, 2, f16, return_lse=True),  # the lse's gradient joins each step's delta
+    CPCase(2, "ring", False, 4, 2, f32, batch=2),
+    CPCase(2, "ulysses", True, 2, 2, f32, transposed_grad=True),  # the all-to-all of a transposed gradient
+    CPCase(2, "ulysses", True, 4, 2, bf16),  # Hkv divisible by the world: kv heads split, not copied
+    CPCase(2, "ulysses", False, 2, 1, f32),  # MQA: the one kv head replicated up to the world size
+    CPCase(2, "ulysses", False, 4, 2, f16, return_lse=True),
+    # A group of one rank: no message at all.
+    CPCase(1, "ring", True, 4, 2, f32),
+    CPCase(1, "ulysses", True, 2, 1, f32),
+    # Four ranks.
+    CPCase(4, "ring", True, 2, 2, f32, chunk=2),
+    CPCase(4, "ring", True, 4, 2, f16, chunk=2, transposed_grad=True),
+    CPCase(4, "ring", False, 4, 1, bf16, chunk=2),
+    CPCase(4, "ring", False, 4, 2, f32, chunk=2, return_lse=True),
+    CPCase(4, "ulysses", True, 4, 4, f32, chunk=2, head_dim=24),  # a head dim that is not a power of two
+    CPCase(4, "ulysses", True, 4, 2, bf16, chunk=2, transposed_grad=True),  # Hkv 2 < 4: each kv head twice
+    CPCase(4, "ulysses", False, 4, 1, f16, chunk=2),  # MQA over 4 ranks: four copies
+    CPCase(4, "ulysses", False, 4, 4, f32, chunk=2, return_lse=True),
+    # Three of the four ranks (a subgroup without rank 0): 6 zigzag chunks.
+    CPCase(3, "ring", True, 2, 1, f32),
+    CPCase(3, "ring", False, 3, 3, bf16),
+    CPCase(3, "ulysses", True, 3, 1, f32),  # one kv head replicated to 3
+    CPCase(3, "ulysses", False, 6, 3, f16, transposed_grad=True),
+]
+POOL_OF = {1: 2, 2: 2, 3: 4, 4: 4}  # which pool runs a world size (3 and 1 are subgroups)
+
+
+@pytest.fixture(scope="module")
+def pools():
+    """Pools of 2 and 4 ranks, started together once for the module (the 4 boot while the 2 work)."""
+    started = {world: Pool(world) for world in (2, 4)}
+    yield started.__getitem__
+    for pool in started.values():
+        pool.close()
+
+
+def run_case(pools, case):
+    values = pools(POOL_OF[case.world]).run("attention", case, sub_world=case.world)
+    assert len(values) == (POOL_OF[case.world] if case.world == 1 else case.world)
+    return values[0]
+
+
+def references(case, dtype):
+    """Output, lse and gradients of plain attention on the full sequence, in `dtype`, by autograd."""
+    q, k, v, do = case.inputs()
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    o = naive_attention(*leaves, causal=case.causal)
+    loss = (o * do.to(dtype)).sum()
+    lse = None
+    if case.return_lse:
+        lse = attention_lse(*leaves, case.causal, 1 / math.sqrt(case.head_dim), dtype)
+        loss = loss + lse.sum()
+    loss.backward()
+    return o.detach(), lse, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CP_CASES])
+def test_gathered_output_and_gradients_match_full_attention(pools, case):
+    got = run_case(pools, case)
+    o64, lse64, grads64 = references(case, torch.float64)
+    o_torch, _, grads_torch = references(case, case.dtype)
+    assert got["o"].dtype == case.dtype
+    assert_close_to_reference(got["o"], o64, o_torch, name="o vs naive")
+    q, k, v, _ = case.inputs()
+    assert_close_to_reference(got["o"], o64, sdpa_attention(q, k, v, case.causal, 1 / math.sqrt(case.head_dim)),
+                              name="o vs SDPA")
+    if case.return_lse:
+        lse32 = attention_lse(q, k, v, case.causal, 1 / math.sqrt(case.head_dim), torch.float32)
+        assert_close_to_reference(got["lse"], lse64, lse32, name="lse")
+    for name, grad, grad64, grad_torch in zip(("dq", "dk", "dv"), got["grads"], grads64, grads_torch):
+        assert grad.dtype == case.dtype
+        assert_close_to_reference(grad, grad64, grad_torch, factor=GRADIENT_FACTOR, name=name)
+
+
+@pytest.mark.parametrize("case", [CPCase(2, "ring", True, 4, 2, bf16), CPCase(4, "ulysses", True, 4, 2, f16,
+                                                                              chunk=2)], ids=lambda c: c.id)
+def test_deterministic(pools, case):
+    """The same inputs give bitwise the same output and gradients: fixed summation orders, no atomics."""
+    first, second = run_case(pools, case), run_case(pools, case)
+    for a, b in zip([first["o"], *first["grads"]], [second["o"], *second["grads"]]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("world, zigzag, dim", [(2, True, 2), (4, False, 1), (3, True, -1)])
+def test_shard_and_unshard_with_strided_gradients(pools, world, zigzag, dim):
+    """Shard, then unshard, is the identity; a transposed-view gradient gathers back into the full one."""
+    for value in pools(POOL_OF[world]).run("shard_roundtrip", (zigzag, dim), sub_world=world):
+        assert value == {"roundtrip": True, "shard": True, "shard_grad": True}
+
+
+ERRORS = [  # (kind, error type, what the message must say), on 2 ranks
+    ("lengths", "ValueError", "q has 6 tokens, k and v 4"),
+    ("odd_zigzag", "ValueError", r"q.shape\[2\] = 5 must be even"),
+    ("shard_zigzag", "ValueError", r"x.shape\[2\] = 6 must be divisible by 2 \* world = 4"),
+    ("shard_contiguous", "ValueError", r"x.shape\[2\] = 5 must be divisible by world = 2"),
+    ("shard_dim", "ValueError", "dim = 4 is out of range for x"),
+    ("ulysses_q_heads", "ValueError", r"q.shape\[1\] = 3 must be divisible by the world size 2"),
+    ("ulysses_kv_heads", "ValueError", r"k.shape\[1\] = 3 to be divisible by the world size 2"),
+    ("strategy", "ValueError", "strategy must be one of"),
+]
+
+
+@pytest.mark.parametrize("kind, error, message", ERRORS, ids=[e[0] for e in ERRORS])
+def test_bad_input_gets_a_clear_error_on_every_rank(pools, kind, error, message):
+    for got_error, got_message in pools(2).run("error", kind):
+        assert got_error == error, got_message
+        assert re.search(message, got_message), got_message
