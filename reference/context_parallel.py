@@ -190,6 +190,8 @@ def _rotate(per_rank):
 def ring_attention(q_shards, k_shards, v_shards, causal=False, sm_scale=None):
     """Ring attention over every rank's shards. Returns (o_shards, lse_shards)."""
     world, length = len(q_shards), q_shards[0].shape[2]
+    if causal:
+        check_zigzag_shard(length, "q")
     sm_scale = 1.0 / math.sqrt(q_shards[0].shape[-1]) if sm_scale is None else sm_scale
     acc_dtype = torch.promote_types(q_shards[0].dtype, torch.float32)
     o = [torch.zeros(q.shape, dtype=acc_dtype, device=q.device) for q in q_shards]
@@ -218,6 +220,8 @@ def ring_attention_backward(do_shards, q_shards, k_shards, v_shards, o_shards, l
     with it and, after `world` hops, is home again.
     """
     world, length = len(q_shards), q_shards[0].shape[2]
+    if causal:
+        check_zigzag_shard(length, "q")
     sm_scale = 1.0 / math.sqrt(q_shards[0].shape[-1]) if sm_scale is None else sm_scale
     acc_dtype = torch.promote_types(q_shards[0].dtype, torch.float32)
     dq = [torch.zeros(q.shape, dtype=acc_dtype, device=q.device) for q in q_shards]

@@ -11,6 +11,7 @@ full sequence, with PyTorch's own attention in the same dtype as the baseline.
 """
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +85,12 @@ def test_schedule_table_shows_zigzag_balanced_and_contiguous_not():
     assert critical_c == max(per_rank_c) > critical, contiguous
 
 
+def test_tutorial_draws_the_tables_the_function_prints():
+    tutorial = (Path(__file__).resolve().parent.parent / "kernels" / "README.md").read_text()
+    for table in (ring_schedule_table(4), ring_schedule_table(4, zigzag=False)):
+        assert f"```text\n{table}\n```" in tutorial, table
+
+
 def test_merge_partials_is_exact_and_never_nan():
     q, k, v, _ = full_inputs(1, 2, 2, chunk=4)
     o64 = naive_attention(q, k, v)
@@ -140,6 +147,8 @@ def test_simulation_errors_name_the_argument():
         shard_of(torch.zeros(1, 5), 0, 2, dim=1, zigzag=False)
     with pytest.raises(ValueError, match=r"k.shape\[1\] = 3"):
         ulysses_attention(*[[torch.zeros(1, h, 2, 4)] * 2 for h in (6, 3, 3)])
+    with pytest.raises(ValueError, match=r"q.shape\[2\] = 5 must be even"):
+        ring_attention(*[[torch.zeros(1, 1, 5, 4)] * 2] * 3, causal=True)
     with pytest.raises(ValueError, match="strategy must be one of"):
         context_parallel_attention([torch.zeros(1, 1, 2, 4)] * 3, [torch.zeros(1, 1, 2, 4)] * 3,
                                    [torch.zeros(1, 1, 2, 4)] * 3, strategy="tree")
