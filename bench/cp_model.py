@@ -67,7 +67,8 @@ def ring_step_flops(n, world, shape, mode="fwd"):
 
 def ring_hides_communication(n, world, bandwidth, tflops, shape, mode="fwd"):
     """Whether one step's send takes no longer than its computation."""
-    return ring_step_bytes(n, world, shape, mode) / bandwidth <= ring_step_flops(n, world, shape, mode) / (tflops * 1e12)
+    send_s = ring_step_bytes(n, world, shape, mode) / bandwidth
+    return send_s <= ring_step_flops(n, world, shape, mode) / (tflops * 1e12)
 
 
 def ring_hiding_length(world, bandwidth, tflops, shape, mode="fwd"):

@@ -155,7 +155,6 @@ def _worker(rank, world, port, tasks, results):
     # Before anything imports `kernels`: the Triton interpreter, and one thread per process
     # (the ranks share two cores).
     os.environ["TRITON_INTERPRET"] = "1"
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     import datetime
 

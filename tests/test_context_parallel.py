@@ -164,28 +164,28 @@ CP_CASES = [
     CPCase(2, "ring", True, 2, 2, f32),  # the zigzag schedule at its smallest
     CPCase(2, "ring", True, 4, 2, bf16, transposed_grad=True),  # GQA sent as is; the backward gets a strided dO
     CPCase(2, "ring", False, 2, 2, f16, return_lse=True),  # the lse's gradient joins each step's delta
-    CPCase(2, "ring", False, 4, 2, f32, batch=2),
+    CPCase(2, "ring", False, 4, 2, f32, batch=2),  # batch 2: every shard and message keeps the batch dimension
     CPCase(2, "ulysses", True, 2, 2, f32, transposed_grad=True),  # the all-to-all of a transposed gradient
     CPCase(2, "ulysses", True, 4, 2, bf16),  # Hkv divisible by the world: kv heads split, not copied
     CPCase(2, "ulysses", False, 2, 1, f32),  # MQA: the one kv head replicated up to the world size
-    CPCase(2, "ulysses", False, 4, 2, f16, return_lse=True),
+    CPCase(2, "ulysses", False, 4, 2, f16, return_lse=True),  # the lse's all-to-all and its gradient
     # A group of one rank: no message at all.
     CPCase(1, "ring", True, 4, 2, f32),
     CPCase(1, "ulysses", True, 2, 1, f32),
     # Four ranks.
-    CPCase(4, "ring", True, 2, 2, f32, chunk=2),
+    CPCase(4, "ring", True, 2, 2, f32, chunk=2),  # both kinds of zigzag step (earlier and later shards)
     CPCase(4, "ring", True, 4, 2, f16, chunk=2, transposed_grad=True),
-    CPCase(4, "ring", False, 4, 1, bf16, chunk=2),
-    CPCase(4, "ring", False, 4, 2, f32, chunk=2, return_lse=True),
+    CPCase(4, "ring", False, 4, 1, bf16, chunk=2),  # MQA: one kv head travels
+    CPCase(4, "ring", False, 4, 2, f32, chunk=2, return_lse=True),  # dK/dV accumulators make 4 hops
     CPCase(4, "ulysses", True, 4, 4, f32, chunk=2, head_dim=24),  # a head dim that is not a power of two
     CPCase(4, "ulysses", True, 4, 2, bf16, chunk=2, transposed_grad=True),  # Hkv 2 < 4: each kv head twice
     CPCase(4, "ulysses", False, 4, 1, f16, chunk=2),  # MQA over 4 ranks: four copies
-    CPCase(4, "ulysses", False, 4, 4, f32, chunk=2, return_lse=True),
+    CPCase(4, "ulysses", False, 4, 4, f32, chunk=2, return_lse=True),  # one head per rank
     # Three of the four ranks (a subgroup without rank 0): 6 zigzag chunks.
-    CPCase(3, "ring", True, 2, 1, f32),
+    CPCase(3, "ring", True, 2, 1, f32),  # an odd ring: group ranks 0..2 are global ranks 1..3
     CPCase(3, "ring", False, 3, 3, bf16),
     CPCase(3, "ulysses", True, 3, 1, f32),  # one kv head replicated to 3
-    CPCase(3, "ulysses", False, 6, 3, f16, transposed_grad=True),
+    CPCase(3, "ulysses", False, 6, 3, f16, transposed_grad=True),  # Hkv 3 divisible by the world: no copies
 ]
 POOL_OF = {1: 2, 2: 2, 3: 4, 4: 4}  # which pool runs a world size (3 and 1 are subgroups)
 
