@@ -9,3 +9,4 @@ from .attention import (
     MultiQueryAttention,
     SelfAttention,
 )
+from .llama import Llama

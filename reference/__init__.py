@@ -14,3 +14,6 @@ from .multi_head import (
     split_heads,
 )
 from .gqa import GroupedQueryAttention, MultiQueryAttention, apply_rope, rope_tables, rotate_half
+from .decode import append_kv, decode_attention
+from .kv_cache import KVCache
+from .llama import Llama, LlamaConfig, RMSNorm, SwiGLU
