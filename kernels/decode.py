@@ -82,59 +82,6 @@ NUM_WARPS, NUM_STAGES = 4, 2  # GPU launch; one fixed config (not autotuned, not
 
 
 @triton.jit
-def _decode_inner(acc, l_i, m_i, q, K_BASE, V_BASE, BT_ROW, stride_kb, stride_kn, stride_kk,
-                  stride_vb, stride_vn, stride_vk, stride_btn, offs_i, offs_n, offs_d, qk_scale, lo, hi, seqlen, N_Q,
-                  HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  PAGED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Walk keys [lo, hi) one BLOCK_N tile at a time, updating the online-softmax state.
-
-    The update is `_attn_fwd_inner`'s; what differs is where a key row lives
-    (a block of the pool when PAGED) and the causal limit, per sequence.
-    """
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        cur_n = start_n + offs_n
-        if PAGED:
-            # Key n lives in block block_table[b, n // BLOCK_SIZE], row n % BLOCK_SIZE. Rows past
-            # the sequence's end load block 0 (never read: their K and V loads are masked).
-            if MASKED:
-                block = tl.load(BT_ROW + (cur_n // BLOCK_SIZE) * stride_btn, mask=cur_n < seqlen, other=0)
-            else:
-                block = tl.load(BT_ROW + (cur_n // BLOCK_SIZE) * stride_btn)
-            block = block.to(tl.int64)
-            k_rows = block * stride_kb + (cur_n % BLOCK_SIZE) * stride_kn
-            v_rows = block * stride_vb + (cur_n % BLOCK_SIZE) * stride_vn
-        else:
-            k_rows = cur_n.to(tl.int64) * stride_kn
-            v_rows = cur_n.to(tl.int64) * stride_vn
-        k = _load_tile(K_BASE + k_rows[:, None] + offs_d[None, :] * stride_kk, cur_n, seqlen, offs_d, HEAD_DIM,
-                       MASKED, PAD_D, UPCAST)
-        # qk = (q @ k.T) * qk_scale, in base-2 units.            (BLOCK_M, BLOCK_N)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            visible = cur_n[None, :] < seqlen
-            if IS_CAUSAL:
-                visible = visible & (cur_n[None, :] <= offs_i[:, None] + (seqlen - N_Q))
-            qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        if MASKED:
-            # A row that has seen no visible key keeps m = -inf: subtract 0 instead (no NaN).
-            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new_safe = m_new
-        p = tl.math.exp2(qk - m_new_safe[:, None])
-        # alpha rescales what was accumulated under the old maximum m_i.
-        alpha = tl.math.exp2(m_i - m_new_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(V_BASE + v_rows[:, None] + offs_d[None, :] * stride_vk, cur_n, seqlen, offs_d, HEAD_DIM,
-                       MASKED, PAD_D, UPCAST)
-        acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=tl.float32)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-@triton.jit
 def _decode_split_kv(Q, K, V, SEQLENS, BLOCK_TABLE, O_PART, LSE_PART, qk_scale,
                      stride_qz, stride_qh, stride_qm, stride_qk,
                      stride_kz, stride_kh, stride_kn, stride_kk,
@@ -185,19 +132,41 @@ def _decode_split_kv(Q, K, V, SEQLENS, BLOCK_TABLE, O_PART, LSE_PART, qk_scale,
         k_base = K + off_z * stride_kz + off_kvh * stride_kh
         v_base = V + off_z * stride_vz + off_kvh * stride_vh
     bt_row = BLOCK_TABLE + off_z * stride_btz
-    # Keys below unmasked_end are seen by every query (causal: j <= seqlen - N_Q + i holds for i = 0),
-    # so whole tiles below it need no mask. Clamp before dividing: the interpreter floors a negative
-    # quotient where the GPU truncates it.
-    unmasked_end = seqlen - N_Q + 1 if IS_CAUSAL else seqlen
-    full_end = lo + tl.maximum(0, tl.minimum(hi, unmasked_end) - lo) // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = _decode_inner(acc, l_i, m_i, q, k_base, v_base, bt_row, stride_kz, stride_kn, stride_kk,
-                                  stride_vz, stride_vn, stride_vk, stride_btn, offs_i, offs_n, offs_d, qk_scale,
-                                  lo, full_end, seqlen, N_Q, HEAD_DIM, PAD_D, BLOCK_N, BLOCK_SIZE, PAGED,
-                                  IS_CAUSAL, False, UPCAST, DOT_PRECISION)
-    acc, l_i, m_i = _decode_inner(acc, l_i, m_i, q, k_base, v_base, bt_row, stride_kz, stride_kn, stride_kk,
-                                  stride_vz, stride_vn, stride_vk, stride_btn, offs_i, offs_n, offs_d, qk_scale,
-                                  full_end, hi, seqlen, N_Q, HEAD_DIM, PAD_D, BLOCK_N, BLOCK_SIZE, PAGED,
-                                  IS_CAUSAL, True, UPCAST, DOT_PRECISION)
+    # The online softmax of `_attn_fwd_inner`. Every tile is masked: the step is bound by memory,
+    # so the few integer ops per score cost nothing next to the K and V loads (the prefill
+    # kernel, bound by compute, runs its full tiles without a mask instead).
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cur_n = start_n + offs_n
+        in_seq = cur_n < seqlen
+        if PAGED:
+            # Key n lives in block block_table[b, n // BLOCK_SIZE], row n % BLOCK_SIZE. Rows past
+            # the sequence's end look up nothing: their K and V loads are masked too.
+            block = tl.load(bt_row + (cur_n // BLOCK_SIZE) * stride_btn, mask=in_seq, other=0).to(tl.int64)
+            k_rows = block * stride_kz + (cur_n % BLOCK_SIZE) * stride_kn
+            v_rows = block * stride_vz + (cur_n % BLOCK_SIZE) * stride_vn
+        else:
+            k_rows = cur_n.to(tl.int64) * stride_kn
+            v_rows = cur_n.to(tl.int64) * stride_vn
+        k = _load_tile(k_base + k_rows[:, None] + offs_d[None, :] * stride_kk, cur_n, seqlen, offs_d, HEAD_DIM,
+                       True, PAD_D, UPCAST)
+        # qk = (q @ k.T) * qk_scale, in base-2 units.            (BLOCK_M, BLOCK_N)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        visible = in_seq[None, :]
+        if IS_CAUSAL:  # bottom-right, per sequence: query i sees keys j <= seqlen - N_Q + i
+            visible = visible & (cur_n[None, :] <= offs_i[:, None] + (seqlen - N_Q))
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row that has seen no visible key keeps m = -inf: subtract 0 instead (no NaN).
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_new_safe[:, None])
+        # alpha rescales what was accumulated under the old maximum m_i.
+        alpha = tl.math.exp2(m_i - m_new_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_base + v_rows[:, None] + offs_d[None, :] * stride_vk, cur_n, seqlen, offs_d, HEAD_DIM,
+                       True, PAD_D, UPCAST)
+        acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        m_i = m_new
 
     # A row that saw no key of this split (an empty split, or keys all past its causal limit)
     # leaves o_s = 0 and lse_s = -inf: it weighs exp(-inf) = 0 in the merge.
