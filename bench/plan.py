@@ -9,6 +9,7 @@ float64 reference, no time). Suites:
     softmax    rows of length N: torch.softmax, the naive reference, Triton
     modules    the seed's MultiHeadAttentionWrapper vs EfficientMHA, and the
                Triton-backed modules.MultiHeadAttention
+    decode     one query against a KV cache: us per step, GB/s (bench/decode_suite.py)
 
 On the CPU, Triton runs under its interpreter, which is about a thousand times
 slower than a GPU: its rows are correctness checks at one tiny size, never timed.
@@ -21,7 +22,7 @@ import torch
 from . import providers
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SUITES = ("attention", "memory", "softmax", "modules")
+SUITES = ("attention", "memory", "softmax", "modules", "decode")
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -257,4 +258,8 @@ def build_jobs(args, device_type):
             jobs += [Job("attention", "check", p, mode, check) for p in checked for mode in check_modes]
         for case in cases:
             jobs += [Job("attention", "time", p, mode, case) for p in timed for mode in preset.modes]
+
+    if "decode" in suites:
+        from .decode_suite import decode_jobs  # it imports this module: import it once this one is loaded
+        jobs += decode_jobs(args, device_type)
     return jobs, preset

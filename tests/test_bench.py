@@ -99,7 +99,7 @@ def test_cpu_plan_never_times_triton():
     jobs = _jobs(["--providers", "naive", "triton", "sdpa-flash"], "cpu")
     triton = [j for j in jobs if "triton" in j.provider]
     assert triton and all(j.kind == "check" for j in triton)
-    assert {j.suite for j in jobs} == {"attention", "softmax", "modules"}  # no memory suite off the GPU
+    assert {j.suite for j in jobs} == {"attention", "softmax", "modules", "decode"}  # no memory suite off the GPU
 
 
 def test_gpu_plan_is_the_standard_sweep():
