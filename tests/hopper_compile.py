@@ -29,9 +29,11 @@ HOPPER = GPUTarget("cuda", 90, 32)
 fwd = importlib.import_module("kernels.flash_fwd")
 bwd = importlib.import_module("kernels.flash_bwd")
 sm = importlib.import_module("kernels.softmax")
+dec = importlib.import_module("kernels.decode")
 
-FP32_POINTERS = {"LSE", "DELTA"}
-INT_ARGS = {"H_Q", "H_KV", "GROUP_SIZE", "N_Q", "N_K", "N_COLS"}
+FP32_POINTERS = {"LSE", "DELTA", "O_PART", "LSE_PART"}
+INT32_POINTERS = {"SEQLENS", "BLOCK_TABLE"}
+INT_ARGS = {"H_Q", "H_KV", "GROUP_SIZE", "N_Q", "N_K", "N_COLS", "NUM_ROWS", "NUM_SPLITS"}
 FLOAT_ARGS = {"qk_scale", "sm_scale"}
 
 
@@ -49,7 +51,8 @@ def compile_for_hopper(kernel, constexprs, num_warps, num_stages, dtype="bf16"):
         elif name in FLOAT_ARGS:
             signature[name] = "fp32"
         else:
-            signature[name] = "*fp32" if name in FP32_POINTERS else f"*{dtype}"
+            signature[name] = ("*fp32" if name in FP32_POINTERS else "*i32" if name in INT32_POINTERS
+                               else f"*{dtype}")
     divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
                  if signature[name] != "constexpr" and (signature[name].startswith("*") or name.startswith("stride"))}
     source = ASTSource(fn=kernel, signature=signature, attrs=divisible,
@@ -65,6 +68,12 @@ def attention_constexprs(block_m, block_n, head_dim=128, causal=True):
                 BLOCK_N=block_n, IS_CAUSAL=causal, UPCAST=False, DOT_PRECISION="tf32", ACC_DTYPE=tl.float32)
 
 
+def decode_constexprs(paged, head_dim=128, block_m=16):
+    """The decode kernel as the launcher specialises it for bf16 (GQA 4, Nq 1 packs 16 rows)."""
+    return dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, BLOCK_M=block_m, BLOCK_N=dec._block_n(head_dim, 2),
+                BLOCK_SIZE=16 if paged else 1, PAGED=paged, IS_CAUSAL=True, UPCAST=False, DOT_PRECISION="tf32")
+
+
 def main():
     jobs = {
         "fwd d128 causal": (fwd._attn_fwd, attention_constexprs(128, 64), 8, 3),
@@ -74,6 +83,10 @@ def main():
         "bwd_dq d128 causal": (bwd._attn_bwd_dq, attention_constexprs(128, 32), 4, 3),
         "bwd_preprocess d128": (bwd._attn_bwd_preprocess, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=64), 4, 1),
         "softmax": (sm._softmax_online, dict(BLOCK_N=4096), 8, 1),
+        "decode contiguous d128": (dec._decode_split_kv, decode_constexprs(False), dec.NUM_WARPS, dec.NUM_STAGES),
+        "decode paged d128": (dec._decode_split_kv, decode_constexprs(True), dec.NUM_WARPS, dec.NUM_STAGES),
+        "decode merge d128": (dec._decode_merge, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_R=dec.MERGE_BLOCK_R),
+                              dec.NUM_WARPS, 1),
     }
     only = sys.argv[1:]
     for name, (kernel, constexprs, warps, stages) in jobs.items():

@@ -38,4 +38,14 @@ def test_attention_kernels_are_pipelined_and_use_wgmma(compiled, kernel):
 
 @pytest.mark.slow
 def test_helper_kernels_compile(compiled):
-    assert {"bwd_preprocess d128", "softmax"} <= compiled.keys()
+    assert {"bwd_preprocess d128", "softmax", "decode merge d128"} <= compiled.keys()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["decode contiguous d128", "decode paged d128"])
+def test_decode_kernel_is_pipelined(compiled, kernel):
+    """16 packed rows are too few for wgmma (64 per warp group): mma is expected; the loads must pipeline,
+    the paged ones too (their addresses come from the block table)."""
+    row = compiled[kernel]
+    assert row["async_copies"] > 0, f"{kernel}: K/V loads are not pipelined: {row}"
+    assert row["shared_bytes"] <= H100_SHARED_MEMORY_BYTES, f"{kernel}: does not fit in shared memory: {row}"
