@@ -96,8 +96,19 @@ GENERATE_PROMPT_LENGTHS, GENERATE_NEW_TOKENS = (5, 12, 8, 3), 8  # a few seconds
 
 def generate_demo(device):
     """Greedy generation three ways on one random Llama; tokens/s of each, and whether they agree."""
-    if device.type != "cuda":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of `kernels`
+    if device.type == "cuda":
+        return _generate(device)
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of `kernels`
+    # The model is tiny: every op is a few microseconds of work, and a thread pool only adds waiting.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _generate(device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _generate(device):
     import modules
     from reference import Llama, LlamaConfig
 
@@ -120,8 +131,8 @@ def generate_demo(device):
         tokens = model.generate(prompts, GENERATE_NEW_TOKENS, use_cache=use_cache)
         synchronize(device)
         rate = tokens.numel() / (time.perf_counter() - start)
-        note = " (Triton interpreter on the CPU: not a speed figure)" if label.startswith("triton") and \
-            device.type != "cuda" else ""
+        interpreted = label.startswith("triton") and device.type != "cuda"
+        note = " (Triton interpreter on the CPU: not a speed figure)" if interpreted else ""
         print(f"{label}: {rate:.1f} tokens/s{note}")
         outputs.append(tokens)
     print("First sequence's new tokens:", outputs[-1][0].tolist())
