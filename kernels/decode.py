@@ -23,10 +23,11 @@ time is the bytes of K and V read divided by the memory bandwidth, and a
 decode kernel is judged in GB/s, not TFLOP/s.
 
 The prefill kernel, `_attn_fwd`, is the wrong shape for that. It puts the
-single query row in a 64-row tile (63 rows of padding), and it launches one
-program per (batch, query head): at B = 1, Hq = 32, 32 programs for 132
-SMs, each reading its kv head's whole cache alone, and each kv head read
-once per query head of its group. Three changes make the reads count:
+single query row in a 64- or 128-row tile (all rows but one are padding),
+and it launches one program per (batch, query head): at B = 1, Hq = 32, 32
+programs for 132 SMs, each reading its kv head's whole cache alone, and each
+kv head read once per query head of its group. Three changes make the reads
+count:
 
 1. GQA packing. One program takes all Hq / Hkv query heads of a kv group
    and all Nq queries at once: rows = group * Nq (row r is query r % Nq of
@@ -54,6 +55,12 @@ the block up per key row of a tile (BLOCK_N small int loads, cached), so a
 tile may span blocks and block_size (any power of two from 16) and BLOCK_N
 are independent. The pools are read through their strides: vLLM's
 (num_blocks, block_size, Hkv, D) pool passes as a permuted view, no copy.
+`append_kv`, which writes new rows into either layout, is plain PyTorch
+indexing, shared with reference/decode.py.
+
+Reading order: `_decode_split_kv` (one split of one kv group's keys), then
+`_decode_merge`, then the launch choices (tile sizes, `choose_num_splits`),
+`_decode_fwd` (checks done, buffers, grids) and `decode_attention`.
 """
 import math
 
@@ -262,6 +269,8 @@ def choose_num_splits(programs: int, max_seqlen: int, num_sms: int) -> int:
     leave MIN_KEYS_PER_SPLIT keys each, and never more than MAX_SPLITS.
     """
     limit = max(1, min(MAX_SPLITS, -(-max_seqlen // MIN_KEYS_PER_SPLIT)))
+    if programs < 1:
+        return 1
     efficiency = []
     for s in range(1, limit + 1):
         waves = programs * s / num_sms
@@ -323,6 +332,7 @@ def _decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, causal, sm_scal
     if num_rows == 0:
         return o, lse
     paged = block_table is not None
+    cache_seqlens = cache_seqlens.contiguous()  # the kernel reads it with unit stride
     head_dim_pad = _head_dim_pad(head_dim)
     block_m = _block_m(group * n_q)
     block_n = _block_n(head_dim_pad, q.element_size())

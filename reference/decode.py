@@ -112,7 +112,7 @@ def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table=None):
         raise ValueError(f"q has batch {q.shape[0]} but cache_seqlens has {batch} sequences")
     if q.shape[3] != head_dim:
         raise ValueError(f"q has head_dim {q.shape[3]} but k_cache has {head_dim}")
-    if q.shape[1] % h_kv != 0:
+    if h_kv == 0 or q.shape[1] % h_kv != 0:
         raise ValueError(f"the number of query heads ({q.shape[1]}) must be a multiple of the number of kv heads "
                          f"({h_kv})")
     if q.shape[2] < 1:
@@ -154,6 +154,8 @@ def append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=None):
                              f"got {tuple(t.shape)}")
         if t.device != k_cache.device:
             raise ValueError(f"{name} is on {t.device} but k_cache is on {k_cache.device}")
+        if t.dtype != k_cache.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but the cache has {k_cache.dtype}")
     if k_new.shape != v_new.shape:
         raise ValueError(f"k_new and v_new must have the same shape, got {tuple(k_new.shape)} and "
                          f"{tuple(v_new.shape)}")
@@ -167,8 +169,8 @@ def append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=None):
     rows, slots = _positions_and_blocks(cache_seqlens, n_new, block_table, block_size)
     # Two index tensors around a slice: the indexed view is (B, Nnew, Hkv, D).
     # (B, Hkv, Nnew, D) -> (B, Nnew, Hkv, D)
-    k_cache[rows, :, slots] = k_new.transpose(1, 2).to(k_cache.dtype)
-    v_cache[rows, :, slots] = v_new.transpose(1, 2).to(v_cache.dtype)
+    k_cache[rows, :, slots] = k_new.transpose(1, 2)
+    v_cache[rows, :, slots] = v_new.transpose(1, 2)
     return new_seqlens
 
 

@@ -105,7 +105,7 @@ def test_append_kv_writes_each_sequence_at_its_length(paged, device):
 def test_append_kv_checks_capacity_and_blocks(device):
     k = v = torch.zeros(2, 1, 8, 4, device=device)
     new = torch.zeros(2, 1, 3, 4, device=device)
-    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 7: appending 3 token\(s\) passes the cache's capacity of 8"):
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 7: appending 3 token\(s\) passes .* capacity of 8"):
         append_kv(k, v, new, new, torch.tensor([0, 7], device=device))
     pool = torch.zeros(4, 1, 16, 4, device=device)
     table = torch.tensor([[0, 1], [2, 9]], dtype=torch.int32, device=device)  # 9 is not a block of 4
@@ -113,6 +113,8 @@ def test_append_kv_checks_capacity_and_blocks(device):
         append_kv(pool, pool, new, new, torch.tensor([0, 15], device=device), table)
     with pytest.raises(ValueError, match="k_new must have shape"):
         append_kv(k, v, new[:, :, :, :2], new, torch.tensor([0, 0], device=device))
+    with pytest.raises(TypeError, match="v_new has dtype torch.float16 but the cache has torch.float32"):
+        append_kv(k, v, new, new.half(), torch.tensor([0, 0], device=device))
 
 
 # ----------------------------------------------------------------------------
