@@ -6,7 +6,8 @@ import torch
 
 import modules
 import reference
-from reference.llama import LlamaConfig
+from conftest import DEVICE
+from reference.llama import LlamaConfig, right_pad
 from tests.helpers import assert_close_to_reference
 
 D_MODEL, CONTEXT = 48, 64
@@ -81,8 +82,8 @@ NEW_TOKENS = 64
 @pytest.fixture(scope="module")
 def llama_pair():
     torch.manual_seed(0)
-    naive = reference.Llama(LlamaConfig()).eval()  # fp32, 2 layers of width 64, 4 heads over 2 kv heads
-    fast = modules.Llama(LlamaConfig(), backend="triton").eval()
+    naive = reference.Llama(LlamaConfig()).to(DEVICE).eval()  # fp32, 2 layers of width 64, 4 heads over 2 kv heads
+    fast = modules.Llama(LlamaConfig(), backend="triton").to(DEVICE).eval()
     fast.load_state_dict(naive.state_dict())
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, naive.config.vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
@@ -117,7 +118,7 @@ def test_greedy_choices_are_not_near_ties(llama_pair):
     naive, _, prompts, expected = llama_pair
     sequences = [p + e for p, e in zip(prompts, expected.tolist())]
     with torch.no_grad():
-        logits = naive(reference.llama.right_pad(sequences))
+        logits = naive(right_pad(sequences, device=DEVICE))
     for b, n in enumerate(PROMPT_LENGTHS):
         top2 = logits[b, n - 1:n - 1 + NEW_TOKENS].topk(2, dim=-1).values  # (steps, 2)
         margin = (top2[:, 0] - top2[:, 1]).min().item()

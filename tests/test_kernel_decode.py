@@ -133,10 +133,13 @@ def _expect(error, match, *args, **kwargs):
 
 def test_lengths_outside_the_cache_are_refused():
     q, k, v, seqlens, _ = _inputs(n_q=3)
-    _expect(ValueError, r"cache_seqlens\[1\] = 46 is outside \[3, 45\]", q, k, v, torch.tensor([20, 46]))
-    _expect(ValueError, r"cache_seqlens\[0\] = 2 is outside \[3, 45\]", q, k, v, torch.tensor([2, 40]))
+    def lengths(*n):
+        return torch.tensor(n, device=DEVICE)
+
+    _expect(ValueError, r"cache_seqlens\[1\] = 46 is outside \[3, 45\]", q, k, v, lengths(20, 46))
+    _expect(ValueError, r"cache_seqlens\[0\] = 2 is outside \[3, 45\]", q, k, v, lengths(2, 40))
     q, k, v, seqlens, table = _inputs(paged=True)
-    _expect(ValueError, r"cache_seqlens\[0\] = 65 is outside \[1, 64\]", q, k, v, torch.tensor([65, 40]), table)
+    _expect(ValueError, r"cache_seqlens\[0\] = 65 is outside \[1, 64\]", q, k, v, lengths(65, 40), table)
 
 
 def test_block_index_out_of_the_pool_is_refused():
@@ -170,7 +173,8 @@ def test_shapes_and_limits_are_checked():
     _expect(ValueError, "q must have rank 4", q[0], k, v, seqlens)
     _expect(ValueError, "k_cache and v_cache must have the same shape", q, k, v[:, :, :10], seqlens)
     _expect(ValueError, "q has batch 1 but cache_seqlens has 2", q[:1], k, v, seqlens)
-    _expect(ValueError, "k_cache holds 2 sequences but cache_seqlens has 3", q, k, v, torch.tensor([20, 40, 1]))
+    _expect(ValueError, "k_cache holds 2 sequences but cache_seqlens has 3", q, k, v,
+            torch.tensor([20, 40, 1], device=DEVICE))
     _expect(ValueError, "q has head_dim 16 but k_cache has 8", q, k[..., :8], v[..., :8], seqlens)
     _expect(ValueError, r"multiple of the number of kv heads", q[:, :3], k, v, seqlens)
     _expect(ValueError, "cache_seqlens must have rank 1", q, k, v, seqlens[:, None])
