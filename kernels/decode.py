@@ -44,7 +44,9 @@ count:
        lse = log sum_s exp(lse_s)        o = sum_s exp(lse_s - lse) o_s.
    It walks the splits with the online softmax of `_attn_fwd` (running max
    m_i, normaliser l_i, accumulator acc), the lse_s in the role of scores
-   and the o_s in the role of values: the same algebra, one level up.
+   and the o_s in the role of values: the same algebra, one level up. With
+   a single split (a large batch fills the GPU alone) the split kernel
+   writes the output itself and the merge is not launched.
 
 Paged caches
 ------------
@@ -94,14 +96,17 @@ def _decode_split_kv(Q, K, V, SEQLENS, BLOCK_TABLE, O_PART, LSE_PART, qk_scale,
                      stride_kz, stride_kh, stride_kn, stride_kk,
                      stride_vz, stride_vh, stride_vn, stride_vk,
                      stride_btz, stride_btn,
-                     H_KV, GROUP_SIZE, N_Q, NUM_ROWS, NUM_SPLITS,
+                     stride_ops, stride_opz, stride_oph, stride_opm, stride_opk, stride_lps,
+                     H_KV, GROUP_SIZE, N_Q, NUM_SPLITS,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, IS_CAUSAL: tl.constexpr,
                      UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program: one split of one (sequence, kv head)'s keys, for BLOCK_M packed rows of its query group.
 
     stride_kz/stride_vz step one sequence (contiguous) or one block of the pool (PAGED).
-    Writes the split's normalised partial output and its natural-log lse (-inf where it saw no key).
+    Writes the split's normalised partial output and its natural-log lse (-inf where it saw no key)
+    into O_PART[split] (B, Hq, Nq, D) and LSE_PART[split] (B, Hq, Nq, contiguous); with a single
+    split they are the final o (any strides, any dtype) and lse, and no merge runs.
     """
     off_zh = tl.program_id(0)
     split = tl.program_id(1)
@@ -183,9 +188,12 @@ def _decode_split_kv(Q, K, V, SEQLENS, BLOCK_TABLE, O_PART, LSE_PART, qk_scale,
     # The group's rows are consecutive in the flattened (B, Hq, Nq) order: the first is (b, kvh * group, 0).
     rows = (off_z * H_KV + off_kvh) * num_group_rows + offs_m
     row_mask = offs_m < num_group_rows
-    tl.store(LSE_PART + split * NUM_ROWS + rows, lse, mask=row_mask)
-    o_ptrs = O_PART + (split * NUM_ROWS + rows)[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(o_ptrs, acc / l_safe[:, None], mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
+    split = split.to(tl.int64)
+    tl.store(LSE_PART + split * stride_lps + rows, lse, mask=row_mask)
+    o_ptrs = (O_PART + split * stride_ops + off_z * stride_opz + offs_h[:, None] * stride_oph
+              + offs_i[:, None] * stride_opm + offs_d[None, :] * stride_opk)
+    tl.store(o_ptrs, (acc / l_safe[:, None]).to(O_PART.dtype.element_ty),
+             mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit
@@ -318,6 +326,7 @@ def _decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, causal, sm_scal
 
     o, lse and the fp32 partials o_part (num_splits, B, Hq, Nq, D), lse_part
     (num_splits, B, Hq, Nq) may be passed in (tests pass NaN-filled buffers).
+    With one split there is nothing to merge: the kernel writes o and lse itself.
     """
     batch, h_q, n_q, head_dim = q.shape
     h_kv = k_cache.shape[1]
@@ -325,12 +334,16 @@ def _decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, causal, sm_scal
     num_rows = batch * h_q * n_q
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device) if o is None else o
     lse = torch.empty((batch, h_q, n_q), dtype=torch.float32, device=q.device) if lse is None else lse
+    if num_rows == 0:
+        return o, lse
+    # The interpreter's fp32 -> bf16 store truncates: write fp32 there and let PyTorch round (below).
+    out = o if _stores_round_to_nearest(q.dtype) else torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    if num_splits == 1:  # the one split's output is the result: (B, Hq, Nq, D) -> (1, B, Hq, Nq, D) views
+        o_part, lse_part = out[None], lse[None]
     if o_part is None:
         o_part = torch.empty((num_splits, batch, h_q, n_q, head_dim), dtype=torch.float32, device=q.device)
     if lse_part is None:
         lse_part = torch.empty((num_splits, batch, h_q, n_q), dtype=torch.float32, device=q.device)
-    if num_rows == 0:
-        return o, lse
     paged = block_table is not None
     cache_seqlens = cache_seqlens.contiguous()  # the kernel reads it with unit stride
     head_dim_pad = _head_dim_pad(head_dim)
@@ -343,18 +356,18 @@ def _decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, causal, sm_scal
     grid = (batch * h_kv, num_splits, triton.cdiv(group * n_q, block_m))
     _decode_split_kv[grid](
         q, k_cache, v_cache, cache_seqlens, table, o_part, lse_part, sm_scale * LOG2E.value,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *table_strides,
-        h_kv, group, n_q, num_rows, num_splits,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *table_strides, *o_part.stride(), lse_part.stride(0),
+        h_kv, group, n_q, num_splits,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_SIZE=k_cache.shape[2] if paged else 1, PAGED=paged, IS_CAUSAL=causal,
         UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
-    out = o if _stores_round_to_nearest(q.dtype) else torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    _decode_merge[(triton.cdiv(num_rows, MERGE_BLOCK_R),)](
-        o_part, lse_part, out, lse, *out.stride(), h_q, n_q, num_rows, num_splits,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_R=MERGE_BLOCK_R, num_warps=NUM_WARPS,
-    )
+    if num_splits > 1:
+        _decode_merge[(triton.cdiv(num_rows, MERGE_BLOCK_R),)](
+            o_part, lse_part, out, lse, *out.stride(), h_q, n_q, num_rows, num_splits,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_R=MERGE_BLOCK_R, num_warps=NUM_WARPS,
+        )
     if out is not o:
         o.copy_(out)  # PyTorch's fp32 -> bf16 cast rounds to nearest, as the GPU's store does
     return o, lse

@@ -67,6 +67,18 @@ def test_public_api_int64_indices_and_custom_scale(device):
                                                                      sm_scale=0.3))
 
 
+@pytest.mark.parametrize("num_splits", [1, 3], ids=["written-by-the-split-kernel", "written-by-the-merge"])
+def test_bf16_output_is_rounded_to_nearest(num_splits, device):
+    """The fp32 result is far more exact than bf16, so rounding it to nearest gives the float64 result
+    rounded to bf16 almost everywhere; truncation (the interpreter's own cast) would match half the time."""
+    q, k, v, seqlens, _ = DECODE_CASES[0].make_inputs(torch.bfloat16, device)
+    with torch.no_grad():
+        o = decode_attention(q, k, v, seqlens, num_splits=num_splits)
+    rounded = ref.decode_attention(q, k, v, seqlens, dtype=torch.float64).to(torch.bfloat16)
+    agree = (o == rounded).double().mean().item()
+    assert agree > 0.95, f"only {agree:.0%} of the outputs are the float64 result rounded to bf16"
+
+
 def test_num_splits_heuristic():
     # B = 1, 8 kv heads at 128k keys: 8 programs cannot fill 132 SMs, so split.
     assert choose_num_splits(8, 128 * 1024, 132) > 8
