@@ -1,14 +1,19 @@
 """The seed's demos: run each attention module once, then time the MHA wrapper against SDPA.
 
-    python demo.py [--self_attn] [--causal_attn] [--mha] [--gqa] [--efficient_mha]
+    python demo.py [--self_attn] [--causal_attn] [--mha] [--gqa] [--efficient_mha] [--generate]
 
 With no flag every demo runs. Each demo prints the output shape of its module
 on a seeded (batch 1, 6 tokens) input. --mha and --efficient_mha also time
 MultiHeadAttentionWrapper (num_heads separate heads) against EfficientMHA
 (fused qkv + F.scaled_dot_product_attention), on CUDA when present, else on
-the CPU, in the seed's configuration and in a larger one.
+the CPU, in the seed's configuration and in a larger one. --generate runs
+greedy generation on a small random Llama (reference/llama.py): recomputing
+everything, with the reference's KV cache, and on the Triton kernels with a
+KV cache (flash_attention for the prefill, decode_attention per token),
+printing tokens/s for each and whether all three produced the same tokens.
 """
 import argparse
+import os
 import time
 
 import torch
@@ -85,6 +90,55 @@ def time_wrapper_vs_efficient(device):
         print(f"Wrapper time / Efficient time: {wrapper_ms / efficient_ms:.1f}x")
 
 
+# --generate: a batch of prompts of different lengths, greedy, on the default LlamaConfig.
+GENERATE_PROMPT_LENGTHS, GENERATE_NEW_TOKENS = (5, 12, 3), 8  # a few seconds under the interpreter
+
+
+def generate_demo(device):
+    """Greedy generation three ways on one random Llama; tokens/s of each, and whether they agree."""
+    if device.type == "cuda":
+        return _generate(device)
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of `kernels`
+    # The model is tiny: every op is a few microseconds of work, and a thread pool only adds waiting.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _generate(device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _generate(device):
+    import modules
+    from reference import Llama, LlamaConfig
+
+    torch.manual_seed(SEED)
+    config = LlamaConfig()
+    naive = Llama(config).to(device).eval()
+    fast = modules.Llama(config, backend="triton").to(device).eval()
+    fast.load_state_dict(naive.state_dict())
+    prompts = [torch.randint(0, config.vocab_size, (n,)).tolist() for n in GENERATE_PROMPT_LENGTHS]
+    print(f"Generate: Llama-3-shaped, {config.num_layers} layers, d_model {config.d_model}, {config.num_heads} heads "
+          f"over {config.num_kv_groups} kv heads, vocab {config.vocab_size}, random weights, fp32, on {device.type}; "
+          f"{len(prompts)} prompts of {', '.join(map(str, GENERATE_PROMPT_LENGTHS))} tokens, "
+          f"{GENERATE_NEW_TOKENS} new tokens each, greedy")
+    runs = [("naive, no cache (recompute)", naive, False), ("reference, KV cache", naive, True),
+            ("triton, KV cache", fast, True)]
+    outputs = []
+    for label, model, use_cache in runs:
+        synchronize(device)
+        start = time.perf_counter()
+        tokens = model.generate(prompts, GENERATE_NEW_TOKENS, use_cache=use_cache)
+        synchronize(device)
+        rate = tokens.numel() / (time.perf_counter() - start)
+        interpreted = label.startswith("triton") and device.type != "cuda"
+        note = " (Triton interpreter on the CPU: not a speed figure)" if interpreted else ""
+        print(f"{label}: {rate:.1f} tokens/s{note}")
+        outputs.append(tokens)
+    print("First sequence's new tokens:", outputs[-1][0].tolist())
+    print("Same tokens on every backend:", all(torch.equal(t, outputs[0]) for t in outputs))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--self_attn", action="store_true", help="SelfAttention (V2)")
@@ -92,8 +146,9 @@ def main(argv=None):
     parser.add_argument("--mha", action="store_true", help="MultiHeadAttentionWrapper, plus the timing")
     parser.add_argument("--gqa", action="store_true", help="GroupedQueryAttention (Llama 3)")
     parser.add_argument("--efficient_mha", action="store_true", help="EfficientMHA (SDPA), plus the timing")
+    parser.add_argument("--generate", action="store_true", help="greedy generation on a small Llama, tokens/s")
     args = parser.parse_args(argv)
-    flags = ("self_attn", "causal_attn", "mha", "gqa", "efficient_mha")
+    flags = ("self_attn", "causal_attn", "mha", "gqa", "efficient_mha", "generate")
     if not any(getattr(args, flag) for flag in flags):
         for flag in flags:
             setattr(args, flag, True)
@@ -117,8 +172,11 @@ def main(argv=None):
             out = EfficientMHA(D_IN, D_OUT, NUM_TOKENS, DROPOUT, NUM_HEADS)(x)
             print("Efficient MHA output: ", out.shape, "num_heads: ", NUM_HEADS)
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.mha or args.efficient_mha:
-        time_wrapper_vs_efficient(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        time_wrapper_vs_efficient(device)
+    if args.generate:
+        generate_demo(device)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     timing.py     do_bench on the GPU, a wall-clock median on the CPU; extra memory
     providers.py  who is measured: naive, SDPA per backend, flex, triton, flash_attn; softmax; modules
     plan.py       cases, presets per device, the job list
+    decode_suite.py  one query against a KV cache: cases, providers (copy, SDPA, flex, ours), plot
     sweep.py      runs the jobs; failures become statuses
     report.py     terminal table, CSV, markdown, plots
     overhead.py   the host cost of one flash_attention call at a tiny shape

@@ -10,9 +10,10 @@ float64 reference, no time). Suites:
     modules    the seed's MultiHeadAttentionWrapper vs EfficientMHA, and the
                Triton-backed modules.MultiHeadAttention
     overhead   the host cost of one flash_attention call at a tiny shape (bench/overhead.py)
+    decode     one query against a KV cache: us per step, GB/s (bench/decode_suite.py)
 
 Order of a run: attention correctness rows, timed attention (Triton and the
-SDPA backends), the host cost of one call, FlexAttention (slow to compile),
+SDPA backends), the host cost of one call, decoding, FlexAttention (slow to compile),
 then memory, softmax and modules: under a time budget, what matters most runs
 first.
 
@@ -27,7 +28,7 @@ import torch
 from . import providers
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SUITES = ("attention", "memory", "softmax", "modules", "overhead")
+SUITES = ("attention", "memory", "softmax", "modules", "overhead", "decode")
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -290,4 +291,8 @@ def build_jobs(args, device_type):
         case = ModuleCase(batch, n, d_model, heads, dtype)
         modules += [Job("modules", "time", p, mode, case) for mode in preset.module_modes for p in module_timed]
 
-    return attention + overhead + flex + memory + softmax + modules, preset
+    decode = []
+    if "decode" in suites:
+        from .decode_suite import decode_jobs  # it imports this module: import it once this one is loaded
+        decode = decode_jobs(args, device_type)
+    return attention + overhead + decode + flex + memory + softmax + modules, preset

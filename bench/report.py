@@ -28,7 +28,7 @@ from .timing import NOT_MEASURED
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = {"attention": "sdpa-flash", "memory": "sdpa-flash", "softmax": "torch", "modules": "wrapper",
-            "overhead": "sdpa"}
+            "overhead": "sdpa", "decode": "sdpa-flash"}
 CONTEXT_COLUMNS = ["device", "torch", "triton", "commit", "date"]
 COLUMNS = ["suite", "kind", "provider", "mode", "shape", "dtype", "batch", "heads_q", "heads_kv", "n", "head_dim",
            "causal", "rows", "d_model", "status", "time_ms", "tflops", "gbps", "ratio", "extra_mib", "max_err",
@@ -187,6 +187,10 @@ def _columns(suite):
         return first + [("GB/s", "gbps", _num(".1f")), (f"vs {base}", "ratio", _ratio)] + memory
     if suite == "modules":
         return first + [(f"vs {base}", "ratio", _ratio)] + memory
+    if suite == "decode":
+        us = lambda v: "" if v is None else (v if isinstance(v, str) else f"{v * 1e3:.1f}")  # noqa: E731
+        return first + [("us/step", "time_ms", us), ("GB/s", "gbps", _num(".1f")),
+                        (f"vs {base}", "ratio", _ratio)] + memory
     return first + [("TFLOP/s", "tflops", _num(".3g")), (f"vs {base}", "ratio", _ratio)] + memory
 
 
@@ -252,7 +256,8 @@ def markdown_report(records, ctx):
              f"| host load (1-min average) | {ctx['load']} at the start, {ctx.get('load_end', 'unknown')} at the end |",
              "",
              "FLOPs follow FlashAttention's convention: 4·B·Hq·N²·D for the forward pass, x0.5 when causal, "
-             "x2.5 for the backward pass, x3.5 for both. Softmax GB/s counts the row read once and written once. "
+             "x2.5 for the backward pass, x3.5 for both. Softmax GB/s counts the row read once and written once; "
+             "decode GB/s counts K and V read once (copy: read and written). "
              "`vs <provider>` is that provider's time divided by this row's (above 1: faster). "
              "Extra memory is the peak allocated during one call minus what was allocated before it "
              f"(\"{NOT_MEASURED}\" off the GPU). Rows marked \"correctness only\" were not timed: they give the max "
@@ -392,7 +397,10 @@ def write_outputs(records, ctx, out_dir, plots=True):
     if plots:
         import matplotlib
         matplotlib.use("Agg")
-        for kind, plot in (("attention", plot_attention), ("memory", plot_memory), ("softmax", plot_softmax)):
+        from .decode_suite import plot_decode
+
+        for kind, plot in (("attention", plot_attention), ("memory", plot_memory), ("softmax", plot_softmax),
+                           ("decode", plot_decode)):
             try:
                 written = plot(records, ctx, os.path.join(out_dir, file_name(ctx, kind, "png")))
             except Exception as exc:  # noqa: BLE001 - a broken plot must not lose the tables

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import providers
+from . import decode_suite, providers
 from .flops import attention_flops, tflops_per_s
 from .plan import AttentionCase, ModuleCase, OverheadCase, SoftmaxCase
 from .timing import extra_memory_mib, free_memory, synchronize
@@ -148,7 +148,8 @@ def _build_module(job, device):
     return mode_call(lambda: module(x), job.mode, list(module.parameters()))
 
 
-BUILDERS = {AttentionCase: _build_attention, SoftmaxCase: _build_softmax, ModuleCase: _build_module}
+BUILDERS = {AttentionCase: _build_attention, SoftmaxCase: _build_softmax, ModuleCase: _build_module,
+            decode_suite.DecodeCase: decode_suite.build}
 
 
 # ----------------------------------------------------------------------------
@@ -193,7 +194,8 @@ def _check_module(job, device):
         return max_abs_error(module.eval()(x), reference(x.double()))
 
 
-CHECKERS = {AttentionCase: _check_attention, SoftmaxCase: _check_softmax, ModuleCase: _check_module}
+CHECKERS = {AttentionCase: _check_attention, SoftmaxCase: _check_softmax, ModuleCase: _check_module,
+            decode_suite.DecodeCase: decode_suite.check}
 
 
 # ----------------------------------------------------------------------------
@@ -243,6 +245,8 @@ def _throughput(result):
         # Effective bandwidth: the row read once and written once, the least any softmax must move.
         nbytes = 2 * case.rows * case.n * torch.empty((), dtype=case.dtype).element_size()
         result.gbps = nbytes / (result.time_ms * 1e-3) / 1e9
+    elif isinstance(case, decode_suite.DecodeCase):
+        result.gbps = decode_suite.bytes_moved(job) / (result.time_ms * 1e-3) / 1e9
     elif hasattr(case, "flops"):  # the window and varlen suites count their own work (visible pairs, real tokens)
         result.tflops = tflops_per_s(case.flops(job.mode), result.time_ms)
 

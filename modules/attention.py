@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import reference
-from kernels import flash_attention
+from kernels import decode_attention, flash_attention
 
 BACKENDS = ("triton", "sdpa", "naive")
 
@@ -121,6 +121,17 @@ class FusedQKVMultiHeadAttention(_KernelBacked, reference.FusedQKVMultiHeadAtten
 
 class GroupedQueryAttention(_KernelBacked, reference.GroupedQueryAttention):
     """reference.GroupedQueryAttention (Llama 3, RoPE) with a `backend` argument; K/V heads are never repeated."""
+
+    def attend_cached(self, queries, keys, values, cache):
+        """triton: a prefill (empty cache) runs flash_attention on its own tokens, a later step of up to
+        16 tokens runs decode_attention on the cache; the other backends use the reference's plain math."""
+        if self.backend != "triton":
+            return super().attend_cached(queries, keys, values, cache)
+        prefill = cache.is_empty
+        cache.append(keys, values)
+        if prefill:
+            return flash_attention(queries, keys, values, causal=True)
+        return decode_attention(queries, cache.k, cache.v, cache.seqlens, cache.block_table, causal=True)
 
 
 class MultiQueryAttention(_KernelBacked, reference.MultiQueryAttention):

@@ -16,3 +16,6 @@ from .multi_head import (
 )
 from .gqa import GroupedQueryAttention, MultiQueryAttention, apply_rope, rope_tables, rotate_half
 from .model_variants import SinkAttention, SlidingWindowAttention, SoftCappedAttention
+from .decode import append_kv, decode_attention
+from .kv_cache import KVCache
+from .llama import Llama, LlamaConfig, RMSNorm, SwiGLU

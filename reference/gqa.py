@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from ._checks import check_divisible, check_tokens
 from .causal import future_mask
+from .decode import decode_attention
 from .functional import repeat_kv
 from .multi_head import merge_heads, split_heads
 from .self_attention import explicit_attention
@@ -107,7 +108,13 @@ class GroupedQueryAttention(nn.Module):
         n_q, n_k = queries.shape[-2], keys.shape[-2]
         return explicit_attention(queries, keys, values, hidden=self.mask[:n_q, :n_k], dropout=self.dropout)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
+        """x: (b, num_tokens, d_in). cache: a reference.KVCache, or None to attend within x only.
+
+        With a cache, x holds each sequence's next tokens: they are rotated at
+        their positions (tokens already cached + t), their keys and values are
+        appended, and they attend to everything cached (`attend_cached`).
+        """
         check_tokens(x, self.d_in, context_length=self.context_length)
         num_tokens = x.shape[1]
         # (b, num_tokens, d_in) -> (b, num_tokens, d_out) -> (b, num_heads, num_tokens, head_dim)
@@ -116,11 +123,36 @@ class GroupedQueryAttention(nn.Module):
         #                      -> (b, num_kv_groups, num_tokens, head_dim)
         keys = split_heads(self.k_proj(x), self.num_kv_groups)
         values = split_heads(self.v_proj(x), self.num_kv_groups)
-        # Positions enter through q and k only; the rows of the tables are token positions 0..num_tokens-1.
-        cos, sin = self.cos[:num_tokens], self.sin[:num_tokens]
+        if cache is None:
+            # Positions enter through q and k only; the rows of the tables are token positions 0..num_tokens-1.
+            cos, sin = self.cos[:num_tokens], self.sin[:num_tokens]
+        else:
+            cos, sin = self.cached_rope_tables(cache, num_tokens)
         queries, keys = apply_rope(queries, cos, sin), apply_rope(keys, cos, sin)
-        context = self.attend(queries, keys, values)  # (b, num_heads, num_tokens, head_dim)
+        if cache is None:
+            context = self.attend(queries, keys, values)  # (b, num_heads, num_tokens, head_dim)
+        else:
+            if self.training and self.dropout.p > 0:
+                raise ValueError("a KV cache is for inference: attention dropout is not applied with one; "
+                                 "call .eval() or set dropout=0.0")
+            context = self.attend_cached(queries, keys, values, cache)
         return self.o_proj(merge_heads(context))  # (b, num_tokens, d_out)
+
+    def cached_rope_tables(self, cache, num_tokens):
+        """cos, sin at each sequence's next positions: (b, num_tokens) -> (b, 1, num_tokens, head_dim)."""
+        if max(cache.lengths) + num_tokens > self.context_length:
+            raise ValueError(f"{num_tokens} new tokens after {max(cache.lengths)} cached ones pass "
+                             f"context_length ({self.context_length})")
+        positions = cache.positions(num_tokens)  # (b, num_tokens)
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def attend_cached(self, queries, keys, values, cache):
+        """Append this step's keys and values to the cache, then attend to all of it, per sequence.
+
+        Bottom-right causal: new token t of sequence b sees its cached tokens and new tokens up to t.
+        """
+        cache.append(keys, values)
+        return decode_attention(queries, cache.k, cache.v, cache.seqlens, cache.block_table, causal=True)
 
 
 class MultiQueryAttention(GroupedQueryAttention):

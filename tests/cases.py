@@ -158,4 +158,107 @@ VARIANT_CASES = [
                 why="gpt-oss: sinks with a sliding window"),
     VariantCase(_shape(1, 4, 2, 97, 70, 48), window_size=(32, 4), softcap=2.0, alibi="heads",
                 why="window, softcap and ALiBi together, as FlashAttention orders them"),
+# Decoding against a KV cache (kernels/decode.py)
+# ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DecodeCase:
+    """A decode step: Nq new queries per sequence against caches of `seqlens` keys.
+
+    block_size None is the contiguous cache; an int is a paged one, with a shuffled
+    block table, `shared_blocks` leading blocks of sequence 0 reused by sequence 1,
+    and, with `vllm_pool`, the pool stored (num_blocks, block_size, Hkv, D) and
+    passed as a permuted view. num_splits None lets the launcher choose.
+    """
+    seqlens: tuple
+    h_q: int
+    h_kv: int
+    n_q: int
+    head_dim: int
+    causal: bool
+    num_splits: int | None
+    block_size: int | None = None
+    shared_blocks: int = 0
+    vllm_pool: bool = False
+
+    @property
+    def id(self) -> str:
+        layout = "contig" if self.block_size is None else f"paged{self.block_size}"
+        if self.shared_blocks:
+            layout += f"-shared{self.shared_blocks}"
+        if self.vllm_pool:
+            layout += "-vllm"
+        lengths = "-".join(map(str, self.seqlens))
+        return (f"{layout}-n{lengths}-h{self.h_q}x{self.h_kv}-q{self.n_q}-d{self.head_dim}-"
+                f"{'causal' if self.causal else 'full'}-s{self.num_splits}")
+
+    def make_inputs(self, dtype, device, seed=0):
+        """q (a transposed view, as split_heads makes it), k_cache, v_cache, cache_seqlens, block_table.
+
+        Every cache row no sequence owns is NaN: a kernel that reads past a
+        sequence's end, or a wrong block, turns its output to NaN.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        batch, d = len(self.seqlens), self.head_dim
+        # (B, Nq, Hq, D) -> (B, Hq, Nq, D), strided like the projections' views.
+        q = torch.randn(batch, self.n_q, self.h_q, d, generator=gen).to(dtype).to(device).transpose(1, 2)
+        seqlens = torch.tensor(self.seqlens, dtype=torch.int32, device=device)
+        if self.block_size is None:
+            capacity = max(self.seqlens) + 5
+            k, v = (torch.randn(batch, self.h_kv, capacity, d, generator=gen) for _ in range(2))
+            owned = torch.arange(capacity)[None, :] < torch.tensor(self.seqlens)[:, None]  # (B, capacity)
+            for t in (k, v):
+                t.masked_fill_(~owned[:, None, :, None], float("nan"))
+            return q, k.to(dtype).to(device), v.to(dtype).to(device), seqlens, None
+        bs = self.block_size
+        blocks_per_seq = [-(-n // bs) for n in self.seqlens]
+        num_blocks = sum(blocks_per_seq) + 3  # three spare blocks, never referenced
+        order = torch.randperm(num_blocks, generator=gen).tolist()
+        table = torch.full((batch, max(blocks_per_seq) + 1), -1, dtype=torch.int32)  # -1 past the end: never read
+        for b, n_blocks in enumerate(blocks_per_seq):
+            table[b, :n_blocks] = torch.tensor([order.pop() for _ in range(n_blocks)])
+        if self.shared_blocks:  # prefix sharing: sequence 1 starts with sequence 0's blocks
+            table[1, :self.shared_blocks] = table[0, :self.shared_blocks]
+        shape = (num_blocks, bs, self.h_kv, d) if self.vllm_pool else (num_blocks, self.h_kv, bs, d)
+        k_pool, v_pool = (torch.randn(shape, generator=gen) for _ in range(2))
+        owned = torch.zeros(num_blocks, bs, dtype=torch.bool)
+        for b, n in enumerate(self.seqlens):
+            rows = torch.arange(n)
+            owned[table[b, rows // bs].long(), rows % bs] = True
+        mask = owned[:, :, None, None] if self.vllm_pool else owned[:, None, :, None]
+        for t in (k_pool, v_pool):
+            t.masked_fill_(~mask, float("nan"))
+        k_pool, v_pool = k_pool.to(dtype).to(device), v_pool.to(dtype).to(device)
+        if self.vllm_pool:  # (num_blocks, bs, Hkv, D) -> (num_blocks, Hkv, bs, D), a view
+            k_pool, v_pool = k_pool.permute(0, 2, 1, 3), v_pool.permute(0, 2, 1, 3)
+        return q, k_pool, v_pool, seqlens, table.to(device)
+
+
+# Under the interpreter BLOCK_N is 64 (32 when a key row passes 256 bytes: fp32 with D > 64,
+# D = 256), and a split is ceil(n / num_splits) keys rounded up to a tile.
+DECODE_CASES = [
+    # Ragged lengths in one batch: one key, less than a tile, several tiles with a ragged tail,
+    # and 1000 keys over 3 splits of 384 (the last one short).
+    DecodeCase(seqlens=(1, 7, 300, 1000), h_q=8, h_kv=2, n_q=1, head_dim=64, causal=True, num_splits=3),
+    # The same lengths paged in blocks of 16 with a shuffled table (a tile spans four blocks),
+    # the launcher's own split count, a head dim that is not a power of two, no mask.
+    DecodeCase(seqlens=(1, 7, 300, 1000), h_q=8, h_kv=2, n_q=1, head_dim=40, causal=False, num_splits=None,
+               block_size=16),
+    # A cache of exactly one block; GQA 8 with Nq 16 packs 128 rows: two row blocks of 64.
+    DecodeCase(seqlens=(64,), h_q=16, h_kv=2, n_q=16, head_dim=128, causal=True, num_splits=1, block_size=64),
+    # Lengths ending exactly on block edges (48, 128) and one past an edge (17); MQA; Nq 3 without
+    # the causal mask; fp32 at D 80 takes 32-key tiles.
+    DecodeCase(seqlens=(48, 128, 17), h_q=4, h_kv=1, n_q=3, head_dim=80, causal=False, num_splits=2, block_size=16),
+    # Prefix sharing: sequence 1's first 4 blocks are sequence 0's; MHA (group 1); the largest head dim.
+    DecodeCase(seqlens=(100, 130), h_q=2, h_kv=2, n_q=3, head_dim=256, causal=True, num_splits=3, block_size=16,
+               shared_blocks=4),
+    # vLLM's pool layout (num_blocks, block_size, Hkv, D) read through a permuted view, no copy.
+    DecodeCase(seqlens=(70, 33), h_q=8, h_kv=2, n_q=1, head_dim=128, causal=True, num_splits=2, block_size=64,
+               vllm_pool=True),
+    # More splits than tiles: of 8 splits, 2 hold keys of the 100-key sequence and 1 of the
+    # 20-key one; the rest are empty and must weigh nothing in the merge. Head dim 1.
+    DecodeCase(seqlens=(100, 20), h_q=8, h_kv=2, n_q=3, head_dim=1, causal=True, num_splits=8),
+    # Nq 16, causal, with a sequence of exactly 16 keys: query i sees keys 0..i only.
+    DecodeCase(seqlens=(16, 33), h_q=4, h_kv=2, n_q=16, head_dim=16, causal=True, num_splits=2),
+    # Nq 16 without the mask: every query sees every key.
+    DecodeCase(seqlens=(40, 16), h_q=2, h_kv=2, n_q=16, head_dim=16, causal=False, num_splits=1),
 ]

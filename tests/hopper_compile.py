@@ -50,14 +50,22 @@ fwd = importlib.import_module("kernels.flash_fwd")
 bwd = importlib.import_module("kernels.flash_bwd")
 sm = importlib.import_module("kernels.softmax")
 tune = importlib.import_module("kernels.autotune")
+dec = importlib.import_module("kernels.decode")
 
 KERNELS = {"fwd": fwd._attn_fwd, "bwd_dkdv": bwd._attn_bwd_dkdv, "bwd_dq": bwd._attn_bwd_dq,
-           "bwd_preprocess": bwd._attn_bwd_preprocess, "softmax": sm._softmax_online}
+           "bwd_preprocess": bwd._attn_bwd_preprocess, "softmax": sm._softmax_online,
+           "decode": dec._decode_split_kv, "decode_merge": dec._decode_merge}
 TRITON_DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32", "fp64": "fp64"}
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
-ACCUMULATOR_POINTERS = {"LSE", "DELTA"}  # fp32 (fp64 for fp64 inputs), whatever the input dtype
-INT_ARGS = {"H_Q", "H_KV", "GROUP_SIZE", "N_Q", "N_K", "N_COLS"}
-FLOAT_ARGS = {"qk_scale", "sm_scale"}
+# fp32 (fp64 for fp64 inputs), whatever the input dtype: softmax statistics, the fused backward's dQ,
+# decode's partial outputs.
+ACCUMULATOR_POINTERS = {"LSE", "DELTA", "DQ", "O_PART", "LSE_PART"}
+FP32_POINTERS = {"SINKS", "ALIBI_SLOPES"}
+INT32_POINTERS = {"CU_SEQLENS_Q", "CU_SEQLENS_K", "SEQLENS", "BLOCK_TABLE"}
+INT64_POINTERS = {"SEED"}
+INT_ARGS = {"H_Q", "H_KV", "GROUP_SIZE", "N_Q", "N_K", "N_COLS", "NUM_ROWS", "NUM_SPLITS", "HEADS_PER_PROGRAM",
+            "window_left", "window_right"}
+FLOAT_ARGS = {"qk_scale", "sm_scale", "softcap", "dropout_p"}
 PTXAS_USAGE = {"registers": r"Used (\d+) registers", "stack_frame": r"(\d+) bytes stack frame",
                "spill_stores": r"(\d+) bytes spill stores", "spill_loads": r"(\d+) bytes spill loads"}
 
@@ -107,7 +115,9 @@ def compile_for_hopper(kernel, constexprs, num_warps, num_stages, dtype="bf16"):
         elif name in FLOAT_ARGS:
             signature[name] = "fp32"
         else:
-            signature[name] = f"*{accumulator}" if name in ACCUMULATOR_POINTERS else f"*{TRITON_DTYPES[dtype]}"
+            signature[name] = (f"*{accumulator}" if name in ACCUMULATOR_POINTERS else "*fp32" if name in FP32_POINTERS
+                               else "*i32" if name in INT32_POINTERS else "*i64" if name in INT64_POINTERS
+                               else f"*{TRITON_DTYPES[dtype]}")
     divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
                  if signature[name] != "constexpr" and (signature[name].startswith("*") or name.startswith("stride"))}
     source = ASTSource(fn=kernel, signature=signature, attrs=divisible,
@@ -123,7 +133,10 @@ def attention_constexprs(block_m, block_n, head_dim=128, causal=True, dtype="bf1
     low_precision = dtype in ("fp16", "bf16")
     return dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m,
                 BLOCK_N=block_n, IS_CAUSAL=causal, UPCAST=False, DOT_PRECISION="tf32" if low_precision else "ieee",
-                ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32)
+                ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32,
+                # The plain kernel: every variant switched off (they add a few instructions per tile).
+                HAS_WINDOW=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_SINKS=False, HAS_DROPOUT=False,
+                IS_VARLEN=False, FUSED_DQ=False)
 
 
 # The (dtype, head dim, causal) variants whose autotune configs the sm_90 test compiles: 46 configs.
@@ -157,6 +170,14 @@ HELPER_JOBS = [
      "constexprs": {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_M": tune._PREPROCESS_BLOCK_M}},
     {"job": "softmax", "kernel": "softmax", "dtype": "bf16", "warps": 8, "stages": 1,
      "constexprs": {"BLOCK_N": 4096}},
+    *[{"job": f"decode {'paged' if paged else 'contiguous'} d128", "kernel": "decode", "dtype": "bf16",
+       "warps": dec.NUM_WARPS, "stages": dec.NUM_STAGES,
+       # The launcher's bf16 specialisation: GQA 4 with one new token packs 16 rows.
+       "constexprs": dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=16, BLOCK_N=dec._block_n(128, 2),
+                          BLOCK_SIZE=16 if paged else 1, PAGED=paged, IS_CAUSAL=True, UPCAST=False,
+                          DOT_PRECISION="tf32")} for paged in (False, True)],
+    {"job": "decode merge d128", "kernel": "decode_merge", "dtype": "bf16", "warps": dec.NUM_WARPS, "stages": 1,
+     "constexprs": dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_R=dec.MERGE_BLOCK_R)},
 ]
 
 

@@ -130,7 +130,7 @@ def test_cpu_plan_never_times_triton():
     assert triton and all(j.kind == "check" for j in triton)
     # The host-cost rows time the Python around no-op kernels, never the interpreter.
     assert {j.provider for j in jobs if j.suite == "overhead"} == {"triton-noop", "sdpa"}
-    assert {j.suite for j in jobs} == {"attention", "softmax", "modules", "overhead"}  # no memory suite off the GPU
+    assert {j.suite for j in jobs} == {"attention", "softmax", "modules", "overhead", "decode"}  # no memory suite off the GPU
 
 
 def test_gpu_plan_is_the_standard_sweep():

@@ -16,10 +16,13 @@ LINES = {
     "--mha": ["MHA wrapper output:  torch.Size([1, 6, 256]) num_heads:  32"],
     "--gqa": ["GQA output:  torch.Size([1, 6, 256]) num_heads:  32 num_kv_groups:  8"],
     "--efficient_mha": ["Efficient MHA output:  torch.Size([1, 6, 256]) num_heads:  32"],
+    "--generate": ["Same tokens on every backend: True"],
 }
 TIMED = {"--mha", "--efficient_mha"}
 # Two configurations, each with a wrapper and an efficient time in ms.
 TIME_LINE = re.compile(r"^MHA (Wrapper|Efficient) Average time:  (\d+\.\d+)  ms", re.MULTILINE)
+# --generate: naive, reference with a cache, triton with a cache.
+TOKENS_LINE = re.compile(r"^(?:naive|reference|triton), .*: (\d+\.\d) tokens/s", re.MULTILINE)
 
 
 def run_demo(*flags):
@@ -50,6 +53,9 @@ def test_each_flag_runs_its_demo_only(flag):
         if other != flag:
             assert not any(line in out for line in lines), f"demo.py {flag} also ran {other}:\n{out}"
     assert_timing(out, flag in TIMED)
+    if flag == "--generate":
+        rates = TOKENS_LINE.findall(out)
+        assert len(rates) == 3 and all(float(r) > 0 for r in rates), f"expected three tokens/s figures:\n{out}"
 
 
 def test_no_flag_runs_every_demo():

@@ -85,3 +85,14 @@ def test_helper_kernels_compile(compiled):
     assert {"bwd_preprocess d128", "softmax"} <= compiled.keys()
     for name in ("bwd_preprocess d128", "softmax"):
         assert compiled[name]["spill_stores"] == 0, compiled[name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", ["decode contiguous d128", "decode paged d128"])
+def test_decode_kernel_is_pipelined(compiled, job):
+    """16 packed rows are too few for wgmma (64 per warp group): mma is expected; the loads must pipeline,
+    the paged ones too (their addresses come from the block table)."""
+    row = compiled[job]
+    assert row["async_copies"] > 0, f"{job}: K/V loads are not pipelined: {row}"
+    assert row["shared_bytes"] <= H100_SHARED_MEMORY_BYTES, f"{job}: does not fit in shared memory: {row}"
+    assert row["spill_stores"] == 0, f"{job}: spills registers: {row}"

@@ -1,0 +1,254 @@
+"""Decoding attention over a KV cache, in plain PyTorch: the twin of kernels/decode.py.
+
+During generation each step brings a few new tokens (usually one) per
+sequence, and their queries attend to every key cached so far. The cache
+holds, for a batch of B sequences of different lengths, K and V in one of
+two layouts:
+
+    contiguous  k_cache, v_cache: (B, Hkv, N_max, D); sequence b uses rows 0..n_b-1
+    paged       k_cache, v_cache: pools of (num_blocks, Hkv, block_size, D) blocks;
+                block_table (B, max_blocks_per_seq): logical block j of sequence b
+                is physical block block_table[b, j]; key n of b lives in
+                block block_table[b, n // block_size], row n % block_size
+
+cache_seqlens (B,) counts the valid keys of each sequence, the Nq new ones
+included: they are appended (`append_kv`) before attending. Causal masking
+is bottom-right per sequence: query i of sequence b sees key j when
+j <= cache_seqlens[b] - Nq + i.
+
+Split-KV, the idea the kernel is built on, written plainly: cut a sequence's
+keys into chunks, attend to each chunk on its own (a partial output o_s,
+normalised over the chunk, and the log-sum-exp lse_s of its scores), then
+merge. Since o_s = sum_{j in s} exp(x_j - lse_s) v_j, the full softmax is
+
+    lse = log(sum_s exp(lse_s))        o = sum_s exp(lse_s - lse) o_s
+
+exactly the online softmax's rescaling, with one "score" lse_s per chunk.
+"""
+import math
+
+import torch
+
+from .functional import repeat_kv
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+# ----------------------------------------------------------------------------
+# The contract: shapes, dtypes and devices, then the lengths and block indices
+# ----------------------------------------------------------------------------
+def _index_tensor(t, name, rank):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must have dtype torch.int32 or torch.int64, got {t.dtype}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank}, got shape {tuple(t.shape)}")
+
+
+def check_cache(k_cache, v_cache, cache_seqlens, block_table=None):
+    """Check the cache's layout (no data read). Returns (batch, h_kv, capacity, head_dim, block_size or None)."""
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            what = "(num_blocks, Hkv, block_size, D)" if block_table is not None else "(B, Hkv, N_max, D)"
+            raise ValueError(f"{name} must have rank 4 {what}, got shape {tuple(t.shape)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
+                         f"and {tuple(v_cache.shape)}")
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"v_cache has dtype {v_cache.dtype} but k_cache has {k_cache.dtype}")
+    _index_tensor(cache_seqlens, "cache_seqlens", 1)
+    for name, t in (("v_cache", v_cache), ("cache_seqlens", cache_seqlens)):
+        if t.device != k_cache.device:
+            raise ValueError(f"{name} is on {t.device} but k_cache is on {k_cache.device}")
+    batch = cache_seqlens.shape[0]
+    h_kv, head_dim = k_cache.shape[1], k_cache.shape[3]
+    if block_table is None:
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"k_cache holds {k_cache.shape[0]} sequences but cache_seqlens has {batch}")
+        return batch, h_kv, k_cache.shape[2], head_dim, None
+    _index_tensor(block_table, "block_table", 2)
+    if block_table.device != k_cache.device:
+        raise ValueError(f"block_table is on {block_table.device} but k_cache is on {k_cache.device}")
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table has {block_table.shape[0]} rows but cache_seqlens has {batch} sequences")
+    block_size = k_cache.shape[2]
+    return batch, h_kv, block_table.shape[1] * block_size, head_dim, block_size
+
+
+def check_lengths(cache_seqlens, capacity, least=0, block_table=None, num_blocks=None, block_size=None):
+    """Check every length against [least, capacity] and every block a sequence uses against the pool.
+
+    Reads the data, so on a GPU it waits for it (one device-to-host copy per
+    tensor). Returns the lengths as a list of ints.
+    """
+    lengths = cache_seqlens.tolist()
+    for b, n in enumerate(lengths):
+        if not least <= n <= capacity:
+            raise ValueError(f"cache_seqlens[{b}] = {n} is outside [{least}, {capacity}]: it must count at least "
+                             f"the {least} new token(s) and at most the cache's capacity of {capacity}")
+    if block_table is not None and block_table.numel():
+        # Only the blocks that hold keys are read; the rest of a row may be padding (-1, say).
+        blocks_used = (cache_seqlens.to(torch.int64) + block_size - 1) // block_size  # (B,)
+        used = torch.arange(block_table.shape[1], device=block_table.device) < blocks_used[:, None]
+        bad = used & ((block_table < 0) | (block_table >= num_blocks))
+        if bad.any():
+            b, j = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is not a block of the pool "
+                             f"(k_cache has {num_blocks} blocks)")
+    return lengths
+
+
+def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table=None):
+    """Check q against the cache (shapes, dtype, device). Returns check_cache's tuple."""
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q must have rank 4 (B, Hq, Nq, D), got shape {tuple(q.shape)}")
+    batch, h_kv, capacity, head_dim, block_size = check_cache(k_cache, v_cache, cache_seqlens, block_table)
+    if q.shape[0] != batch:
+        raise ValueError(f"q has batch {q.shape[0]} but cache_seqlens has {batch} sequences")
+    if q.shape[3] != head_dim:
+        raise ValueError(f"q has head_dim {q.shape[3]} but k_cache has {head_dim}")
+    if h_kv == 0 or q.shape[1] % h_kv != 0:
+        raise ValueError(f"the number of query heads ({q.shape[1]}) must be a multiple of the number of kv heads "
+                         f"({h_kv})")
+    if q.shape[2] < 1:
+        raise ValueError("q must hold at least one query token (q.shape[2] >= 1)")
+    if k_cache.dtype != q.dtype:
+        raise TypeError(f"k_cache has dtype {k_cache.dtype} but q has {q.dtype}; q and the cache must share one dtype")
+    if k_cache.device != q.device:
+        raise ValueError(f"k_cache is on {k_cache.device} but q is on {q.device}; q and the cache must share a device")
+    return batch, h_kv, capacity, head_dim, block_size
+
+
+# ----------------------------------------------------------------------------
+# Writing into the cache, reading a sequence back out
+# ----------------------------------------------------------------------------
+def _positions_and_blocks(cache_seqlens, n_new, block_table, block_size):
+    """Where the n_new rows of each sequence go: (row index tensors into the cache's dims 0 and 2)."""
+    # (B, 1) + (1, n_new) -> (B, n_new): logical positions n_b, n_b + 1, ...
+    positions = cache_seqlens.to(torch.int64)[:, None] + torch.arange(n_new, device=cache_seqlens.device)
+    if block_table is None:
+        seqs = torch.arange(cache_seqlens.shape[0], device=cache_seqlens.device)[:, None].expand_as(positions)
+        return seqs, positions
+    blocks = block_table.to(torch.int64).gather(1, positions // block_size)  # (B, n_new) physical blocks
+    return blocks, positions % block_size
+
+
+def append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=None):
+    """Write k_new, v_new (B, Hkv, Nnew, D) into the cache after each sequence's cache_seqlens[b] keys.
+
+    Works in place on either layout, through any strides (a permuted view of
+    a (num_blocks, block_size, Hkv, D) pool included). Returns the new
+    lengths, cache_seqlens + Nnew, in cache_seqlens's dtype.
+    """
+    batch, h_kv, capacity, head_dim, block_size = check_cache(k_cache, v_cache, cache_seqlens, block_table)
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (batch, h_kv, head_dim):
+            raise ValueError(f"{name} must have shape ({batch}, {h_kv}, Nnew, {head_dim}) to match the cache, "
+                             f"got {tuple(t.shape)}")
+        if t.device != k_cache.device:
+            raise ValueError(f"{name} is on {t.device} but k_cache is on {k_cache.device}")
+        if t.dtype != k_cache.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but the cache has {k_cache.dtype}")
+    if k_new.shape != v_new.shape:
+        raise ValueError(f"k_new and v_new must have the same shape, got {tuple(k_new.shape)} and "
+                         f"{tuple(v_new.shape)}")
+    n_new = k_new.shape[2]
+    for b, n in enumerate(cache_seqlens.tolist()):
+        if not 0 <= n <= capacity - n_new:
+            raise ValueError(f"cache_seqlens[{b}] = {n}: appending {n_new} token(s) passes the cache's capacity "
+                             f"of {capacity}" if n >= 0 else f"cache_seqlens[{b}] = {n} is negative")
+    new_seqlens = cache_seqlens + n_new
+    check_lengths(new_seqlens, capacity, 0, block_table, k_cache.shape[0], block_size)
+    rows, slots = _positions_and_blocks(cache_seqlens, n_new, block_table, block_size)
+    # Two index tensors around a slice: the indexed view is (B, Nnew, Hkv, D).
+    # (B, Hkv, Nnew, D) -> (B, Nnew, Hkv, D)
+    k_cache[rows, :, slots] = k_new.transpose(1, 2)
+    v_cache[rows, :, slots] = v_new.transpose(1, 2)
+    return new_seqlens
+
+
+def gather_cache(cache, seq, length, block_table=None):
+    """The first `length` rows of sequence `seq`, as a contiguous (Hkv, length, D) tensor."""
+    if block_table is None:
+        return cache[seq, :, :length]
+    block_size = cache.shape[2]
+    blocks = block_table[seq, :(length + block_size - 1) // block_size].to(torch.int64)
+    pages = cache[blocks]  # (blocks, Hkv, block_size, D)
+    h_kv, head_dim = cache.shape[1], cache.shape[3]
+    # (blocks, Hkv, block_size, D) -> (Hkv, blocks, block_size, D) -> (Hkv, blocks * block_size, D)
+    return pages.transpose(0, 1).reshape(h_kv, -1, head_dim)[:, :length]
+
+
+# ----------------------------------------------------------------------------
+# Attention: per chunk, the merge, and the whole decode step
+# ----------------------------------------------------------------------------
+def chunk_attention(q, k, v, n_keys, lo, hi, causal, sm_scale):
+    """Attention of q (Hq, Nq, D) to keys [lo, hi) of k, v (Hkv, n_keys, D), normalised over that chunk.
+
+    Returns (o_s (Hq, Nq, D), lse_s (Hq, Nq)); a row that sees no key of the
+    chunk gets o_s = 0 and lse_s = -inf, so it weighs nothing in the merge.
+    """
+    h_q, n_q = q.shape[0], q.shape[1]
+    k = repeat_kv(k[None, :, lo:hi], h_q // k.shape[0])[0]  # (Hkv, chunk, D) -> (Hq, chunk, D)
+    v = repeat_kv(v[None, :, lo:hi], h_q // v.shape[0])[0]
+    scores = (q @ k.transpose(-2, -1)) * sm_scale  # (Hq, Nq, chunk)
+    if causal:
+        keys = torch.arange(lo, hi, device=q.device)
+        queries = torch.arange(n_q, device=q.device)
+        visible = keys[None, :] <= queries[:, None] + (n_keys - n_q)  # (Nq, chunk), bottom-right
+        scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (Hq, Nq); -inf where a row sees nothing
+    weights = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
+    return weights @ v, lse
+
+
+def merge_partials(o_parts, lse_parts):
+    """Merge S partial results: o_parts (S, ..., D), lse_parts (S, ...) -> (o, lse).
+
+    lse = log sum_s exp(lse_s) and o = sum_s exp(lse_s - lse) o_s. A row
+    with every lse_s = -inf (no key anywhere) gets o = 0 and lse = -inf.
+    """
+    lse = torch.logsumexp(lse_parts, dim=0)
+    lse_safe = lse.masked_fill(lse == float("-inf"), 0.0)
+    weights = torch.exp(lse_parts - lse_safe)  # (S, ...); 0 for an empty chunk
+    return (weights[..., None] * o_parts).sum(dim=0), lse
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table=None, causal=True, sm_scale=None,
+                     return_lse=False, num_splits=None, dtype=None):
+    """Attention of q (B, Hq, Nq, D) to each sequence's cached keys; the plain twin of kernels.decode_attention.
+
+    num_splits=None attends to all keys at once; an int cuts each sequence's
+    keys into that many chunks (of ceil(n_b / num_splits) keys) and merges
+    them, as the kernel does. dtype computes in that dtype (torch.float64 for
+    the tests' reference); by default q's. Unlike the kernel, any Nq works.
+    Returns o (B, Hq, Nq, D), and with return_lse=True the natural-log lse (B, Hq, Nq).
+    """
+    batch, h_kv, capacity, head_dim, block_size = check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table)
+    n_q = q.shape[2]
+    lengths = check_lengths(cache_seqlens, capacity, n_q, block_table, k_cache.shape[0], block_size)
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
+    dtype = dtype or q.dtype
+    sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    outputs, lses = [], []
+    for b, n in enumerate(lengths):
+        k = gather_cache(k_cache, b, n, block_table).to(dtype)  # (Hkv, n, D)
+        v = gather_cache(v_cache, b, n, block_table).to(dtype)
+        qb = q[b].to(dtype)  # (Hq, Nq, D)
+        splits = num_splits or 1
+        chunk = -(-n // splits)  # ceil(n / splits): the last chunks may be short or empty
+        parts = [chunk_attention(qb, k, v, n, min(n, s * chunk), min(n, (s + 1) * chunk), causal, sm_scale)
+                 for s in range(splits)]
+        o, lse = merge_partials(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+        outputs.append(o)
+        lses.append(lse)
+    o, lse = torch.stack(outputs), torch.stack(lses)  # (B, Hq, Nq, D), (B, Hq, Nq)
+    return (o, lse) if return_lse else o
