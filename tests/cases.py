@@ -158,6 +158,10 @@ VARIANT_CASES = [
                 why="gpt-oss: sinks with a sliding window"),
     VariantCase(_shape(1, 4, 2, 97, 70, 48), window_size=(32, 4), softcap=2.0, alibi="heads",
                 why="window, softcap and ALiBi together, as FlashAttention orders them"),
+]
+
+
+# ----------------------------------------------------------------------------
 # Decoding against a KV cache (kernels/decode.py)
 # ----------------------------------------------------------------------------
 @dataclass(frozen=True)
