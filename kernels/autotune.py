@@ -65,20 +65,23 @@ def _configs(*shapes):
 # (5 to 15 s a config) and are not tuned: one small tile each, chosen
 # spill-free. Their matrix products run on CUDA cores, whose operand layouts
 # need far more registers than wgmma: a 64x32 fp32 forward tile spills 31 KB
-# at d128. fp64 at head dim 256 spills even at 16x16 (dK/dV ~330 B, dQ up to
-# 72 B): fine for what fp64 is there for (gradcheck); it fits shared memory.
+# at d128. At head dim 256 the fp32 dK/dV spills a few bytes even at 16x16 (24
+# to 36 B), and fp64 far more: fp64 with head dim > 128 is refused on a GPU
+# (kernels/flash_attention.py), so its d256 entries serve only the interpreter.
 # ----------------------------------------------------------------------------
 _FWD_CONFIGS = {
-    ("16-bit", 128): _configs((128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4),
-                              (64, 64, 4, 3), (64, 32, 4, 2)),
-    ("16-bit", 256): _configs((128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2)),
+    # 128 x 128 tiles spill a few bytes at d80 and d128 since the kernels carry the variants' switches.
+    ("16-bit", 128): _configs((128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 2)),
+    ("16-bit", 256): _configs((128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2)),
     ("fp32", 128): _configs((16, 16, 4, 2)),
     ("fp32", 256): _configs((16, 16, 4, 2)),
     ("fp64", 128): _configs((16, 16, 4, 2)),
     ("fp64", 256): _configs((16, 16, 4, 2)),
 }
 _DKDV_CONFIGS = {
-    ("16-bit", 128): _configs((16, 128, 8, 2), (16, 128, 8, 3), (16, 64, 8, 2)),
+    # 16 x 128 at 8 warps uses 254-255 registers; 3 stages, or 64 keys, spill. 16 x 32 is the
+    # spill-free fallback (mma, not wgmma: 32 key rows are too few for a warp group).
+    ("16-bit", 128): _configs((16, 128, 8, 2), (16, 32, 8, 2)),
     # At d256 every dK/dV tile wide enough for wgmma (64 keys) spills: 16x64 by 84 B (264 B on Triton
     # 3.9). 32 keys use the older mma instruction, without spills.
     ("16-bit", 256): _configs((16, 32, 8, 2), (16, 32, 8, 3)),

@@ -144,7 +144,8 @@ def attention_constexprs(block_m, block_n, head_dim=128, causal=True, dtype="bf1
 # is smaller than at 128), fp16 (the same code as bf16), causal d80 and non-causal d128 (the other
 # of each pair is here: d80 adds the padded-column masks, causal the diagonal masks). fp32 and fp64
 # at head dim 128 (spill-free too) are left out for time: an fp32 compile takes 5 to 15 s.
-VARIANTS = [("bf16", 128, True), ("bf16", 80, False), ("bf16", 256, True), ("fp32", 256, True), ("fp64", 256, True)]
+# fp64 at head dim 256 is refused on a GPU (check_flash_inputs), so it is not compiled here.
+VARIANTS = [("bf16", 128, True), ("bf16", 80, False), ("bf16", 256, True), ("fp32", 256, True)]
 
 
 def autotune_jobs(variants=VARIANTS):

@@ -19,11 +19,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 H100_SHARED_MEMORY_BYTES = 227 * 1024  # per block, opt-in maximum
-# Spill stores allowed, in bytes per thread: none, but for a few bytes of compiler noise at head dim
-# 256 and for fp64 there, whose dK/dV spills ~330 B even at 16x16 (fp64 is for gradcheck, where
-# speed does not matter).
-SPILL_LIMITS = {("16-bit", 128): 0, ("16-bit", 256): 16, ("fp32", 128): 0, ("fp32", 256): 0,
-                ("fp64", 128): 0, ("fp64", 256): 512}
+# Spill stores allowed, in bytes per thread: none at head dim <= 128; a few bytes at 256, where even
+# the smallest fp32 dK/dV tile spills 24-36 B (fp32 is not the speed path). fp64 at d256 is refused
+# on a GPU and not compiled.
+SPILL_LIMITS = {("16-bit", 128): 0, ("16-bit", 256): 16, ("fp32", 128): 0, ("fp32", 256): 64}
 
 
 @pytest.fixture(scope="module")
