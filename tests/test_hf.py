@@ -210,6 +210,19 @@ def test_decode_steps_that_decode_attention_cannot_express_stay_on_flash_attenti
     assert kernel_calls == [("flash_attention", 1)] * 4
 
 
+def test_attention_dropout_reaches_the_kernel_in_training_only(device, monkeypatch):
+    seen = []
+    original = kernels.flash_attention
+    monkeypatch.setattr(kernels, "flash_attention",
+                        lambda *args, **kwargs: seen.append(kwargs.get("dropout_p")) or original(*args, **kwargs))
+    model = build("llama", device, attention_dropout=0.25)
+    model.set_attn_implementation(hf.NAME)
+    ids = torch.randint(3, VOCAB, (1, SEQLEN), device=device)
+    model.train()(ids)
+    model.eval()(ids)
+    assert seen == [0.25] * 2 + [None] * 2
+
+
 # ----------------------------------------------------------------------------
 # Masks: the 4-D forms, and the fallback for what the kernels cannot express
 # ----------------------------------------------------------------------------
