@@ -20,7 +20,9 @@ The mask function (`playground_mask`) hands the kernels what they can use:
     a 4-D (B, 1, Nq, Nk) anything else (chunked, packed sequences, custom
                          overlays), built by transformers' own `sdpa_mask`
 It returns a padding mask only for the two patterns it recognises exactly:
-transformers' causal mask function and its sliding-window causal one. The
+transformers' causal mask function and its sliding-window causal one (with
+a window, only when each row's real tokens are contiguous: packing the
+tokens around a hole would shift the window's positions). The
 window itself reaches the kernel through the `sliding_window` argument every
 such model passes to its attention function, as for flash_attention_2:
 sliding_window W means query i sees keys i - W + 1 .. i, window_size (W - 1, 0).
@@ -32,6 +34,7 @@ The attention function (`playground_attention`) routes each call:
     a padding mask (2-D, or a 4-D mask that
       is exactly causal/window + padding)   -> modules.padding.padded_attention (the varlen kernel)
     sliding_window / softcap / s_aux        -> the kernels' window_size / softcap / sinks options
+    dropout (transformers passes 0 in eval) -> the kernels' dropout_p
     anything the kernels cannot express     -> SDPA (or, with softcap or sinks, which SDPA lacks,
       (another 4-D mask, v_head_dim != D)      plain dense math), with a one-time warning naming why
 Padded query positions come out as zeros (flash_attention_2 does the same);
