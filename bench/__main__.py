@@ -28,10 +28,10 @@ from collections import defaultdict
 
 import torch
 
-from . import varlen_suite, window_suite
+from . import hf_suite, varlen_suite, window_suite
 from .plan import SUITES, add_sweep_options, build_jobs
 
-EXTRA_SUITES = (window_suite, varlen_suite)  # each: SUITE, build_jobs(args, device_type); window: summary()
+EXTRA_SUITES = (window_suite, varlen_suite, hf_suite)  # SUITE, build_jobs(args, device_type); window/hf: summary()
 
 
 def build_parser():
@@ -121,6 +121,7 @@ def _run(jobs, device, timer, ctx, out_dir, args):
     print(f"wall time: {wall:.0f} s on {ctx['device']}\n")
     print(summary(records))
     print(window_suite.summary(records))
+    print(hf_suite.summary(records))
     return 128 + signal.Signals[stopped].value if stopped else 0
 
 
