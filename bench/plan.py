@@ -13,7 +13,7 @@ float64 reference, no time). Suites:
     decode     one query against a KV cache: us per step, GB/s (bench/decode_suite.py)
 
 Order of a run: attention correctness rows, timed attention (Triton and the
-SDPA backends), the host cost of one call, decoding, FlexAttention (slow to compile),
+SDPA backends), the host cost of one call, FlexAttention (slow to compile), decoding,
 then memory, softmax and modules: under a time budget, what matters most runs
 first.
 
@@ -295,4 +295,4 @@ def build_jobs(args, device_type):
     if "decode" in suites:
         from .decode_suite import decode_jobs  # it imports this module: import it once this one is loaded
         decode = decode_jobs(args, device_type)
-    return attention + overhead + decode + flex + memory + softmax + modules, preset
+    return attention + overhead + flex + decode + memory + softmax + modules, preset

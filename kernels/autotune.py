@@ -79,9 +79,10 @@ _FWD_CONFIGS = {
     ("fp64", 256): _configs((16, 16, 4, 2)),
 }
 _DKDV_CONFIGS = {
-    # 16 x 128 at 8 warps uses 254-255 registers; 3 stages, or 64 keys, spill. 16 x 32 is the
-    # spill-free fallback (mma, not wgmma: 32 key rows are too few for a warp group).
-    ("16-bit", 128): _configs((16, 128, 8, 2), (16, 32, 8, 2)),
+    # 16 x 128 at 8 warps uses 254-255 registers; 3 stages, or 64 keys, spill. 16 x 32 at 4 warps is
+    # the spill-free fallback (mma, not wgmma: 32 key rows are too few for a warp group; at 8 warps
+    # it spills 8 B at d80).
+    ("16-bit", 128): _configs((16, 128, 8, 2), (16, 32, 4, 2)),
     # At d256 every dK/dV tile wide enough for wgmma (64 keys) spills: 16x64 by 84 B (264 B on Triton
     # 3.9). 32 keys use the older mma instruction, without spills.
     ("16-bit", 256): _configs((16, 32, 8, 2), (16, 32, 8, 3)),
