@@ -19,7 +19,7 @@ from kernels import flash_attention, flash_attention_varlen
 from kernels.autotune import only_config
 from kernels.flash_attention import _descriptor_loads_allowed, _flash_fwd
 from kernels.runtime import INTERPRET
-from reference import naive_attention, naive_attention_varlen
+from reference import naive_attention_varlen
 from tests.cases import HOPPER_CASES, AttentionCase, dtype_params, params
 from tests.helpers import assert_close_to_reference
 from tests.test_kernel_flash_forward import check_forward

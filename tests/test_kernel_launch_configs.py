@@ -285,10 +285,11 @@ def test_hopper_options_are_offered_where_they_can_run(tuners, monkeypatch):
     # A layout TMA cannot read: rows 258 bytes apart.
     sliced = [t[..., :128] for t in AttentionCase(1, 4, 2, 2048, 2048, 129, False).make_inputs(torch.float16, "cpu")]
     assert timed_options(tuner, forward(*sliced)) == POINTERS_ONLY
-    # Head dim 256 has a descriptor config, fp32 none (one untimed config).
+    # Head dim 256 has a descriptor config, fp32 none (its one config runs untimed).
     q256, k256, v256 = AttentionCase(1, 4, 2, 2048, 2048, 256, False).make_inputs(torch.bfloat16, "cpu")
     assert timed_options(tuner, forward(q256, k256, v256)) == WITH_TMA
     assert timed_options(tuner, forward(*(t.float() for t in (q, k, v)))) == set()
+    assert hopper_options(tuner.best_config) == (False, False)
     # A pinned run takes the first config, which is never a Hopper option.
     monkeypatch.setenv(tune.PIN_CONFIGS_ENV, "1")
     forward()()
