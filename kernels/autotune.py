@@ -4,8 +4,10 @@ On a GPU each kernel is autotuned over a short, curated list of block shapes;
 under the interpreter there is no GPU to time configs on, and one fixed config
 is used. Read in this order:
 
-    config lists      per kernel, per precision and head-dim class (<= 128, 256)
+    config lists      per kernel, per precision and head-dim class (<= 128, 256); the forward's
+                      include Hopper options (descriptor loads, warp specialization)
     _prune_configs    the list for a dtype and head dim, minus tiles longer than the sequence
+                      and options the call cannot use
     _BucketedAutotuner  times the pruned list once per *tuning key* and remembers the winner
     TUNED_KERNELS, only_config   hooks for GPU tests and the tuning bench
 
@@ -33,7 +35,7 @@ from triton.runtime.autotuner import Autotuner
 
 from .flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq
 from .flash_fwd import _attn_fwd
-from .runtime import INTERPRET
+from .runtime import INTERPRET, has_tma
 
 # Under the interpreter there is no GPU to time configs on: one fixed config,
 # with blocks large enough to keep the program count (and so the run time)
@@ -44,9 +46,9 @@ _MAX_LENGTH_BUCKET = 16384  # longer sequences all share the 16k bucket: tiles o
 _PRECISIONS = {torch.float16: "16-bit", torch.bfloat16: "16-bit", torch.float32: "fp32", torch.float64: "fp64"}
 
 
-def _configs(*shapes):
-    """triton.Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples."""
-    return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+def _configs(*shapes, **options):
+    """triton.Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples, each with the constexpr `options`."""
+    return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, **options}, num_warps=warps, num_stages=stages)
             for block_m, block_n, warps, stages in shapes]
 
 
@@ -68,11 +70,25 @@ def _configs(*shapes):
 # at d128. At head dim 256 the fp32 dK/dV spills a few bytes even at 16x16 (24
 # to 36 B), and fp64 far more: fp64 with head dim > 128 is refused on a GPU
 # (kernels/flash_attention.py), so its d256 entries serve only the interpreter.
+#
+# Hopper options of the forward, last in their lists (a pinned run keeps the
+# pointer path): USE_TMA loads Q, K and V with TMA copies from tensor
+# descriptors (fewer registers: no address tiles), and WARP_SPECIALIZE, with
+# TMA, splits the key loop into a producer warp group that issues the copies
+# and two consumer warp groups of 64 query rows each (Triton's Hopper pass
+# wants num_warps = 4 for that: it adds the consumer groups itself). The
+# tuner offers TMA only where the launcher says the inputs allow it, and warp
+# specialization only to non-causal calls without a window or packed
+# sequences (see _BucketedAutotuner.prune_configs).
 # ----------------------------------------------------------------------------
+_TMA = dict(USE_TMA=True)
+_TMA_WS = dict(USE_TMA=True, WARP_SPECIALIZE=True)
 _FWD_CONFIGS = {
-    # 128 x 128 tiles spill a few bytes at d80 and d128 since the kernels carry the variants' switches.
-    ("16-bit", 128): _configs((128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 2)),
-    ("16-bit", 256): _configs((128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2)),
+    # 128 x 128 pointer-path tiles spill a few bytes at d80 and d128 since the kernels carry the variants'
+    # switches; their TMA versions (no address tiles) do not.
+    ("16-bit", 128): _configs((128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 2))
+    + _configs((128, 64, 8, 3), (128, 128, 8, 2), **_TMA) + _configs((128, 64, 4, 3), (128, 128, 4, 2), **_TMA_WS),
+    ("16-bit", 256): _configs((128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2)) + _configs((128, 64, 8, 2), **_TMA),
     ("fp32", 128): _configs((16, 16, 4, 2)),
     ("fp32", 256): _configs((16, 16, 4, 2)),
     ("fp64", 128): _configs((16, 16, 4, 2)),
@@ -106,10 +122,18 @@ def _length_bucket(n):
     return None if n is None else min(1 << (max(int(n), 1) - 1).bit_length(), _MAX_LENGTH_BUCKET)
 
 
-def _prune_configs(table, dtype, head_dim, n_q, n_k):
+def _offered(config, tma, warp_specialize):
+    """Whether a call that allows descriptor loads (`tma`) and warp specialization may use `config`."""
+    return ((tma or not config.kwargs.get("USE_TMA", False))
+            and (warp_specialize or not config.kwargs.get("WARP_SPECIALIZE", False)))
+
+
+def _prune_configs(table, dtype, head_dim, n_q, n_k, tma=False, warp_specialize=False):
     """The configs worth timing for this dtype, (padded) head dim and sequence lengths.
 
-    The dtype and head dim pick a list. Then a tile longer than its sequence
+    The dtype and head dim pick a list, less the configs with Hopper options
+    the call cannot use: descriptor loads unless `tma`, warp specialization
+    unless `warp_specialize`. Then a tile longer than its sequence
     only computes padding: BLOCK_M is pruned against N_Q (a single query row
     keeps the shortest query tiles) and BLOCK_N against N_K, each at its
     length bucket, so every length in a bucket sees the same list. A length of
@@ -117,7 +141,8 @@ def _prune_configs(table, dtype, head_dim, n_q, n_k):
     """
     if dtype not in _PRECISIONS:
         raise TypeError(f"no GPU launch configs for dtype {dtype}")
-    configs = table[(_PRECISIONS[dtype], 128 if head_dim <= 128 else 256)]
+    configs = [config for config in table[(_PRECISIONS[dtype], 128 if head_dim <= 128 else 256)]
+               if _offered(config, tma, warp_specialize)]
     shortest_m = min(config.kwargs["BLOCK_M"] for config in configs)
     shortest_n = min(config.kwargs["BLOCK_N"] for config in configs)
     rows, cols = _length_bucket(n_q), _length_bucket(n_k)
@@ -147,7 +172,7 @@ class _BucketedAutotuner(Autotuner):
                          restore_value=None)
         self.table = table
         # Constexprs, from the Python signature (JIT and interpreted kernels alike);
-        # the tuned ones (BLOCK_M, BLOCK_N) are chosen, not keyed.
+        # the tuned ones (BLOCK_M, BLOCK_N, the forward's USE_TMA and WARP_SPECIALIZE) are chosen, not keyed.
         tuned = {name for config in all_configs for name in config.kwargs}
         self.key_constexprs = [name for name, param in inspect.signature(self.base_fn).parameters.items()
                                if "constexpr" in str(param.annotation) and name not in tuned]
@@ -158,31 +183,59 @@ class _BucketedAutotuner(Autotuner):
                 tuple(value.dtype for value in args.values() if isinstance(value, torch.Tensor)),
                 tuple(args.get(name) for name in self.key_constexprs))
 
-    def prune_configs(self, kwargs):
-        """The configs to time for the call in self.nargs + kwargs: `_prune_configs`, or the only one."""
+    def prune_configs(self, kwargs, descriptors=False):
+        """The configs to time for the call in self.nargs + kwargs: `_prune_configs`, or the only one.
+
+        Descriptor-load configs are offered when the launcher says the inputs
+        allow them (`descriptors`) and the GPU has TMA; warp specialization to
+        the calls Triton's Hopper pass is made for, the plain non-causal key
+        loop: not to causal or windowed calls (their masked diagonal blocks),
+        nor to packed sequences (with their early exit, the pass fails to compile
+        the kernel in Triton 3.6).
+        """
         if len(self.configs) == 1:  # the interpreter's config, or one forced by only_config
             return list(self.configs)
         args = {**self.nargs, **kwargs}
         q = args.get("Q", next((v for v in args.values() if isinstance(v, torch.Tensor)), None))
         head_dim = args.get("HEAD_DIM_PAD", args.get("HEAD_DIM"))
-        configs = _prune_configs(self.table, q.dtype, head_dim, args.get("N_Q"), args.get("N_K"))
+        tma = descriptors and has_tma(q.device)
+        warp_specialize = not (args.get("IS_CAUSAL") or args.get("HAS_WINDOW") or args.get("IS_VARLEN"))
+        configs = _prune_configs(self.table, q.dtype, head_dim, args.get("N_Q"), args.get("N_K"), tma,
+                                 warp_specialize)
         return configs[:1] if os.environ.get(PIN_CONFIGS_ENV) == "1" else configs
 
-    def run(self, *args, **kwargs):
+    def run(self, *args, descriptors=False, **kwargs):
+        """Launch with the bucket's config, timing the pruned list first on a new bucket.
+
+        descriptors (from the forward's launcher): whether Q, K and V may be
+        read through tensor descriptors. It joins the tuning key, so a strided
+        view never reuses a descriptor config tuned on contiguous inputs.
+        """
         self.nargs = dict(zip(self.arg_names, args))
-        key = self.tuning_key({**self.nargs, **kwargs})
+        key = (*self.tuning_key({**self.nargs, **kwargs}), descriptors)
         config = self.cache.get(key)
         if config is None:  # a new bucket: time the pruned configs once (untimed if only one is left)
-            configs = self.prune_configs(kwargs)
+            configs = self.prune_configs(kwargs, descriptors)
             if len(configs) > 1:
                 self.configs_timings = {c: self._bench(*args, config=c, **kwargs) for c in configs}
                 config = min(self.configs_timings, key=self.configs_timings.get)
             else:
                 config = configs[0]
+                _check_hopper_options(config, kwargs, descriptors)  # a forced config is not pruned
             self.cache[key] = config
         self.best_config = config
         self.nargs = None
         return self.fn.run(*args, **kwargs, **config.all_kwargs())
+
+
+def _check_hopper_options(config, kwargs, descriptors):
+    """Refuse, with the reason, a config (one forced by only_config) whose Hopper options cannot run this call."""
+    if config.kwargs.get("USE_TMA", False) and not descriptors:
+        raise ValueError(f"config {{{config}}} loads through tensor descriptors, which need q, k and v with a unit "
+                         "last stride and a 16-byte aligned start and other strides; these inputs are not")
+    if config.kwargs.get("WARP_SPECIALIZE", False) and kwargs.get("IS_VARLEN", False):
+        raise ValueError(f"config {{{config}}} is warp-specialized, which Triton 3.6 cannot compile for packed "
+                         "sequences")
 
 
 _ONE_CONFIG = [_INTERPRETER_CONFIG] if INTERPRET else None

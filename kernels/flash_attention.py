@@ -18,12 +18,13 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from reference.functional import check_attention_inputs
 
 from .autotune import _PREPROCESS_BLOCK_M, _attn_bwd_dkdv_tuned, _attn_bwd_dq_tuned, _attn_fwd_tuned
 from .flash_bwd import _attn_bwd_preprocess
-from .runtime import accumulator_dtype, check_runnable, dot_precision, upcast_tiles
+from .runtime import accumulator_dtype, check_runnable, dot_precision, has_tma, upcast_tiles
 from .tiles import UNLIMITED, _dropout_mask_kernel
 
 MAX_HEAD_DIM = 256
@@ -123,6 +124,39 @@ def _check_tile_offsets(**tensors):
                                  f"would pass 2**31 elements; make {name} contiguous")
 
 
+TMA_ALIGNMENT = 16  # bytes: a TMA descriptor's start address and its row strides are multiples of this
+
+
+def _descriptor_loads_allowed(*tensors):
+    """Whether the forward may read these tensors through TMA descriptors (kernels/tiles.py, _row_descriptor).
+
+    TMA wants a unit last stride, and the start and every other stride 16-byte
+    aligned. Anything else (a strided view, a head dim of 4 fp16 values) takes
+    the pointer path: the autotuner offers descriptor configs only when this holds.
+    """
+    return all(t.stride(-1) == 1 and t.data_ptr() % TMA_ALIGNMENT == 0
+               and all(stride * t.element_size() % TMA_ALIGNMENT == 0 for stride in t.stride()[:-1])
+               for t in tensors)
+
+
+def _descriptor_scratch(size, alignment, stream):
+    """Global memory for the descriptors the forward builds on the device: 128 bytes per descriptor and program."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_descriptor_allocator():
+    """Give Triton an allocator for descriptor scratch, unless the program has set its own.
+
+    A kernel that builds tensor descriptors on the device asks Triton's
+    allocator (triton.set_allocator) for their global scratch at launch, and
+    fails without one. Set here, only when a descriptor config can run (a GPU
+    with TMA): the setting is per thread (a context variable), so every thread
+    that calls the forward passes here once.
+    """
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_descriptor_scratch)
+
+
 def _variant_arguments(q, causal, sm_scale, window, softcap, alibi_slopes, sinks, dropout_p, seed, cu_seqlens,
                        lse):
     """The pointers, scalars, strides and switches every attention kernel takes after its own tensors."""
@@ -184,6 +218,11 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
         q, causal, sm_scale, _window_bounds(window_size, causal), softcap, alibi_slopes, sinks, dropout_p, seed,
         cu_seqlens, lse)
 
+    # Descriptor (TMA) loads of q, k, v are an autotune option when their layout allows them.
+    descriptors = _descriptor_loads_allowed(q, k, v)
+    if descriptors and has_tma(q.device):
+        _ensure_descriptor_allocator()
+
     def grid(meta):
         return (triton.cdiv(n_q, meta["BLOCK_M"]) * batch * h_q,)
 
@@ -192,6 +231,7 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
         *strides(q), *strides(k), *strides(v), *strides(o), *strides_lse_alibi,
         h_q, h_q // h_kv, n_q, n_k,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim), HAS_SINKS=sinks is not None, **flags,
+        descriptors=descriptors,
     )
     return o, lse
 

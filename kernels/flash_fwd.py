@@ -55,6 +55,13 @@ probabilities after they joined the normaliser, from a counter-based random
 mask the backward pass regenerates. Packed sequences (IS_VARLEN) read each
 sequence's start and length from cu_seqlens; nothing else changes.
 
+Two Hopper options change how tiles arrive, not what is computed, and the
+autotuner chooses them (kernels/autotune.py). USE_TMA reads Q, K and V
+through tensor descriptors: the TMA engine copies whole tiles into shared
+memory, zero-filling past each sequence's end as the masked loads do.
+WARP_SPECIALIZE (with USE_TMA, for non-causal calls) lets the compiler split
+the key loop between a producer of copies and consumers of tiles.
+
 Reading guide: `reference/tiled.py` is this forward pass in plain PyTorch,
 with the same names (m_i, l_i, acc, start_m, start_n), and
 `reference.naive_attention` spells out every variant on the full score matrix.
@@ -64,23 +71,30 @@ and builds the grid.
 import triton
 import triton.language as tl
 
-from .tiles import LN2, LOG2E, _cast_for_store, _dropout_keep, _key_range, _load_tile, _scores, _visible
+from .tiles import (LN2, LOG2E, _cast_for_store, _dropout_keep, _key_range, _load_rows, _row_descriptor, _scores,
+                    _visible)
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d, lo, hi,
+def _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d, lo, hi,
                     N_K, offset, sm_scale, softcap, alibi_slope, window_left, window_right,
                     seed, stream, dropout_row0, dropout_p,
                     HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
-                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Walk key blocks [lo, hi), updating the online-softmax state (the inner loop of reference/tiled.py)."""
-    for start_n in range(lo, hi, BLOCK_N):
+                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+                    WARP_SPECIALIZE: tl.constexpr):
+    """Walk key blocks [lo, hi), updating the online-softmax state (the inner loop of reference/tiled.py).
+
+    k_src and v_src are tensor descriptors (USE_TMA) or pointer tiles of the first key block: see _load_rows.
+    """
+    # warp_specialize (Hopper, with descriptor loads): the compiler gives the TMA
+    # copies to a producer warp group and the math to two consumer warp groups,
+    # so loads and math overlap without waiting on each other.
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cur_n = start_n + offs_n
-        k = _load_tile(k_ptrs + start_n.to(tl.int64) * stride_kn, cur_n, N_K, offs_d, HEAD_DIM, MASKED, PAD_D,
-                       UPCAST)
+        k = _load_rows(k_src, start_n, stride_kn, cur_n, N_K, offs_d, HEAD_DIM, MASKED, PAD_D, UPCAST, USE_TMA)
         # s = modified (q @ k.T) * sm_scale, in base-2 units.      (BLOCK_M, BLOCK_N)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, _ = _scores(qk, offs_m[:, None], cur_n[None, :], offset, sm_scale, softcap, alibi_slope,
@@ -104,8 +118,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs
             # Dropped after joining the normaliser: dropout acts on the probabilities.
             keep = _dropout_keep(seed, stream, offs_m[:, None] + dropout_row0, cur_n[None, :], dropout_p)
             p = tl.where(keep, p, 0.0)
-        v = _load_tile(v_ptrs + start_n.to(tl.int64) * stride_vn, cur_n, N_K, offs_d, HEAD_DIM, MASKED, PAD_D,
-                       UPCAST)
+        v = _load_rows(v_src, start_n, stride_vn, cur_n, N_K, offs_d, HEAD_DIM, MASKED, PAD_D, UPCAST, USE_TMA)
         # acc = acc * alpha + p @ v, with p rounded to v's dtype for the tensor cores.
         acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=acc.dtype)
         m_i = m_new
@@ -125,10 +138,13 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, 
               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
               HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              ACC_DTYPE: tl.constexpr):
+              ACC_DTYPE: tl.constexpr, USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False):
     """One program: BLOCK_M query rows of one (batch, query head). Writes O and the natural-log LSE.
 
     N_Q and N_K are the lengths, or for packed sequences (IS_VARLEN) the longest ones.
+    USE_TMA and WARP_SPECIALIZE are Hopper options the autotuner's configs choose
+    (kernels/autotune.py): Q, K and V through tensor descriptors, and the key loop
+    split into producer and consumer warps.
     """
     # A 1-D grid: consecutive programs take consecutive query blocks of one
     # (batch, head), so the programs running together share its K and V in L2,
@@ -167,15 +183,23 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, 
     offs_m = start_m + rows
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    # Offsets from a block's first row are 32-bit tiles; where the block starts
-    # is a 64-bit scalar, so a long sequence times a large stride cannot overflow.
+    # This sequence's (rows, HEAD_DIM) matrices of Q, K and V. Offsets from a
+    # block's first row are 32-bit tiles; where the block starts is a 64-bit
+    # scalar, so a long sequence times a large stride cannot overflow.
     q_row0 = q_start + start_m.to(tl.int64)
-    q_ptrs = (Q + off_z * stride_qz + off_h * stride_qh + q_row0 * stride_qm
-              + rows[:, None] * stride_qm + offs_d[None, :] * stride_qk)
-    k_ptrs = (K + off_z * stride_kz + off_kvh * stride_kh + k_start * stride_kn
-              + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk)
-    v_ptrs = (V + off_z * stride_vz + off_kvh * stride_vh + k_start * stride_vn
-              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk)
+    q_base = Q + off_z * stride_qz + off_h * stride_qh + q_start * stride_qm
+    k_base = K + off_z * stride_kz + off_kvh * stride_kh + k_start * stride_kn
+    v_base = V + off_z * stride_vz + off_kvh * stride_vh + k_start * stride_vn
+    if USE_TMA:
+        # Descriptors bounded by this sequence's own lengths: TMA zero-fills past
+        # them, so a packed sequence never reads its neighbour's rows.
+        q_src = _row_descriptor(q_base, seqlen_q, stride_qm, HEAD_DIM, BLOCK_M, HEAD_DIM_PAD)
+        k_src = _row_descriptor(k_base, seqlen_k, stride_kn, HEAD_DIM, BLOCK_N, HEAD_DIM_PAD)
+        v_src = _row_descriptor(v_base, seqlen_k, stride_vn, HEAD_DIM, BLOCK_N, HEAD_DIM_PAD)
+    else:
+        q_src = q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qk
+        k_src = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk
+        v_src = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk
 
     alibi_slope = 0.0
     if HAS_ALIBI:
@@ -185,7 +209,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, 
         seed = tl.load(SEED)
 
     # The Q tile is read once and stays in registers for the whole key loop.
-    q = _load_tile(q_ptrs, offs_m, seqlen_q, offs_d, HEAD_DIM, True, PAD_D, UPCAST)
+    q = _load_rows(q_src, start_m, stride_qm, offs_m, seqlen_q, offs_d, HEAD_DIM, True, PAD_D, UPCAST, USE_TMA)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=ACC_DTYPE)  # unnormalised output
     if HAS_SINKS:
         # The sink is one more logit in every row with no value: exp2(sink - m_i) = 1 to start.
@@ -197,24 +221,31 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, 
 
     lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                           BLOCK_M, BLOCK_N, HAS_WINDOW, MASK_RIGHT)
-    # Stage 1: key blocks on the window's left edge, masked element by element (none without a window).
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                                    lo, full_lo, seqlen_k, offset, sm_scale, softcap, alibi_slope,
-                                    window_left, window_right, seed, stream, q_start, dropout_p,
-                                    HEAD_DIM, PAD_D, BLOCK_N, HAS_WINDOW, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                    HAS_DROPOUT, True, UPCAST, DOT_PRECISION)
-    # Stage 2: full key blocks wholly visible to every row, with no mask at all.
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                                    full_lo, full_hi, seqlen_k, offset, sm_scale, softcap, alibi_slope,
-                                    window_left, window_right, seed, stream, q_start, dropout_p,
-                                    HEAD_DIM, PAD_D, BLOCK_N, HAS_WINDOW, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                    HAS_DROPOUT, False, UPCAST, DOT_PRECISION)
+    if WARP_SPECIALIZE:
+        # Hopper's warp specialization (Triton 3.6) rebuilds the kernel around a
+        # single loop: with a second loop the kernel fails to compile. So stage 3
+        # alone walks every key block, each masked (for the non-causal calls
+        # without a window that the autotuner gives it, the mask is keys >= N_K).
+        full_hi = lo
+    else:
+        # Stage 1: key blocks on the window's left edge, masked element by element (none without a window).
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                                        lo, full_lo, seqlen_k, offset, sm_scale, softcap, alibi_slope,
+                                        window_left, window_right, seed, stream, q_start, dropout_p,
+                                        HEAD_DIM, PAD_D, BLOCK_N, HAS_WINDOW, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+                                        HAS_DROPOUT, True, UPCAST, DOT_PRECISION, USE_TMA, False)
+        # Stage 2: full key blocks wholly visible to every row, with no mask at all.
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                                        full_lo, full_hi, seqlen_k, offset, sm_scale, softcap, alibi_slope,
+                                        window_left, window_right, seed, stream, q_start, dropout_p,
+                                        HEAD_DIM, PAD_D, BLOCK_N, HAS_WINDOW, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+                                        HAS_DROPOUT, False, UPCAST, DOT_PRECISION, USE_TMA, False)
     # Stage 3: blocks on the diagonal (or the window's right edge) and the ragged last block, masked.
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                     full_hi, hi, seqlen_k, offset, sm_scale, softcap, alibi_slope,
                                     window_left, window_right, seed, stream, q_start, dropout_p,
                                     HEAD_DIM, PAD_D, BLOCK_N, HAS_WINDOW, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                    HAS_DROPOUT, True, UPCAST, DOT_PRECISION)
+                                    HAS_DROPOUT, True, UPCAST, DOT_PRECISION, USE_TMA, WARP_SPECIALIZE)
 
     # Normalise once, at the end. A row that saw no key (and has no sink) has
     # l_i == 0 and acc == 0: its output is 0 and its lse is -inf, never NaN.

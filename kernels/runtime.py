@@ -49,6 +49,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype in LOW_PRECISION_DTYPES and not upcast_tiles(dtype) else "ieee"
 
 
+def has_tma(device: torch.device) -> bool:
+    """Whether `device` is a GPU with TMA, the copy engine of tensor-descriptor loads (Hopper, sm_90, and later).
+
+    False under the interpreter, which runs descriptor loads as ordinary masked loads.
+    """
+    return device.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """Softmax statistics and accumulators: fp32, or float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -51,6 +51,45 @@ def _load_tile(ptrs, offs_row, n_rows, offs_col, n_cols,
 
 
 @triton.jit
+def _row_descriptor(BASE, n_rows, stride_row, N_COLS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                    BLOCK_COLS: tl.constexpr):
+    """A tensor descriptor over the (n_rows, N_COLS) matrix at BASE, whose rows are stride_row apart.
+
+    Each load from it returns one (BLOCK_ROWS, BLOCK_COLS) tile. On Hopper a
+    descriptor load is one TMA copy: the copy engine moves the whole
+    tile into shared memory, asynchronously, with no address arithmetic in the
+    warps. It zero-fills every element outside [0, n_rows) x [0, N_COLS), as
+    _load_tile's masks do, so ragged rows and padded head-dim columns cost no
+    mask. TMA needs BASE and stride_row 16-byte aligned: the launcher checks that
+    before it lets the autotuner pick a descriptor config. Built on the device,
+    one per program; its 128-byte copy in global memory comes from the buffer
+    set with triton.set_allocator.
+    """
+    return tl.make_tensor_descriptor(BASE, shape=[n_rows, N_COLS], strides=[stride_row, 1],
+                                     block_shape=[BLOCK_ROWS, BLOCK_COLS])
+
+
+@triton.jit
+def _load_rows(src, row0, stride_row, offs_row, n_rows, offs_col, n_cols,
+               CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows row0 .. row0 + BLOCK - 1 of a matrix, from a tensor descriptor (USE_TMA) or through _load_tile.
+
+    src is a _row_descriptor, or the pointer tile of the matrix's first BLOCK rows
+    (whose rows are stride_row apart); offs_row are the absolute row indices
+    row0 + arange(BLOCK). Both paths return the same tile, zeros past the edges:
+    the descriptor's bounds do in hardware what CHECK_ROWS / CHECK_COLS do with masks.
+    """
+    if USE_TMA:
+        tile = src.load([row0, 0])
+        if UPCAST:
+            tile = tile.to(tl.float32)
+    else:
+        tile = _load_tile(src + row0.to(tl.int64) * stride_row, offs_row, n_rows, offs_col, n_cols, CHECK_ROWS,
+                          CHECK_COLS, UPCAST)
+    return tile
+
+
+@triton.jit
 def _cast_for_store(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
     """x in the output dtype, rounded to nearest even as a GPU rounds.
 

@@ -87,6 +87,18 @@ GPU_CASES = [
     AttentionCase(batch=1, h_q=16, h_kv=4, n_q=4000, n_k=8000, head_dim=128, causal=True),
 ]
 
+# The forward's Hopper options (descriptor loads, warp specialization), forced under the
+# interpreter with its 64 x 32 tiles: where a TMA copy's zero fill replaces _load_tile's masks.
+HOPPER_CASES = [
+    # GQA with Nq != Nk, both ragged: the last key block runs past N_K (rows the descriptor
+    # zero-fills, whose scores must still be masked), head dim 80 padded to 128 by the
+    # descriptor's column bound; causal and not.
+    *_both_masks(batch=1, h_q=4, h_kv=2, n_q=97, n_k=130, head_dim=80),
+    # Causal with Nq > Nk, MQA, batch 2: 97 rows see no key and output 0; the key length is
+    # one block and a row; each (batch, head) builds its descriptors from its own start.
+    AttentionCase(batch=2, h_q=2, h_kv=1, n_q=130, n_k=33, head_dim=32, causal=True),
+]
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

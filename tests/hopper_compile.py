@@ -17,8 +17,9 @@ no register for in local memory (L1, and beyond it DRAM), to be read back.
 
 Run from the repository root, without TRITON_INTERPRET, as
 `python -m tests.hopper_compile [--workers N] [job name ...]`; it prints one JSON line per job:
-    {"job": ..., <the job's fields>, "async_copies": ..., "wgmma": ..., "shared_bytes": ...,
-     "registers": ..., "spill_stores": ..., "spill_loads": ..., "stack_frame": ..., "seconds": ...}
+    {"job": ..., <the job's fields>, "async_copies": ..., "tma_loads": ..., "warp_specialized": ...,
+     "wgmma": ..., "shared_bytes": ..., "registers": ..., "spill_stores": ..., "spill_loads": ...,
+     "stack_frame": ..., "seconds": ...}
 (bytes are per thread, except shared_bytes: per block). The jobs are every
 config the autotuner may pick for the dtypes and head dims of VARIANTS, plus
 two helper kernels; `--workers 2` compiles two at a time.
@@ -124,22 +125,29 @@ def compile_for_hopper(kernel, constexprs, num_warps, num_stages, dtype="bf16"):
                        constexprs={(names.index(k),): v for k, v in constexprs.items() if k in names})
     compiled = triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
     ttgir = compiled.asm["ttgir"]
-    return {"async_copies": ttgir.count("async_copy_global_to_local"), "wgmma": ttgir.count("warp_group_dot"),
+    # cp.async copies (ttg.async_copy_global_to_local), TMA copies (ttng.async_tma_copy_global_to_local),
+    # and whether the code was split into warp-specialized partitions (a ttg.warp_specialize op).
+    return {"async_copies": ttgir.count("ttg.async_copy_global_to_local"),
+            "tma_loads": ttgir.count("ttng.async_tma_copy_global_to_local"),
+            "warp_specialized": "ttg.warp_specialize(" in ttgir, "wgmma": ttgir.count("warp_group_dot"),
             "shared_bytes": compiled.metadata.shared, **ptxas_usage(compiled.asm["ptx"])}
 
 
-def attention_constexprs(block_m, block_n, head_dim=128, causal=True, dtype="bf16"):
-    """The constexprs the launchers in kernels/flash_attention.py pass, on a GPU."""
+def attention_constexprs(block_m, block_n, head_dim=128, causal=True, dtype="bf16", options=None):
+    """The constexprs the launchers in kernels/flash_attention.py pass, on a GPU, plus a config's `options`."""
     low_precision = dtype in ("fp16", "bf16")
     return dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m,
                 BLOCK_N=block_n, IS_CAUSAL=causal, UPCAST=False, DOT_PRECISION="tf32" if low_precision else "ieee",
                 ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32,
                 # The plain kernel: every variant switched off (they add a few instructions per tile).
                 HAS_WINDOW=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_SINKS=False, HAS_DROPOUT=False,
-                IS_VARLEN=False, FUSED_DQ=False)
+                IS_VARLEN=False, FUSED_DQ=False, **(options or {}))
 
 
-# The (dtype, head dim, causal) variants whose autotune configs the sm_90 test compiles: 46 configs.
+OPTION_LABELS = {"USE_TMA": "tma", "WARP_SPECIALIZE": "ws"}  # in job names
+
+# The (dtype, head dim, causal) variants whose autotune configs the sm_90 test compiles: 49 configs,
+# 7 of them the forward's descriptor-load (TMA) and warp-specialized ones.
 # Left out because another variant bounds them (measured, all spill-free): head dim 64 (every tile
 # is smaller than at 128), fp16 (the same code as bf16), causal d80 and non-causal d128 (the other
 # of each pair is here: d80 adds the padded-column masks, causal the diagonal masks). fp32 and fp64
@@ -151,18 +159,24 @@ VARIANTS = [("bf16", 128, True), ("bf16", 80, False), ("bf16", 256, True), ("fp3
 def autotune_jobs(variants=VARIANTS):
     """One job per config the autotuner may pick for each (dtype, head dim, causal) in `variants`.
 
-    Sequences are long (16k), so no config is pruned for being longer than the sequence.
+    Sequences are long (16k), so no config is pruned for being longer than the
+    sequence, and the inputs are those of an H100 with contiguous tensors: the
+    forward's descriptor-load configs are in, and its warp-specialized ones
+    for the non-causal variants.
     """
     jobs = []
     for dtype, head_dim, causal in variants:
         for kernel, tuner in tune.TUNED_KERNELS.items():
-            for config in tune._prune_configs(tuner.table, TORCH_DTYPES[dtype], head_dim, 16384, 16384):
+            for config in tune._prune_configs(tuner.table, TORCH_DTYPES[dtype], head_dim, 16384, 16384, tma=True,
+                                              warp_specialize=not causal):
                 block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+                options = {name: value for name, value in config.kwargs.items() if name not in ("BLOCK_M", "BLOCK_N")}
                 name = (f"{kernel} {dtype} d{head_dim} {'causal' if causal else 'full'} "
-                        f"{block_m}x{block_n} w{config.num_warps} s{config.num_stages}")
+                        f"{block_m}x{block_n} w{config.num_warps} s{config.num_stages}"
+                        + "".join(f" {OPTION_LABELS[option]}" for option, on in options.items() if on))
                 jobs.append({"job": name, "kernel": kernel, "dtype": dtype, "head_dim": head_dim, "causal": causal,
                              "block_m": block_m, "block_n": block_n, "warps": config.num_warps,
-                             "stages": config.num_stages})
+                             "stages": config.num_stages, "options": options})
     return jobs
 
 
@@ -186,7 +200,7 @@ def run_job(job):
     """Compile one job; its row is the job's fields plus what `compile_for_hopper` found."""
     start = time.perf_counter()
     constexprs = job.get("constexprs") or attention_constexprs(job["block_m"], job["block_n"], job["head_dim"],
-                                                               job["causal"], job["dtype"])
+                                                               job["causal"], job["dtype"], job["options"])
     row = compile_for_hopper(KERNELS[job["kernel"]], constexprs, job["warps"], job["stages"], job["dtype"])
     return {**{k: v for k, v in job.items() if k != "constexprs"}, **row,
             "seconds": round(time.perf_counter() - start, 1)}

@@ -5,9 +5,11 @@ autotuner may pick (tests/hopper_compile.py, VARIANTS), that the GPU compiler
 accepts it, that it fits in shared memory, that it does not spill registers,
 and for fp16/bf16 that the key/value loads are software-pipelined
 (asynchronous copies into shared memory) and the matrix products use
-Hopper's wgmma. One subprocess compiles everything, two configs at a time:
-46 configs and 2 helper kernels, 50 s of CPU with an empty Triton cache
-(89 s of wall time measured on a busy two-core machine); seconds when cached.
+Hopper's wgmma; for the forward's Hopper options, that its loads are TMA
+copies and its key loop is warp-specialized. One subprocess compiles
+everything, two configs at a time: 49 configs and 5 helper kernels, 56 s of
+CPU with an empty Triton cache (39 s of wall time on a two-core machine,
+89 s measured once when it was busy); seconds when cached.
 """
 import json
 import os
@@ -68,15 +70,39 @@ def test_16_bit_configs_are_pipelined_and_use_wgmma(compiled):
 
     wgmma multiplies a 64-row operand per warp group: the forward and dQ keep
     the query tile (BLOCK_M rows) as that operand, dK/dV the key tile (BLOCK_N).
+    Descriptor-load configs copy with TMA instead of cp.async (next test).
     """
     for row in attention_rows(compiled):
         if precision(row) != "16-bit":
             continue
-        if row["stages"] > 1:
+        if row["stages"] > 1 and not row["options"].get("USE_TMA"):
             assert row["async_copies"] > 0, f"{row['job']}: K/V loads are not pipelined: {row}"
         resident_rows = row["block_n"] if row["kernel"] == "bwd_dkdv" else row["block_m"]
         if resident_rows >= 64:
             assert row["wgmma"] > 0, f"{row['job']}: no Hopper warp-group MMA: {row}"
+
+
+@pytest.mark.slow
+def test_descriptor_configs_load_with_tma_and_warp_specialize(compiled):
+    """The forward's Hopper options do what they are for in the code the compiler makes.
+
+    USE_TMA: every Q, K and V load is a TMA copy (ttng.async_tma_copy_global_to_local),
+    no cp.async is left. WARP_SPECIALIZE: the kernel is split into partitions
+    (a ttg.warp_specialize op: a producer issuing the copies, consumers doing
+    the math); without it, no partition. Shared memory and spills are held to
+    the same limits as every config, by the tests above.
+    """
+    rows = [row for row in attention_rows(compiled) if row["options"].get("USE_TMA")]
+    assert any(row["options"].get("WARP_SPECIALIZE") for row in rows), "no warp-specialized config was compiled"
+    assert any(not row["options"].get("WARP_SPECIALIZE") for row in rows), "no descriptor-load config was compiled"
+    for row in rows:
+        assert row["kernel"] == "fwd", f"{row['job']}: only the forward has descriptor loads"
+        assert row["tma_loads"] > 0 and row["async_copies"] == 0, f"{row['job']}: loads are not all TMA: {row}"
+        ws = row["options"].get("WARP_SPECIALIZE", False)
+        assert row["warp_specialized"] == ws, f"{row['job']}: warp specialization {'missing' if ws else 'unasked'}"
+    for row in attention_rows(compiled):
+        if not row["options"].get("USE_TMA"):
+            assert row["tma_loads"] == 0 and not row["warp_specialized"], f"{row['job']}: {row}"
 
 
 @pytest.mark.slow

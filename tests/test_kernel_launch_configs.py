@@ -7,6 +7,7 @@ stand-in: the real autotuner class over the real GPU config lists, whose
 benchmarking is stubbed (each config gets a fixed fake time, and calls are
 counted) and whose kernel only records the config it was launched with.
 """
+import contextvars
 import importlib
 import inspect
 import math
@@ -15,6 +16,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from reference import naive_attention
 from tests.cases import AttentionCase
@@ -180,10 +182,12 @@ def test_the_tuning_key_holds_buckets_and_every_constexpr(tuners):
         before = len(tuner.cache)
         launch(case, dtype, backward=False)
         assert (len(tuner.cache) > before) == new_key, f"{what}: {'no new' if new_key else 'a new'} tuning key"
-    # Every constexpr but the tuned BLOCK_M/BLOCK_N is in the key, so new kernel switches need no change here.
+    # Every constexpr but those the configs choose (BLOCK_M/BLOCK_N, and the forward's Hopper options) is in
+    # the key, so new kernel switches need no change here.
+    chosen = {"BLOCK_M", "BLOCK_N", "USE_TMA", "WARP_SPECIALIZE"}
     for name, tuner in tuners.items():
         constexprs = {n for n, p in inspect.signature(tuner.base_fn).parameters.items() if p.annotation is tl.constexpr}
-        assert set(tuner.key_constexprs) == constexprs - {"BLOCK_M", "BLOCK_N"}, name
+        assert set(tuner.key_constexprs) == constexprs - chosen, name
 
 
 def test_pinned_configs_take_the_first_pruned_config_untimed(tuners, monkeypatch):
@@ -239,3 +243,94 @@ def test_only_config_runs_the_real_kernel_with_that_config(name):
     assert_close_to_reference(o, o64, o32, name="o")
     for what, grad, grad64, grad32 in zip("qkv", grads, grads64, grads32):
         assert_close_to_reference(grad, grad64, grad32, factor=GRADIENT_FACTOR, name=f"d{what}")
+
+
+# ----------------------------------------------------------------------------
+# The forward's Hopper options (descriptor loads, warp specialization): offered only where they can run
+# ----------------------------------------------------------------------------
+def hopper_options(config):
+    return config.kwargs.get("USE_TMA", False), config.kwargs.get("WARP_SPECIALIZE", False)
+
+
+POINTERS_ONLY = {(False, False)}
+WITH_TMA = {(False, False), (True, False)}
+WITH_TMA_AND_WS = {(False, False), (True, False), (True, True)}
+
+
+def timed_options(tuner, call):
+    """The (USE_TMA, WARP_SPECIALIZE) pairs among the configs the forward's tuner timed for one fresh call."""
+    tuner.cache.clear()
+    tuner.bench_calls.clear()
+    call()
+    return {hopper_options(config) for config in tuner.bench_calls}
+
+
+def test_hopper_options_are_offered_where_they_can_run(tuners, monkeypatch):
+    tuner = tuners["fwd"]
+    q, k, v = AttentionCase(1, 4, 2, 2048, 2048, 128, False).make_inputs(torch.bfloat16, "cpu")
+
+    def forward(q=q, k=k, v=v, causal=False, **options):
+        return lambda: fa._flash_fwd(q, k, v, causal, 0.125, **options)
+
+    assert timed_options(tuner, forward()) == POINTERS_ONLY, "descriptor configs offered without TMA hardware"
+    monkeypatch.setattr(tune, "has_tma", lambda device: True)  # from here on, an H100
+    assert timed_options(tuner, forward()) == WITH_TMA_AND_WS
+    # Warp specialization is for the plain non-causal loop only.
+    assert timed_options(tuner, forward(causal=True)) == WITH_TMA
+    assert timed_options(tuner, forward(window_size=(256, 256))) == WITH_TMA
+    # Packed sequences: descriptors bounded per sequence, but warp specialization does not compile.
+    cu = torch.tensor([0, 1000, 2048], dtype=torch.int32)
+    packed = [t[0].transpose(0, 1) for t in (q, k, v)]  # (1, H, N, D) -> (N, H, D), a view
+    assert timed_options(tuner, forward(*packed, cu_seqlens=(cu, cu), max_seqlens=(1048, 1048))) == WITH_TMA
+    # A layout TMA cannot read: rows 258 bytes apart.
+    sliced = [t[..., :128] for t in AttentionCase(1, 4, 2, 2048, 2048, 129, False).make_inputs(torch.float16, "cpu")]
+    assert timed_options(tuner, forward(*sliced)) == POINTERS_ONLY
+    # Head dim 256 has a descriptor config, fp32 none (its one config runs untimed).
+    q256, k256, v256 = AttentionCase(1, 4, 2, 2048, 2048, 256, False).make_inputs(torch.bfloat16, "cpu")
+    assert timed_options(tuner, forward(q256, k256, v256)) == WITH_TMA
+    assert timed_options(tuner, forward(*(t.float() for t in (q, k, v)))) == set()
+    assert hopper_options(tuner.best_config) == (False, False)
+    # A pinned run takes the first config, which is never a Hopper option.
+    monkeypatch.setenv(tune.PIN_CONFIGS_ENV, "1")
+    forward()()
+    assert hopper_options(tuner.best_config) == (False, False)
+
+
+def test_a_strided_view_never_reuses_a_descriptor_config(tuners, monkeypatch):
+    """Whether the inputs allow descriptors joins the tuning key: same shape, other layout, another tuning."""
+    tuner = tuners["fwd"]
+    monkeypatch.setattr(tune, "has_tma", lambda device: True)
+    tuner._bench = lambda *args, config, **kwargs: [0.0 if hopper_options(config)[0] else 1.0, 0.0, 0.0]
+    q, k, v = AttentionCase(1, 4, 2, 1000, 1000, 120, True).make_inputs(torch.bfloat16, "cpu")
+    fa._flash_fwd(q, k, v, True, 0.125)
+    assert hopper_options(tuner.best_config) == (True, False), "a descriptor config won the fake timing"
+    # The same shape with rows 242 bytes apart, then with a last stride of 1000.
+    wide = AttentionCase(1, 4, 2, 1000, 1000, 121, True).make_inputs(torch.bfloat16, "cpu")
+    fa._flash_fwd(*(t[..., :120] for t in wide), True, 0.125)
+    fa._flash_fwd(*(t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v)), True, 0.125)
+    assert len(tuner.cache) == 2, "an aligned and a misaligned layout must have their own tuning keys"
+    assert not hopper_options(tuner.best_config)[0], "a strided view reused the descriptor config"
+
+
+def test_the_launcher_sets_a_descriptor_allocator_only_where_one_can_run(tuners, monkeypatch):
+    """Triton needs an allocator for on-device descriptors: set one on a TMA GPU, never replace the program's."""
+    q, k, v = AttentionCase(1, 2, 2, 64, 64, 64, False).make_inputs(torch.float16, "cpu")
+
+    def allocator_after(has_tma, inputs=(q, k, v), own=None):
+        def call():
+            if own is not None:
+                triton.set_allocator(own)
+            monkeypatch.setattr(fa, "has_tma", lambda device: has_tma)
+            fa._flash_fwd(*inputs, False, 0.125)
+            return _allocation._allocator.get()
+        return contextvars.copy_context().run(call)  # the allocator is a context variable: keep it in there
+
+    def own(size, alignment, stream):
+        return None
+
+    assert isinstance(allocator_after(False), _allocation.NullAllocator), "set without TMA hardware"
+    assert allocator_after(True) is fa._descriptor_scratch
+    misaligned = [t[..., :64] for t in AttentionCase(1, 2, 2, 64, 64, 65, False).make_inputs(torch.float16, "cpu")]
+    assert isinstance(allocator_after(True, inputs=misaligned), _allocation.NullAllocator), \
+        "set for inputs that cannot take descriptors"
+    assert allocator_after(True, own=own) is own, "the program's own allocator was replaced"
