@@ -16,6 +16,11 @@ TRITON_NEWEST_DIR := .triton39
 # Every kernel test file but the sm_90 compile test (slow, and a compiler check rather than
 # an interpreter one): new tests/test_kernel_*.py files join by themselves.
 KERNEL_TESTS := $(filter-out tests/test_kernel_hopper_compile.py,$(sort $(wildcard tests/test_kernel_*.py)))
+# The interpreter runs one thread per test process (conftest.py): two pytest workers keep both cores
+# of the project's machines busy (measured: 4 min 34 s instead of about 7 min). A file stays on one
+# worker (--dist loadfile), so module-scoped fixtures, such as the gloo process pools, start once.
+PYTEST_WORKERS ?= 2
+PYTEST := $(PYTHON) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: test test-triton39 bench install clean
 
@@ -34,13 +39,13 @@ $(TRITON_NEWEST_DIR)/.installed: Makefile | $(VENV)/.installed
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(PYTHON) -m pytest
+	$(PYTEST)
 
 test-triton39: $(VENV)/.installed $(TRITON_NEWEST_DIR)/.installed
 	PYTHONPATH=$(TRITON_NEWEST_DIR) $(PYTHON) -c "import triton; \
 		assert triton.__version__ == '$(patsubst triton==%,%,$(TRITON_NEWEST))', triton.__version__; \
 		print('triton', triton.__version__, 'from', triton.__file__)"
-	PYTHONPATH=$(TRITON_NEWEST_DIR) $(PYTHON) -m pytest $(KERNEL_TESTS)
+	PYTHONPATH=$(TRITON_NEWEST_DIR) $(PYTEST) $(KERNEL_TESTS)
 
 bench: $(VENV)/.installed
 	$(PYTHON) demo.py
