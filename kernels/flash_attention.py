@@ -13,6 +13,7 @@ Every option is a compile-time switch of the same three kernels: a call pays
 only for what it asks for, and the forward and backward share one
 description of each variant (kernels/tiles.py).
 """
+import functools
 import math
 
 import torch
@@ -163,8 +164,9 @@ def _variant_arguments(q, causal, sm_scale, window, softcap, alibi_slopes, sinks
     placeholder = lse  # any tensor: a switched-off option's pointer is never read
     window_left, window_right = window
     has_window = window_left < UNLIMITED or (window_right < UNLIMITED and not causal)
-    cu_q, cu_k = cu_seqlens if cu_seqlens is not None else (placeholder, placeholder)
-    alibi = alibi_slopes.float() if alibi_slopes is not None else placeholder
+    # The kernels index cu_seqlens, the slopes and the sinks as contiguous vectors.
+    cu_q, cu_k = (c.contiguous() for c in cu_seqlens) if cu_seqlens is not None else (placeholder, placeholder)
+    alibi = alibi_slopes.float().contiguous() if alibi_slopes is not None else placeholder
     # ALiBi slopes (Hq,) are shared by the batch: batch stride 0.
     alibi_strides = (0, 0) if alibi_slopes is None else (
         (0, alibi.stride(0)) if alibi.dim() == 1 else (alibi.stride(0), alibi.stride(1)))
@@ -175,7 +177,7 @@ def _variant_arguments(q, causal, sm_scale, window, softcap, alibi_slopes, sinks
     flags = dict(IS_CAUSAL=bool(causal), HAS_WINDOW=has_window, HAS_SOFTCAP=bool(softcap),
                  HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0, IS_VARLEN=cu_seqlens is not None,
                  UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype), ACC_DTYPE=_tl_dtype(lse.dtype))
-    sinks = sinks.to(lse.dtype) if sinks is not None else placeholder  # float64 for gradcheck
+    sinks = sinks.to(lse.dtype).contiguous() if sinks is not None else placeholder  # float64 for gradcheck
     return pointers, sinks, scalars, (*lse_strides, *alibi_strides), flags
 
 
@@ -213,7 +215,8 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
             lse.copy_(sinks.to(lse.dtype)[:, None].expand(h_q, lse.shape[-1]).reshape(lse.shape)
                       if lse.dim() == 2 else sinks.to(lse.dtype)[None, :, None].expand(lse.shape))
         return o, lse
-    _check_tile_offsets(q=(q, (-2, -1)), k=(k, (-2, -1)), v=(v, (-2, -1)), o=(o, (-2, -1)))
+    rows = (-2, -1) if cu_seqlens is None else (0, -1)  # the token and head-dim strides
+    _check_tile_offsets(q=(q, rows), k=(k, rows), v=(v, rows), o=(o, rows))
     pointers, sinks_arg, scalars, strides_lse_alibi, flags = _variant_arguments(
         q, causal, sm_scale, _window_bounds(window_size, causal), softcap, alibi_slopes, sinks, dropout_p, seed,
         cu_seqlens, lse)
@@ -236,8 +239,9 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
     return o, lse
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device) -> int:
-    """The GPU's SM count. The interpreter runs one program at a time: to it, one "SM" (nothing to fill)."""
+    """The GPU's SM count, asked once per device. The interpreter runs one program at a time: to it, one "SM"."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
@@ -273,8 +277,9 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     head_dim_pad = _head_dim_pad(head_dim)
-    _check_tile_offsets(q=(q, (-2, -1)), k=(k, (-2, -1)), v=(v, (-2, -1)), o=(o, (-2, -1)), do=(do, (-2, -1)),
-                        dq=(dq, (-2, -1)), dk=(dk, (-2, -1)), dv=(dv, (-2, -1)))
+    rows = (-2, -1) if cu_seqlens is None else (0, -1)  # the token and head-dim strides
+    _check_tile_offsets(q=(q, rows), k=(k, rows), v=(v, rows), o=(o, rows), do=(do, rows), dq=(dq, rows),
+                        dk=(dk, rows), dv=(dv, rows))
 
     delta = torch.empty_like(lse)
     # delta is per row: packed sequences go through as one batch of total_q rows.
@@ -468,7 +473,7 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, return_lse=False, wind
     return (o, lse) if return_lse else o
 
 
-def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sm_scale=None):
     """Raise a clear error, naming the argument, for packed inputs the kernels cannot take."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -476,7 +481,7 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         if t.dim() != 3:
             raise ValueError(f"{name} must have rank 3 (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
     # The padded-layout checks apply to a (1, H, total, D) view of the same tensors.
-    check_flash_inputs(*(t.transpose(0, 1)[None] for t in (q, k, v)))
+    check_flash_inputs(*(t.transpose(0, 1)[None] for t in (q, k, v)), sm_scale)
     for name, cu, total, max_name, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q",
                                                 max_seqlen_q),
                                                ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k",
@@ -516,11 +521,9 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     `flash_attention`'s (alibi_slopes may be (B, Hq)). Returns o (total_q, Hq, D),
     and with return_lse=True also lse (Hq, total_q).
     """
-    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sm_scale)
     check_flash_options(q, cu_seqlens_q.numel() - 1, softcap, alibi_slopes, sinks, dropout_p)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    if sm_scale is not None and not math.isfinite(sm_scale):
-        raise TypeError(f"sm_scale must be a finite float or None, got {sm_scale!r}")
     window_left, window_right = _op_window(window_size, causal)
     o, lse = _flash_attn_fwd_op(q, k, v, bool(causal), sm_scale, window_left, window_right, float(softcap or 0.0),
                                 alibi_slopes, sinks, float(dropout_p), _dropout_seed(dropout_p, q.device),

@@ -13,6 +13,7 @@ but it differs from a GPU in three ways the kernels account for:
   * autotuning needs a GPU driver to time configs: one fixed config is used;
   * programs never run concurrently, so races cannot show on the CPU.
 """
+import functools
 import os
 
 import torch
@@ -54,7 +55,13 @@ def has_tma(device: torch.device) -> bool:
 
     False under the interpreter, which runs descriptor loads as ordinary masked loads.
     """
-    return device.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cuda" and not INTERPRET and _capability(device.index)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index):
+    """A GPU's compute capability, asked once per device: it sits on every launch's path."""
+    return torch.cuda.get_device_capability(index)
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:

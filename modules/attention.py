@@ -12,8 +12,7 @@ attention itself runs on the backend chosen by `backend`:
 
 In training mode with dropout > 0 the triton backend passes dropout_p to the
 kernel, which draws its mask from torch's default generator (torch.manual_seed
-makes it repeatable). A build of `kernels` without dropout raises rather than
-silently ignoring it.
+makes it repeatable).
 
 Each twin's constructor shows the reference's parameters plus `backend` to
 help() and inspect.signature (see `_KernelBacked.__init_subclass__`).
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 import reference
 from kernels import decode_attention, flash_attention
+from kernels.decode import MAX_QUERIES as DECODE_MAX_QUERIES
 
 BACKENDS = ("triton", "sdpa", "naive")
 
@@ -36,16 +36,8 @@ def check_backend(backend: str) -> str:
 
 
 def kernel_dropout(dropout_p: float) -> dict:
-    """flash_attention's dropout keyword: {} when off; raises if this build of the kernel has no dropout."""
-    if dropout_p == 0:
-        return {}
-    if "dropout_p" not in inspect.signature(flash_attention).parameters:
-        raise ValueError(
-            f"backend='triton' has no attention dropout in this build of kernels (flash_attention takes no "
-            f"dropout_p), and dropout={dropout_p} in training mode would be silently ignored: use backend='sdpa' "
-            "or 'naive', dropout=0.0, or .eval()"
-        )
-    return {"dropout_p": dropout_p}
+    """flash_attention's dropout keyword: {} when off."""
+    return {"dropout_p": dropout_p} if dropout_p else {}
 
 
 def _twin_init(cls):
@@ -124,10 +116,11 @@ class GroupedQueryAttention(_KernelBacked, reference.GroupedQueryAttention):
 
     def attend_cached(self, queries, keys, values, cache):
         """triton: a prefill (empty cache) runs flash_attention on its own tokens, a later step of up to
-        16 tokens runs decode_attention on the cache; the other backends use the reference's plain math."""
-        if self.backend != "triton":
-            return super().attend_cached(queries, keys, values, cache)
+        16 tokens runs decode_attention on the cache; the other backends, and a later step of more
+        tokens than decode_attention takes, use the reference's plain math."""
         prefill = cache.is_empty
+        if self.backend != "triton" or (not prefill and queries.shape[2] > DECODE_MAX_QUERIES):
+            return super().attend_cached(queries, keys, values, cache)
         cache.append(keys, values)
         if prefill:
             return flash_attention(queries, keys, values, causal=True)

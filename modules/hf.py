@@ -55,12 +55,12 @@ from transformers.masking_utils import (
 )
 
 import kernels
+from kernels.decode import MAX_QUERIES as DECODE_MAX_QUERIES  # new tokens per decode step
 from reference.functional import causal_visibility, window_visibility
 
 from .padding import padded_attention
 
 NAME = "playground"
-DECODE_MAX_QUERIES = 16  # kernels.decode_attention's limit on new tokens per step
 # Dense math masks with the most negative fp32, as eager does, not -inf: a fully masked (padding) row
 # then averages its values instead of turning NaN and spreading through the next layer's values.
 MASKED = torch.finfo(torch.float32).min
@@ -265,7 +265,7 @@ def _is_decode_step(query, key, causal, window_size, options):
     n_q, n_k = query.shape[2], key.shape[2]
     window_cuts = window_size is not None and window_size[0] < n_k - 1
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key))
-    return (hasattr(kernels, "decode_attention") and causal and n_q <= DECODE_MAX_QUERIES and n_q < n_k
+    return (causal and n_q <= DECODE_MAX_QUERIES and n_q < n_k
             and not window_cuts and not options and not needs_grad)
 
 

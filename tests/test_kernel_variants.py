@@ -320,3 +320,17 @@ def test_bad_cu_seqlens_name_the_argument(device):
         flash_attention_varlen(q, k, v, cu_q, cu_k, 4, 5)
     with pytest.raises(ValueError, match="q must have rank 3"):
         flash_attention_varlen(q[None], k, v, cu_q, cu_k, 5, 5)
+
+
+def test_strided_option_tensors_read_as_their_values(device):
+    """Sinks, slopes and cu_seqlens given as strided views give what their contiguous copies give."""
+    q, k, v = AttentionCase(1, 4, 2, 33, 33, 16, True).make_inputs(torch.float32, device)
+    sinks, slopes = torch.randn(4, 2, device=device)[:, 0], torch.rand(4, 3, device=device)[:, 1]
+    assert torch.equal(flash_attention(q, k, v, causal=True, sinks=sinks, alibi_slopes=slopes),
+                       flash_attention(q, k, v, causal=True, sinks=sinks.contiguous(),
+                                       alibi_slopes=slopes.contiguous()))
+    q, k, v, cu_q, cu_k = packed([5, 9], [5, 9], 2, 1, 16, torch.float32, device)
+    strided_cu = torch.stack([cu_q, cu_q], dim=1)[:, 0]  # every other element of an interleaved buffer
+    assert strided_cu.stride(0) == 2
+    assert torch.equal(flash_attention_varlen(q, k, v, strided_cu, cu_k, 9, 9, causal=True),
+                       flash_attention_varlen(q, k, v, cu_q, cu_k, 9, 9, causal=True))
