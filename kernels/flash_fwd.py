@@ -41,8 +41,9 @@ approximated, only reordered. The kernel saves lse = m_i + log(l_i) per row,
 all the backward pass needs to recompute P = exp(S - lse) tile by tile.
 
 exp2 instead of exp: exp2 is one instruction on the GPU. With LOG2E = 1/ln 2,
-exp(x * sm_scale) = exp2(x * sm_scale * LOG2E), so the kernel folds LOG2E
-into the scale once (qk_scale) and keeps m_i in base-2 units.
+exp(x * sm_scale) = exp2(x * sm_scale * LOG2E), so the kernel scales each
+score tile by sm_scale * LOG2E (the qk_scale of reference/tiled.py; tiles.py's
+_scores) and keeps m_i in base-2 units.
 
 Variants as compile-time switches
 ---------------------------------
