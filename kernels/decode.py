@@ -73,12 +73,11 @@ import triton.language as tl
 from reference.decode import append_kv, check_decode_inputs, check_lengths
 
 from .runtime import INTERPRET, check_runnable, dot_precision, upcast_tiles
-from .tiles import LN2, LOG2E, _load_tile
+from .tiles import LN2, LOG2E, MAX_HEAD_DIM, _head_dim_pad, _load_tile
 
 __all__ = ["decode_attention", "append_kv", "choose_num_splits"]
 
 MAX_QUERIES = 16  # Nq limit: speculative decoding and small chunks; a longer chunk is a prefill
-MAX_HEAD_DIM = 256
 DECODE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_BLOCK_SIZE = 16
 MAX_BLOCK_M = 64  # packed rows per program; a bigger group * Nq takes several row blocks
@@ -239,11 +238,6 @@ def _decode_merge(O_PART, LSE_PART, O, LSE, stride_oz, stride_oh, stride_om, str
 # ----------------------------------------------------------------------------
 # Launch choices
 # ----------------------------------------------------------------------------
-def _head_dim_pad(head_dim: int) -> int:
-    """Tiles are powers of two and tl.dot needs K >= 16: pad D inside the kernel, with masked loads."""
-    return max(16, triton.next_power_of_2(head_dim))
-
-
 def _block_m(rows: int) -> int:
     """Packed rows per program: group * Nq rounded up to a power of two, at least 16 for tl.dot."""
     return max(16, min(MAX_BLOCK_M, triton.next_power_of_2(rows)))

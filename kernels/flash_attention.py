@@ -26,18 +26,11 @@ from reference.functional import check_attention_inputs
 from .autotune import _PREPROCESS_BLOCK_M, _attn_bwd_dkdv_tuned, _attn_bwd_dq_tuned, _attn_fwd_tuned
 from .flash_bwd import _attn_bwd_preprocess
 from .runtime import accumulator_dtype, check_runnable, dot_precision, has_tma, upcast_tiles
-from .tiles import UNLIMITED, _dropout_mask_kernel
-
-MAX_HEAD_DIM = 256
+from .tiles import MAX_HEAD_DIM, UNLIMITED, _dropout_mask_kernel, _head_dim_pad
 
 
 def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _head_dim_pad(head_dim: int) -> int:
-    """Tiles are powers of two and tl.dot needs K >= 16: pad D inside the kernel, with masked loads."""
-    return max(16, triton.next_power_of_2(head_dim))
 
 
 # ----------------------------------------------------------------------------
@@ -275,6 +268,9 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
     if dsinks is not None:
         dsinks.zero_()
     if q.numel() == 0 or k.numel() == 0:
+        if k.numel() == 0 and sinks is not None and dsinks is not None and dlse is not None:
+            # No key: each row's lse is its sink, so d sink is the sum of the gradient into lse.
+            dsinks.copy_(dlse.sum(dim=(0, 2) if dlse.dim() == 3 else 1))
         return dq.zero_(), dk.zero_(), dv.zero_()
     head_dim_pad = _head_dim_pad(head_dim)
     rows = (-2, -1) if cu_seqlens is None else (0, -1)  # the token and head-dim strides

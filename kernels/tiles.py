@@ -26,6 +26,12 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln 2, so log(x) == log2(
 # Window bounds are runtime ints; an unlimited side is this far away, which no
 # sequence reaches and which keeps every bound arithmetic inside int32.
 UNLIMITED = 1 << 30
+MAX_HEAD_DIM = 256
+
+
+def _head_dim_pad(head_dim: int) -> int:
+    """Tiles are powers of two and tl.dot needs K >= 16: pad D inside the kernel, with masked loads."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 @triton.jit

@@ -334,3 +334,14 @@ def test_strided_option_tensors_read_as_their_values(device):
     assert strided_cu.stride(0) == 2
     assert torch.equal(flash_attention_varlen(q, k, v, strided_cu, cu_k, 9, 9, causal=True),
                        flash_attention_varlen(q, k, v, cu_q, cu_k, 9, 9, causal=True))
+
+
+def test_sinks_with_no_key_at_all(device):
+    """With Nk = 0 every row is its sink alone: o = 0, lse = the sink, and d sink comes through the lse."""
+    q = torch.randn(1, 2, 3, 8, device=device)
+    k = v = torch.randn(1, 1, 0, 8, device=device)
+    sinks = torch.randn(2, device=device, requires_grad=True)
+    o, lse = flash_attention(q, k, v, sinks=sinks, return_lse=True)
+    assert torch.equal(o, torch.zeros_like(o)) and torch.equal(lse, sinks.detach()[None, :, None].expand(1, 2, 3))
+    (o.sum() + (2 * lse).sum()).backward()
+    torch.testing.assert_close(sinks.grad, torch.full((2,), 6.0, device=device))  # 3 rows x d lse = 2
