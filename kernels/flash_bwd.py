@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .tiles import (LOG2E, _cast_for_store, _dropout_keep, _key_range, _load_tile, _query_range, _scores,
-                    _visible)
+                    _sequence_bounds, _visible)
 
 
 @triton.jit
@@ -158,18 +158,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS
     off_zkv = tl.program_id(0) // (num_n_blocks * num_splits)
     off_z = (off_zkv // H_KV).to(tl.int64)
     off_kvh = (off_zkv % H_KV).to(tl.int64)
+    q_start, k_start, seqlen_q, seqlen_k = _sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_z, N_Q, N_K, IS_VARLEN)
     if IS_VARLEN:
-        q_start = tl.load(CU_SEQLENS_Q + off_z).to(tl.int64)
-        k_start = tl.load(CU_SEQLENS_K + off_z).to(tl.int64)
-        seqlen_q = tl.load(CU_SEQLENS_Q + off_z + 1) - q_start.to(tl.int32)
-        seqlen_k = tl.load(CU_SEQLENS_K + off_z + 1) - k_start.to(tl.int32)
-        if start_n >= seqlen_k:
+        if start_n >= seqlen_k:  # this sequence is shorter than the longest
             return
-    else:
-        q_start = 0
-        k_start = 0
-        seqlen_q = N_Q
-        seqlen_k = N_K
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     MASK_RIGHT: tl.constexpr = IS_CAUSAL or HAS_WINDOW
     offset = seqlen_k - seqlen_q
@@ -295,20 +287,12 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_
     off_z = (off_zh // H_Q).to(tl.int64)
     off_h = (off_zh % H_Q).to(tl.int64)
     off_kvh = off_h // GROUP_SIZE
+    q_start, k_start, seqlen_q, seqlen_k = _sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_z, N_Q, N_K, IS_VARLEN)
+    stream = off_zh  # dropout counters, as in the forward
     if IS_VARLEN:
-        q_start = tl.load(CU_SEQLENS_Q + off_z).to(tl.int64)
-        k_start = tl.load(CU_SEQLENS_K + off_z).to(tl.int64)
-        seqlen_q = tl.load(CU_SEQLENS_Q + off_z + 1) - q_start.to(tl.int32)
-        seqlen_k = tl.load(CU_SEQLENS_K + off_z + 1) - k_start.to(tl.int32)
         if start_m >= seqlen_q:
             return
         stream = off_h
-    else:
-        q_start = 0
-        k_start = 0
-        seqlen_q = N_Q
-        seqlen_k = N_K
-        stream = off_zh
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     MASK_RIGHT: tl.constexpr = IS_CAUSAL or HAS_WINDOW
     offset = seqlen_k - seqlen_q

@@ -73,7 +73,7 @@ import triton
 import triton.language as tl
 
 from .tiles import (LN2, LOG2E, _cast_for_store, _dropout_keep, _key_range, _load_rows, _row_descriptor, _scores,
-                    _visible)
+                    _sequence_bounds, _visible)
 
 
 @triton.jit
@@ -161,21 +161,12 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, 
     off_z = (off_zh // H_Q).to(tl.int64)  # int64: batch * stride can pass 2**31 on big inputs
     off_h = (off_zh % H_Q).to(tl.int64)
     off_kvh = off_h // GROUP_SIZE  # GQA: the kv head this query head shares; K and V are not copied
+    q_start, k_start, seqlen_q, seqlen_k = _sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_z, N_Q, N_K, IS_VARLEN)
+    stream = off_zh  # dropout counters: (batch, head) and the row in the sequence
     if IS_VARLEN:
-        # Sequence off_z owns rows cu_seqlens[z]:cu_seqlens[z + 1] of the packed q (and k, v).
-        q_start = tl.load(CU_SEQLENS_Q + off_z).to(tl.int64)
-        k_start = tl.load(CU_SEQLENS_K + off_z).to(tl.int64)
-        seqlen_q = tl.load(CU_SEQLENS_Q + off_z + 1) - q_start.to(tl.int32)
-        seqlen_k = tl.load(CU_SEQLENS_K + off_z + 1) - k_start.to(tl.int32)
         if start_m >= seqlen_q:  # this sequence is shorter than the longest
             return
-        stream = off_h  # dropout counters: packed rows are global token indices
-    else:
-        q_start = 0
-        k_start = 0
-        seqlen_q = N_Q
-        seqlen_k = N_K
-        stream = off_zh
+        stream = off_h  # packed rows are global token indices: the head alone
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     MASK_RIGHT: tl.constexpr = IS_CAUSAL or HAS_WINDOW  # causal is the band with right = 0
     offset = seqlen_k - seqlen_q  # bottom-right alignment: query i's diagonal is key i + offset

@@ -111,6 +111,27 @@ def _cast_for_store(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_z, N_Q, N_K, IS_VARLEN: tl.constexpr):
+    """(q_start, k_start, seqlen_q, seqlen_k) of sequence off_z.
+
+    Packed (IS_VARLEN): sequence z owns rows cu_seqlens[z]:cu_seqlens[z + 1] of q
+    (and of k, v); the starts are 64-bit, since they multiply a row stride.
+    Padded: every sequence starts at row 0 of its batch entry, with the full lengths.
+    """
+    if IS_VARLEN:
+        q_start = tl.load(CU_SEQLENS_Q + off_z).to(tl.int64)
+        k_start = tl.load(CU_SEQLENS_K + off_z).to(tl.int64)
+        seqlen_q = tl.load(CU_SEQLENS_Q + off_z + 1) - q_start.to(tl.int32)
+        seqlen_k = tl.load(CU_SEQLENS_K + off_z + 1) - k_start.to(tl.int32)
+    else:
+        q_start = 0
+        k_start = 0
+        seqlen_q = N_Q
+        seqlen_k = N_K
+    return q_start, k_start, seqlen_q, seqlen_k
+
+
+@triton.jit
 def _block_range(BLOCK: tl.constexpr, first_seen, last_seen, first_full, last_full, n, even_end):
     """Split [0, n) into blocks of BLOCK along one axis, for a tile of the other axis.
 
