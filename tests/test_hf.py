@@ -393,16 +393,35 @@ def test_transformers_hub_kernels_check_is_not_fooled_by_our_kernels_package():
     assert import_utils.is_kernels_available() is False
 
 
+def accepted_hub_kernels_version():
+    """The lowest version of Hugging Face's `kernels` that this transformers accepts, read from transformers itself.
+
+    transformers 5.x names it (KERNELS_MIN_VERSION, the default of is_kernels_available's MIN_VERSION);
+    4.x checks no version, so any will do.
+    """
+    import inspect
+
+    from transformers.utils import import_utils
+
+    version = getattr(import_utils, "KERNELS_MIN_VERSION", None)
+    if version is None:
+        minimum = inspect.signature(import_utils.is_kernels_available).parameters.get("MIN_VERSION")
+        version = None if minimum is None or minimum.default is inspect.Parameter.empty else minimum.default
+    return version or "0.1.0"
+
+
 def test_with_hugging_faces_kernels_installed_too_the_first_on_sys_path_wins(tmp_path):
     """A stand-in for Hugging Face's `kernels` 0.18.2 (a package and its metadata) on PYTHONPATH. Run from this
     repo's root, ours shadows it and transformers is fooled: it reads their version, imports ours, and its hub
     kernels integration (which every model imports) fails. Run from elsewhere, theirs shadows ours (an editable
-    install's finder comes last on sys.meta_path). Hence the README: never install both in one environment."""
+    install's finder comes last on sys.meta_path). Hence the README: never install both in one environment.
+    The stand-in claims the lowest version this transformers accepts (transformers 5.17 takes 0.16.x, 5.24 0.18.x)."""
+    version = accepted_hub_kernels_version()
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "__init__.py").write_text("def get_kernel(name):\n    return name\n")
-    (tmp_path / "kernels-0.18.2.dist-info").mkdir()
-    (tmp_path / "kernels-0.18.2.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\n"
-                                                                     "Version: 0.18.2\n")
+    (tmp_path / f"kernels-{version}.dist-info").mkdir()
+    (tmp_path / f"kernels-{version}.dist-info" / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: kernels\nVersion: {version}\n")
     probe = ("import importlib.util, sys; from transformers.utils.import_utils import is_kernels_available; "
              "print(importlib.util.find_spec('kernels').origin, is_kernels_available())\n"
              "if sys.argv[1] == 'import':\n"
