@@ -1,0 +1,432 @@
+"""Launch configurations: the tile shapes each kernel may use, which of them fit which GPU, and how one is chosen.
+
+A config is a tile shape (BLOCK_M query rows by BLOCK_N keys), a number of
+warps and a number of pipeline stages. Each costs shared memory: every
+pipeline stage keeps one more K and V tile in flight, and Hopper's wgmma reads
+its operands from shared memory too. A config that asks for more than the
+chip has does not launch, so which configs a chip may run is measured, not
+guessed. Read in this order:
+
+    chips        the GPUs the kernels are built for, and the shared memory one block may use on each
+    candidates   per kernel, precision and head-dim class: the tile shapes, best first
+    footprints   each candidate's shared memory and register spills on each chip, measured by compiling
+                 it with Triton's bundled ptxas (kernels/footprints.json, written by
+                 `python -m tests.gpu_compile --write-footprints`): a candidate runs on a chip only
+                 if it was measured there and fits
+    choose       the config of one launch: a tuned table's entry for this GPU, else the first candidate
+                 that fits the chip, does not spill, and is no longer than the sequence. Memoized per
+                 (device, dtype, head dim, switches, length buckets): one dict lookup per launch
+    tuned tables kernels/tuned/<gpu>.json, written by `python -m bench.tune` on that GPU
+    autotuning   opt-in (ATTN_AUTOTUNE=1 or set_autotune(True)): time the fitting candidates once per
+                 key, into scratch buffers, so no timing run touches a caller's tensor
+
+Nothing is timed at run time by default: a call inside CUDA-graph capture
+never meets a tuner, and deterministic mode picks the same config in every
+process, so its gradients are the same bits everywhere.
+
+Under the interpreter one fixed config runs (its blocks large enough to keep
+the program count, and so the CPU time, small), unless ATTN_CHIP names a chip
+(ATTN_CHIP=sm_86): then the CPU runs what that chip would, to test the choice.
+"""
+import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+import triton
+
+from .runtime import INTERPRET
+
+HERE = Path(__file__).resolve().parent
+FOOTPRINTS_PATH = HERE / "footprints.json"
+TUNED_DIR = HERE / "tuned"
+AUTOTUNE_ENV = "ATTN_AUTOTUNE"
+CHIP_ENV = "ATTN_CHIP"
+MAX_LENGTH_BUCKET = 16384  # longer sequences share the 16k bucket: tiles of <= 128 never notice
+
+
+# ----------------------------------------------------------------------------
+# Chips
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """A GPU architecture as the configs see it: its name for Triton, and the shared memory per block."""
+    arch: str  # "sm_90": Triton's target, and the footprints' key
+    capability: tuple
+    shared_bytes: int  # the opt-in maximum of shared memory one block may use
+    examples: str
+
+    @property
+    def has_tma(self) -> bool:
+        """The tensor-memory accelerator behind descriptor loads: Hopper and later."""
+        return self.capability >= (9, 0)
+
+    def describe(self) -> str:
+        return f"{self.arch} ({self.examples}; {self.shared_bytes:,} B of shared memory per block)"
+
+
+# The opt-in maximum of shared memory per block, from NVIDIA's tuning guides (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+CHIPS = {chip.arch: chip for chip in (
+    Chip("sm_80", (8, 0), 166_912, "A100, A30"),
+    Chip("sm_86", (8, 6), 101_376, "RTX 3080 Ti, RTX 3090, A10, A40"),
+    Chip("sm_89", (8, 9), 101_376, "RTX 4090, L4, L40S"),
+    Chip("sm_90", (9, 0), 232_448, "H100, H200"),
+    Chip("sm_100", (10, 0), 232_448, "B200, GB200"),
+    Chip("sm_120", (12, 0), 101_376, "RTX 5090, RTX PRO 6000"),
+)}
+OLDEST = (8, 0)  # bf16 tensor cores and cp.async: Ampere and later
+
+
+def chip_for_capability(capability, shared_bytes=None, name=None) -> Chip:
+    """The Chip of a GPU with this capability: a known one, or the nearest known one below it.
+
+    An unlisted chip (sm_87 Jetson Orin, sm_103, sm_121) runs the configs
+    measured on the nearest listed architecture of the same family below it,
+    within its own shared memory (`shared_bytes`, as the driver reports it).
+    """
+    capability = tuple(capability)
+    if capability < OLDEST:
+        gpu = f"{name} " if name else ""
+        raise RuntimeError(f"GPU {gpu}(sm_{capability[0]}{capability[1]}) is older than the kernels support: they need "
+                           f"sm_80 (Ampere) or newer, for bf16 tensor cores and asynchronous copies")
+    known = [chip for chip in CHIPS.values() if chip.capability <= capability]
+    nearest = max(known, key=lambda chip: chip.capability)
+    if nearest.capability == capability and shared_bytes in (None, nearest.shared_bytes):
+        return nearest
+    return dataclasses.replace(nearest, capability=capability,
+                               shared_bytes=shared_bytes if shared_bytes else nearest.shared_bytes,
+                               examples=name or f"sm_{capability[0]}{capability[1]}, configs of {nearest.arch}")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_chip(index) -> Chip:
+    props = torch.cuda.get_device_properties(index)
+    shared = getattr(props, "shared_memory_per_block_optin", None)
+    return chip_for_capability((props.major, props.minor), shared, props.name)
+
+
+def chip_for(device: torch.device):
+    """The Chip whose configs `device` runs; None under the interpreter (one fixed config) unless ATTN_CHIP is set."""
+    if device.type == "cuda":
+        return _cuda_chip(device.index if device.index is not None else torch.cuda.current_device())
+    emulated = os.environ.get(CHIP_ENV)
+    if not emulated:
+        return None
+    if emulated not in CHIPS:
+        raise ValueError(f"{CHIP_ENV}={emulated!r} names no chip; known: {', '.join(CHIPS)}")
+    return CHIPS[emulated]
+
+
+# ----------------------------------------------------------------------------
+# Candidates: per kernel, {(precision, head-dim class): configs, best first}
+#
+# fp16/bf16 use the tensor cores (wgmma on Hopper, mma before). Registers
+# limit the tiles: 255 per thread, and a 128 x 128 fp32 accumulator is 64
+# registers per thread at 8 warps. Shared memory limits the stages: a 64-key
+# tile of K and V at head dim 128 is 32 KB in 16 bits, per stage. The lists
+# run from the tiles an H100 wants (227 KB of shared memory) down to those an
+# RTX 3090 or 4090 can hold (99 KB), so every chip finds its best fitting
+# config early; the footprints decide which fit (see above).
+#
+# fp32 and fp64 multiply in true fp32/fp64 on the CUDA cores (no tf32), need
+# far more registers per tile, compile slowly and are not the speed path:
+# small tiles, a short list.
+#
+# The forward's Hopper options come last in their lists, so a default choice
+# keeps the pointer path: USE_TMA loads Q, K and V with TMA copies from tensor
+# descriptors, and WARP_SPECIALIZE, with TMA, splits the key loop into a
+# producer warp group and consumer warp groups (num_warps = 4: the compiler
+# adds the consumers itself). They are offered only where the inputs allow
+# descriptors and the chip has TMA, and warp specialization only to the plain
+# non-causal key loop.
+# ----------------------------------------------------------------------------
+PRECISIONS = {torch.float16: "16-bit", torch.bfloat16: "16-bit", torch.float32: "fp32", torch.float64: "fp64"}
+HEAD_DIM_CLASSES = (128, 256)  # a padded head dim takes the smallest class that holds it
+
+
+def _configs(*shapes, **options):
+    """triton.Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples, each with the constexpr `options`."""
+    return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, **options}, num_warps=warps, num_stages=stages)
+            for block_m, block_n, warps, stages in shapes]
+
+
+_TMA = dict(USE_TMA=True)
+_TMA_WS = dict(USE_TMA=True, WARP_SPECIALIZE=True)
+FWD_CANDIDATES = {
+    ("16-bit", 128): _configs((128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 4, 2),
+                              (64, 64, 4, 2), (64, 32, 4, 2))
+    + _configs((128, 64, 8, 3), (128, 128, 8, 2), **_TMA) + _configs((128, 64, 4, 3), (128, 128, 4, 2), **_TMA_WS),
+    ("16-bit", 256): _configs((128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (64, 32, 4, 1),
+                              (32, 32, 4, 1))
+    + _configs((128, 64, 8, 2), **_TMA),
+    ("fp32", 128): _configs((16, 16, 4, 2), (16, 16, 4, 1)),
+    ("fp32", 256): _configs((16, 16, 4, 2), (16, 16, 4, 1)),
+    ("fp64", 128): _configs((16, 16, 4, 2), (16, 16, 4, 1)),
+    ("fp64", 256): _configs((16, 16, 4, 1)),
+}
+DKDV_CANDIDATES = {
+    # dK/dV holds two key tiles and two accumulators and walks 16-row query tiles.
+    ("16-bit", 128): _configs((16, 128, 8, 2), (16, 64, 4, 2), (16, 32, 4, 2)),
+    ("16-bit", 256): _configs((16, 32, 8, 2), (16, 32, 8, 3), (16, 32, 4, 1), (16, 16, 4, 1)),
+    ("fp32", 128): _configs((16, 64, 8, 2), (16, 32, 4, 2), (16, 16, 4, 1)),
+    ("fp32", 256): _configs((16, 32, 8, 2), (16, 16, 4, 1)),
+    ("fp64", 128): _configs((16, 16, 8, 1), (16, 16, 4, 1)),
+    ("fp64", 256): _configs((16, 16, 4, 1)),
+}
+DQ_CANDIDATES = {
+    ("16-bit", 128): _configs((128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2),
+                              (64, 32, 4, 2)),
+    ("16-bit", 256): _configs((128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1)),
+    ("fp32", 128): _configs((32, 64, 8, 2), (16, 32, 4, 2), (16, 16, 4, 1)),
+    ("fp32", 256): _configs((16, 32, 8, 2), (16, 16, 4, 1)),
+    ("fp64", 128): _configs((16, 32, 8, 2), (16, 16, 4, 1)),
+    ("fp64", 256): _configs((16, 16, 4, 1)),
+}
+# Decode: BLOCK_M packed query rows (GQA group x queries), BLOCK_N keys. The rows come from the call;
+# the longest row tile that holds them and fits is chosen.
+DECODE_CANDIDATES = {
+    ("16-bit", 128): _configs((64, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2)),
+    ("16-bit", 256): _configs((64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    ("fp32", 128): _configs((32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)),
+    ("fp32", 256): _configs((16, 32, 4, 2), (16, 16, 4, 1)),
+}
+
+# Under the interpreter: BLOCK_M != BLOCK_N so the tests exercise uneven causal splits.
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+
+
+def head_dim_class(head_dim_pad: int) -> int:
+    for size in HEAD_DIM_CLASSES:
+        if head_dim_pad <= size:
+            return size
+    return head_dim_pad
+
+
+def config_label(config) -> str:
+    """'M128 N64 w8 s3', and ' tma' / ' ws' for the Hopper options: how footprints and tuned tables name a config."""
+    label = f"M{config.kwargs['BLOCK_M']} N{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
+    if config.kwargs.get("USE_TMA"):
+        label += " tma"
+    if config.kwargs.get("WARP_SPECIALIZE"):
+        label += " ws"
+    return label
+
+
+def footprint_key(kernel: str, precision: str, head_dim_pad: int, config) -> str:
+    """'fwd 16-bit d128 M128 N64 w8 s3': one candidate, at its head-dim class."""
+    return f"{kernel} {precision} d{head_dim_class(head_dim_pad)} {config_label(config)}"
+
+
+# ----------------------------------------------------------------------------
+# Footprints and tuned tables: JSON files next to this one
+# ----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def footprints() -> dict:
+    """{arch: {footprint_key: (shared bytes, spill-store bytes per thread)}}, as measured by compiling."""
+    if not FOOTPRINTS_PATH.exists():
+        return {}
+    with open(FOOTPRINTS_PATH) as f:
+        data = json.load(f)
+    return {arch: {key: tuple(value) for key, value in table.items()} for arch, table in data["archs"].items()}
+
+
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3': a tuned table's file name."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_table(gpu_name: str, arch: str) -> dict:
+    """{table key: config label}: kernels/tuned/<gpu>.json for this GPU, else merged tables of its architecture."""
+    exact = TUNED_DIR / f"{gpu_slug(gpu_name)}.json"
+    paths = [exact] if exact.exists() else sorted(TUNED_DIR.glob("*.json")) if TUNED_DIR.exists() else []
+    entries = {}
+    for path in paths:
+        with open(path) as f:
+            table = json.load(f)
+        if path == exact or table.get("arch") == arch:
+            for key, label in table["entries"].items():
+                entries.setdefault(key, label)
+    return entries
+
+
+def table_key(kernel, dtype, head_dim_pad, switches, n_q, n_k) -> str:
+    """'fwd bfloat16 d128 causal q4096 k4096': the tuned tables' key of one launch.
+
+    switches: the kernel's compile-time flags; those that are on name the
+    variant ('causal', 'full', 'causal+window+varlen', ...).
+    """
+    on = [name.lower().removeprefix("has_").removeprefix("is_") for name, value in switches if value is True]
+    variant = "causal" if "causal" in on else "full"
+    extra = [name for name in on if name != "causal"]
+    dtype_name = str(dtype).removeprefix("torch.")
+    return (f"{kernel} {dtype_name} d{head_dim_pad} {'+'.join([variant, *extra])} "
+            f"q{length_bucket(n_q)} k{length_bucket(n_k)}")
+
+
+def length_bucket(n):
+    """n rounded up to a power of two, capped: lengths in one bucket share a config."""
+    return None if n is None else min(1 << (max(int(n), 1) - 1).bit_length(), MAX_LENGTH_BUCKET)
+
+
+# ----------------------------------------------------------------------------
+# Choosing
+# ----------------------------------------------------------------------------
+_autotune = os.environ.get(AUTOTUNE_ENV) == "1"
+
+
+def set_autotune(enabled: bool) -> None:
+    """Turn runtime autotuning on or off for this process (off by default; ATTN_AUTOTUNE=1 turns it on)."""
+    global _autotune
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    _autotune = enabled
+    for kernel in KERNELS.values():
+        kernel.memo.clear()
+
+
+def autotune_enabled() -> bool:
+    return _autotune
+
+
+class NoConfigFits(ValueError):
+    """No candidate of a kernel fits the chip for this dtype and head dim."""
+
+
+class KernelConfigs:
+    """The candidates of one kernel, and the choice among them for each launch."""
+
+    def __init__(self, name: str, candidates: dict):
+        self.name = name
+        self.candidates = candidates
+        self.memo = {}  # (device, dtype, head dim, switches, buckets, options) -> Config
+        self.forced = None  # only_config's config
+        self.timings = {}  # table key -> {config label: ms}, what autotuning measured
+
+    def all_configs(self):
+        return list(dict.fromkeys(config for configs in self.candidates.values() for config in configs))
+
+    def fitting(self, chip: Chip, dtype, head_dim_pad: int, tma=False, warp_specialize=False):
+        """The candidates `chip` can run for this dtype and head dim: measured there, within its shared memory.
+
+        Sorted spill-free first (each group in the list's order); descriptor and
+        warp-specialized configs only where allowed.
+        """
+        precision = PRECISIONS.get(dtype)
+        if precision is None:
+            raise TypeError(f"no GPU launch configs for dtype {dtype}")
+        measured = footprints().get(chip.arch, {})
+        fits = []
+        for config in self.candidates.get((precision, head_dim_class(head_dim_pad)), ()):
+            if (config.kwargs.get("USE_TMA") and not (tma and chip.has_tma)) or (
+                    config.kwargs.get("WARP_SPECIALIZE") and not warp_specialize):
+                continue
+            footprint = measured.get(footprint_key(self.name, precision, head_dim_pad, config))
+            if footprint is not None and footprint[0] <= chip.shared_bytes:
+                fits.append((footprint[1] > 0, config))
+        return [config for _, config in sorted(fits, key=lambda item: item[0])]
+
+    def choose(self, device, dtype, head_dim_pad, n_q, n_k, switches, *, tma=False, warp_specialize=False,
+               deterministic=True, timing=None):
+        """The config of one launch. switches: a tuple of (name, value) compile-time flags, in a fixed order.
+
+        n_q / n_k: the lengths the tiles run along (None: not pruned). timing:
+        a callable config -> ms that launches into scratch buffers, used only
+        when autotuning is on and the call is not deterministic.
+        """
+        if self.forced is not None:
+            return self.forced
+        key = (device, dtype, head_dim_pad, switches, length_bucket(n_q), length_bucket(n_k), tma, warp_specialize)
+        config = self.memo.get(key)
+        if config is None:
+            config = self._choose(device, dtype, head_dim_pad, n_q, n_k, switches, tma, warp_specialize,
+                                  timing if (_autotune and not deterministic) else None)
+            self.memo[key] = config
+        return config
+
+    def _choose(self, device, dtype, head_dim_pad, n_q, n_k, switches, tma, warp_specialize, timing):
+        chip = chip_for(device)
+        if chip is None:
+            return INTERPRETER_CONFIG
+        fitting = self.fitting(chip, dtype, head_dim_pad, tma, warp_specialize)
+        if not fitting:
+            raise NoConfigFits(
+                f"no {self.name} launch configuration fits {chip.describe()} for {str(dtype).removeprefix('torch.')} "
+                f"at head dim {head_dim_pad} (padded)")
+        pruned = prune_to_lengths(fitting, n_q, n_k)
+        key = table_key(self.name, dtype, head_dim_pad, switches, n_q, n_k)
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else chip.arch
+        label = tuned_table(gpu, chip.arch).get(key)
+        chosen = next((config for config in pruned if config_label(config) == label), None)
+        if chosen is not None:
+            return chosen
+        if timing is not None and len(pruned) > 1 and not _capturing(device):
+            times = {config: timing(config) for config in pruned}
+            self.timings[key] = {config_label(config): ms for config, ms in times.items()}
+            return min(times, key=times.get)
+        return pruned[0]
+
+
+def prune_to_lengths(configs, n_q, n_k):
+    """Drop tiles longer than their sequence: they only compute padding.
+
+    BLOCK_M is pruned against N_Q and BLOCK_N against N_K, each at its length
+    bucket, keeping at least the shortest tiles of the list (one query row
+    still needs a 16-row tile).
+    """
+    shortest_m = min(config.kwargs["BLOCK_M"] for config in configs)
+    shortest_n = min(config.kwargs["BLOCK_N"] for config in configs)
+    rows, cols = length_bucket(n_q), length_bucket(n_k)
+    kept = [config for config in configs
+            if (rows is None or config.kwargs["BLOCK_M"] <= max(rows, shortest_m))
+            and (cols is None or config.kwargs["BLOCK_N"] <= max(cols, shortest_n))]
+    return kept or configs[:1]
+
+
+def _capturing(device) -> bool:
+    """Whether a CUDA graph is being captured on this device's current stream: no timing may run then."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+KERNELS = {
+    "fwd": KernelConfigs("fwd", FWD_CANDIDATES),
+    "bwd_dkdv": KernelConfigs("bwd_dkdv", DKDV_CANDIDATES),
+    "bwd_dq": KernelConfigs("bwd_dq", DQ_CANDIDATES),
+    "decode": KernelConfigs("decode", DECODE_CANDIDATES),
+}
+
+
+class only_config:
+    """Within the block, kernel `name` launches `config` for every shape, untimed and unchecked (tests, bench.tune).
+
+    Its memo is cleared on entry and exit, so no choice made inside leaks out.
+    A config that cannot fit the shape fails at launch (Triton's OutOfResources).
+    """
+
+    def __init__(self, name, config):
+        if name not in KERNELS:
+            raise ValueError(f"name must be one of {sorted(KERNELS)}, got {name!r}")
+        if not isinstance(config, triton.Config):
+            raise TypeError(f"config must be a triton.Config, got {type(config).__name__}")
+        self.kernel, self.config = KERNELS[name], config
+
+    def __enter__(self):
+        self.saved = self.kernel.forced
+        self.kernel.forced = self.config
+        self.kernel.memo.clear()
+        return self.kernel
+
+    def __exit__(self, *exc):
+        self.kernel.forced = self.saved
+        self.kernel.memo.clear()
+        return False
+
+
+def scratch_like(args, positions):
+    """args with the tensors at `positions` (a kernel's outputs) replaced by fresh buffers: what a timing run writes."""
+    args = list(args)
+    for i in positions:
+        args[i] = torch.zeros_like(args[i])
+    return args
