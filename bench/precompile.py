@@ -3,16 +3,17 @@
     python -m bench.precompile [the same sweep options as python -m bench] [--jobs J] [--deadline S]
 
 Why: compiling is single-threaded per kernel, and a fresh machine has empty
-caches. Our kernel autotunes over some thirty configs, each compiled once per
-(head dim, causal, dtype, integer specialisation) for the forward and for two
-backward kernels; torch.compile builds FlexAttention's kernels once per
-(head dim, mask, GQA, grad mode, batch == 1). Done one after another inside
-the sweep, that takes minutes. Here one worker process per combination runs
-the real call path once at the smallest N, in parallel; the compiled
-binaries land in the on-disk caches (Triton's and Inductor's), where the
-sweep finds them. Autotuning *choices* are not shared: the sweep re-times
-every config on an idle GPU at its own sizes (TRITON_CACHE_AUTOTUNING=0
-here, so contended timings are never cached).
+caches. Each of our kernels runs the config kernels/configs.py chooses for the
+GPU, compiled once per (head dim, causal, dtype, integer specialisation) for
+the forward and for two backward kernels (a sequence-length bucket may pick
+another tile, so the sweep's longer N can still compile once more);
+torch.compile builds FlexAttention's kernels once per (head dim, mask, GQA,
+grad mode, batch == 1). Done one after another inside the sweep, that takes
+minutes. Here one worker process per combination runs the real call path
+once at the smallest N, in parallel; the compiled binaries land in the
+on-disk caches (Triton's and Inductor's), where the sweep finds them. Nothing
+is timed here (TRITON_CACHE_AUTOTUNING=0 keeps any opt-in tuner's contended
+timings out of the cache).
 
 gpu_check.sh runs this in the background while pytest runs; nothing here is
 timed or reported as a result.

@@ -1,38 +1,43 @@
-"""Time every config of every tuned kernel on the standard shapes: one lease tells which configs to keep.
+"""Time every fitting config of every chosen kernel on the standard shapes, and write this GPU's tuned table.
 
-    python -m bench.tune                      # every kernel, every config, the standard shapes (GPU)
+    python -m bench.tune                      # every kernel, every config that fits this GPU, the standard shapes
     python -m bench.tune --kernels fwd --head-dim 128 --causal on --n 4096
     python -m bench.tune --time-budget 240    # skip what would not finish inside 240 s
-    python -m bench.tune --list               # the kernels, configs and shapes; runs anywhere
+    python -m bench.tune --list               # the kernels, candidates and shapes; runs anywhere
 
 The standard shapes are the sweep's: bf16, 16 heads, B*N = 16k tokens, N =
 1k, 4k, 16k, head dim 128 then 64, causal then not. For each shape, each
-kernel of kernels.autotune.TUNED_KERNELS ("fwd", "bwd_dkdv", "bwd_dq":
-triton Autotuners, their `.configs` the list) and each of its configs,
-`only_config(name, config)` restricts that kernel to the one config and
+kernel of kernels.configs.KERNELS ("fwd", "bwd_dkdv", "bwd_dq") and each of
+its candidates that fits this GPU and the shape (KernelConfigs.fitting,
+pruned to the lengths as the launcher prunes), `only_config(name, config)`
+restricts that kernel to the one config and
 
     fwd       flash_attention(q, k, v, causal) is timed under no_grad
     bwd_dkdv  out.backward(dout, retain_graph=True) is timed (autograd, the
     bwd_dq    whole backward): the kernel under test runs the config, the
-              other backward kernel its own autotuned choice, the same for
-              every config of the kernel under test
+              other backward kernel its default choice, the same for every
+              config of the kernel under test
 
 with triton.testing.do_bench (the median; bench/timing.py). A config that
-fails to compile or launch (too much shared memory, say) is a row with its
-error, and the run goes on. Before timing, worker processes compile every
-(kernel, config, head dim, causal) in parallel at the smallest N (--jobs,
---warm-limit), so the timed loop mostly finds the kernels in Triton's cache.
+fails to compile or launch is a row with its error, and the run goes on.
+Before timing, worker processes compile every (kernel, config, head dim,
+causal) in parallel at the smallest N (--jobs, --warm-limit), so the timed
+loop mostly finds the kernels in Triton's cache.
 
 Outputs, into --out, else $OUT, else bench/results/: tune_<device>_<date>.csv
 (row by row) and tune_<device>_<date>.md: per kernel, each config's time
 divided by the best config's at each shape (1.00 = the best), and how often
-it was the best or within 5% of it. The same short table is printed last.
-Without a GPU nothing is timed: the command says so, lists the plan, and
-exits 0.
+it was the best or within 5% of it; and the tuned table <device>.json: for
+each (kernel, shape) the best config, under the key the launcher looks up
+(configs.table_key). The table is also written to kernels/tuned/ (--table),
+where every later run on this GPU model finds it: commit it. The same short
+table is printed last. Without a GPU nothing is timed: the command says so,
+lists the plan, and exits 0.
 """
 import argparse
 import contextlib
 import csv
+import json
 import os
 import signal
 import statistics
@@ -90,17 +95,27 @@ def standard_shapes(args):
 
 
 # ----------------------------------------------------------------------------
-# The registry (kernels/autotune.py) and the timed call
+# The candidates (kernels/configs.py) and the timed call
 # ----------------------------------------------------------------------------
 def registry():
-    """(TUNED_KERNELS, only_config) from kernels.autotune, or SystemExit with the reason."""
+    """(KERNELS, only_config) from kernels.configs: each kernel's candidates and the way to force one."""
     import importlib
 
-    autotune = importlib.import_module("kernels.autotune")
-    missing = [name for name in ("TUNED_KERNELS", "only_config") if not hasattr(autotune, name)]
-    if missing:
-        raise SystemExit(f"bench.tune: kernels.autotune has no {' or '.join(missing)}: nothing to tune")
-    return autotune.TUNED_KERNELS, autotune.only_config
+    configs = importlib.import_module("kernels.configs")
+    return configs.KERNELS, configs.only_config
+
+
+def candidates(kernel, shape, chip):
+    """The configs to time: on a GPU those that fit it and the shape, as the launcher would consider them;
+    without one (chip None) every candidate of the shape's precision and head-dim class."""
+    from kernels import configs
+
+    head_dim_pad = max(16, 1 << (shape.head_dim - 1).bit_length())
+    if chip is None:
+        precision = configs.PRECISIONS[shape.dtype]
+        return list(kernel.candidates.get((precision, configs.head_dim_class(head_dim_pad)), ()))
+    fitting = kernel.fitting(chip, shape.dtype, head_dim_pad, tma=True, warp_specialize=not shape.causal)
+    return configs.prune_to_lengths(fitting, shape.n, shape.n) if fitting else []
 
 
 def attention_call(kernel, shape, device):
@@ -152,17 +167,17 @@ def measure(kernel, config, shape, device, timer, only_config):
 # ----------------------------------------------------------------------------
 # Running: warm the compile cache in parallel, then time one config at a time
 # ----------------------------------------------------------------------------
-def jobs_of(tuned, kernels, shapes):
-    """(kernel, config index, shape) in the order they run: shape by shape (the first shapes matter most)."""
-    return [(kernel, i, shape) for shape in shapes for kernel in kernels for i in range(len(tuned[kernel].configs))]
+def jobs_of(tuned, kernels, shapes, chip=None):
+    """(kernel, config, shape) in the order they run: shape by shape (the first shapes matter most)."""
+    return [(kernel, config, shape) for shape in shapes for kernel in kernels
+            for config in candidates(tuned[kernel], shape, chip)]
 
 
-def run(jobs, tuned, only_config, device, timer, time_budget_s=None, on_row=None, log=sys.stderr):
+def run(jobs, only_config, device, timer, time_budget_s=None, on_row=None, log=sys.stderr):
     """Time every job; skip those that would not finish inside the budget (judged from the last of the same kernel)."""
     started = time.perf_counter()
     rows, last = [], {}
-    for i, (kernel, index, shape) in enumerate(jobs, 1):
-        config = tuned[kernel].configs[index]
+    for i, (kernel, config, shape) in enumerate(jobs, 1):
         elapsed = time.perf_counter() - started
         if time_budget_s is not None and elapsed + last.get(kernel, 0.0) > time_budget_s:
             row = measure_skipped(kernel, config, shape)
@@ -184,12 +199,17 @@ def measure_skipped(kernel, config, shape):
                 status="skipped: time budget", time_ms=None, tflops=None)
 
 
-def warm(args, shapes, tuned, deadline_s, log=sys.stderr):
+def warm(args, shapes, tuned, chip, deadline_s, log=sys.stderr):
     """Compile every (kernel, config, head dim, causal) once, in parallel worker processes, at the smallest N."""
-    combos = sorted({(shape.head_dim, shape.causal) for shape in shapes}, key=lambda c: (-c[0], not c[1]))
-    work = [(kernel, i, d, c) for d, c in combos for kernel in args.kernels for i in range(len(tuned[kernel].configs))]
-    workers = max(1, min(args.jobs, len(work)))
     n = min(args.n)
+    combos = sorted({(shape.head_dim, shape.causal) for shape in shapes}, key=lambda c: (-c[0], not c[1]))
+    work = []
+    for head_dim, causal in combos:
+        shape = Shape(max(1, args.tokens // n), args.heads, n, head_dim, causal, DTYPES[args.dtype])
+        everyone = {kernel: tuned[kernel].all_configs() for kernel in args.kernels}
+        work += [(kernel, everyone[kernel].index(config), head_dim, causal) for kernel in args.kernels
+                 for config in candidates(tuned[kernel], replace_n(shape, max(args.n)), chip)]
+    workers = max(1, min(args.jobs, len(work)))
     common = ["--dtype", args.dtype, "--heads", str(args.heads), "--tokens", str(args.tokens), "--n", str(n)]
     procs = []
     for w in range(workers):
@@ -217,6 +237,10 @@ def warm(args, shapes, tuned, deadline_s, log=sys.stderr):
           "what they missed compiles in the timed loop)", file=log, flush=True)
 
 
+def replace_n(shape, n):
+    return Shape(shape.batch, shape.heads, n, shape.head_dim, shape.causal, shape.dtype)
+
+
 def warm_only(spec, args):
     """A worker: run each listed (kernel, config, head dim, causal) once; failures show again in the timed loop."""
     tuned, only_config = registry()
@@ -225,11 +249,57 @@ def warm_only(spec, args):
         kernel, index, head_dim, causal = item.split(":")
         shape = Shape(max(1, args.tokens // args.n[0]), args.heads, args.n[0], int(head_dim), causal == "1",
                       DTYPES[args.dtype])
-        with contextlib.suppress(Exception), only_config(kernel, tuned[kernel].configs[int(index)]):
+        with contextlib.suppress(Exception), only_config(kernel, tuned[kernel].all_configs()[int(index)]):
             call, _ = attention_call(kernel, shape, device)
             call()
     torch.cuda.synchronize()
     return 0
+
+
+# ----------------------------------------------------------------------------
+# The tuned table: for each (kernel, shape) the best config, under the launcher's key
+# ----------------------------------------------------------------------------
+def launcher_keys(shapes, kernels, device):
+    """{(kernel, shape): the table key the launcher computes for that kernel at that shape}.
+
+    Each shape runs once unforced with fresh choices, and each kernel tells
+    the key of its last choice: the table is keyed exactly as it is looked up.
+    """
+    from kernels import configs
+
+    keys = {}
+    for shape in shapes:
+        configs.reset()
+        for kernel in kernels:
+            call, _ = attention_call(kernel, shape, device)
+            call()
+            keys[(kernel, shape)] = configs.KERNELS[kernel].last_table_key
+    configs.reset()
+    return keys
+
+
+def table_entries(rows, keys):
+    """{table key: best config label} from the timed rows (a kernel's fastest config at each shape)."""
+    best = {}
+    for r in rows:
+        if not r["time_ms"]:
+            continue
+        shape = Shape(r["batch"], r["heads"], r["n"], r["head_dim"], r["causal"], DTYPES[r["dtype"]])
+        key = keys.get((r["kernel"], shape))
+        if key is not None and (key not in best or r["time_ms"] < best[key][0]):
+            best[key] = (r["time_ms"], r["config"])
+    return {key: label for key, (_, label) in sorted(best.items())}
+
+
+def write_table(entries, ctx, chip, paths):
+    """The tuned table, as kernels/configs.py reads it: the GPU, its architecture, the run's context, the entries."""
+    table = {"gpu": ctx["device"], "arch": chip.arch, "torch": ctx["torch"], "triton": ctx["triton"],
+             "commit": ctx["commit"], "date": ctx["date"], "entries": entries}
+    for path in paths:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+            f.write("\n")
 
 
 # ----------------------------------------------------------------------------
@@ -343,6 +413,8 @@ def build_parser():
     parser.add_argument("--tokens", type=int, default=16 * KIB, help="batch = tokens // N (at least 1)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: $OUT, else bench/results/)")
+    parser.add_argument("--table", metavar="PATH",
+                        help="where the launchers will read the tuned table (default: kernels/tuned/<gpu>.json)")
     parser.add_argument("--time-budget", type=float, metavar="S", help="skip what would not finish inside S s")
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="compile workers")
     parser.add_argument("--warm-limit", type=float, default=WARM_LIMIT_S, metavar="S",
@@ -352,19 +424,18 @@ def build_parser():
     return parser
 
 
-def print_plan(args, shapes, log=None):
+def print_plan(args, shapes, chip=None, log=None):
+    """The shapes and, per kernel, the configs each shape will time (every candidate without a GPU)."""
     log = log or sys.stdout
     print(f"shapes ({len(shapes)}): {args.dtype}, {args.heads} heads, B*N = {args.tokens}: "
           + ", ".join(s.label for s in shapes), file=log)
-    try:
-        tuned, _ = registry()
-    except SystemExit as exc:
-        print(exc, file=log)
-        return
+    tuned, _ = registry()
+    where = f"that fit {chip.describe()}" if chip is not None else "(all candidates: no GPU to fit them to)"
+    print(f"configs {where}:", file=log)
     for kernel in args.kernels:
-        configs = tuned[kernel].configs
-        print(f"{kernel} ({len(configs)} configs): " + "; ".join(config_label(c) for c in configs), file=log)
-    print(f"{sum(len(tuned[k].configs) for k in args.kernels) * len(shapes)} timings", file=log)
+        labels = list(dict.fromkeys(config_label(c) for s in shapes for c in candidates(tuned[kernel], s, chip)))
+        print(f"{kernel} ({len(labels)} configs): " + "; ".join(labels), file=log)
+    print(f"{len(jobs_of(tuned, args.kernels, shapes, chip))} timings", file=log)
 
 
 def main(argv=None):
@@ -379,38 +450,44 @@ def main(argv=None):
         print_plan(args, shapes)
         return 0
 
+    from kernels.configs import chip_for
+
     from .report import REPO_ROOT, context
     from .timing import GpuTimer
 
     tuned, only_config = registry()
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
+    chip = chip_for(device)
     timer = GpuTimer()
     ctx = context(device, timer.method)
     out_dir = args.out or os.environ.get("OUT") or os.path.join(REPO_ROOT, "bench", "results")
     os.makedirs(out_dir, exist_ok=True)
     print(f"tune: {ctx['device']} | torch {ctx['torch']}, triton {ctx['triton']} | {ctx['commit']} | {ctx['date']}",
           file=sys.stderr)
-    print_plan(args, shapes, log=sys.stderr)
+    print_plan(args, shapes, chip, log=sys.stderr)
     started = time.perf_counter()
     if args.warm_limit > 0:
         limit = args.warm_limit if args.time_budget is None else min(args.warm_limit, args.time_budget / 2)
-        warm(args, shapes, tuned, limit)
+        warm(args, shapes, tuned, chip, limit)
     budget = None if args.time_budget is None else args.time_budget - (time.perf_counter() - started)
-    return report(args, ctx, out_dir, tuned, only_config, shapes, device, timer, budget)
+    return report(args, ctx, out_dir, tuned, only_config, shapes, device, timer, budget, chip)
 
 
-def report(args, ctx, out_dir, tuned, only_config, shapes, device, timer, budget):
-    """Time the jobs, write the CSV (row by row, then again with vs_best) and the markdown; print the table."""
+def report(args, ctx, out_dir, tuned, only_config, shapes, device, timer, budget, chip=None):
+    """Time the jobs, write the CSV (row by row, then again with vs_best), the markdown and the tuned table."""
+    from kernels.configs import TUNED_DIR
+
     from .report import file_name
     from .sweep import Stopped, stop_on_signals
 
     csv_path, md_path = (os.path.join(out_dir, file_name(ctx, "tune", ext)) for ext in ("csv", "md"))
-    jobs = jobs_of(tuned, args.kernels, shapes)
+    jobs = jobs_of(tuned, args.kernels, shapes, chip)
     rows, stopped = [], None
     with stop_on_signals():
+        keys = launcher_keys(shapes, args.kernels, device)
         writer = RowWriter(csv_path, ctx)
         try:
-            run(jobs, tuned, only_config, device, timer, budget, on_row=lambda r: (rows.append(r), writer.write(r)))
+            run(jobs, only_config, device, timer, budget, on_row=lambda r: (rows.append(r), writer.write(r)))
         except (Stopped, KeyboardInterrupt) as exc:
             stopped = getattr(exc, "signal_name", "SIGINT")
             print(f"tune: stopped by {stopped} after {len(rows)} of {len(jobs)} timings", file=sys.stderr)
@@ -423,7 +500,11 @@ def report(args, ctx, out_dir, tuned, only_config, shapes, device, timer, budget
         writer.close()
         with open(md_path, "w") as f:
             f.write(markdown(rows, ctx))
-    print(f"files: {csv_path}, {md_path}\n")
+        table_paths = [os.path.join(out_dir, f"{ctx['device_slug']}.json"),
+                       args.table or os.path.join(TUNED_DIR, f"{ctx['device_slug']}.json")]
+        if chip is not None:
+            write_table(table_entries(rows, keys), ctx, chip, table_paths)
+    print(f"files: {csv_path}, {md_path}" + (f", tuned table: {', '.join(table_paths)}" if chip else "") + "\n")
     print(short_table(rows))
     return 128 + signal.Signals[stopped].value if stopped else 0
 

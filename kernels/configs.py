@@ -36,8 +36,7 @@ from pathlib import Path
 
 import torch
 import triton
-
-from .runtime import INTERPRET
+import triton.testing
 
 HERE = Path(__file__).resolve().parent
 FOOTPRINTS_PATH = HERE / "footprints.json"
@@ -291,6 +290,15 @@ def autotune_enabled() -> bool:
     return _autotune
 
 
+def reset() -> None:
+    """Forget every choice and re-read the footprints and tuned tables (tests that change ATTN_CHIP or the files)."""
+    for kernel in KERNELS.values():
+        kernel.memo.clear()
+        kernel.timings.clear()
+    footprints.cache_clear()
+    tuned_table.cache_clear()
+
+
 class NoConfigFits(ValueError):
     """No candidate of a kernel fits the chip for this dtype and head dim."""
 
@@ -298,11 +306,14 @@ class NoConfigFits(ValueError):
 class KernelConfigs:
     """The candidates of one kernel, and the choice among them for each launch."""
 
-    def __init__(self, name: str, candidates: dict):
+    def __init__(self, name: str, candidates: dict, interpreter=lambda dtype, head_dim_pad, n_q, n_k: INTERPRETER_CONFIG):
         self.name = name
         self.candidates = candidates
+        self.interpreter = interpreter  # (dtype, head_dim_pad, n_q, n_k) -> the config the CPU runs
         self.memo = {}  # (device, dtype, head dim, switches, buckets, options) -> Config
         self.forced = None  # only_config's config
+        self.last_config = None  # the config of the latest launch, for tests and bench.tune
+        self.last_table_key = None  # the tuned-table key of the latest fresh choice, for bench.tune
         self.timings = {}  # table key -> {config label: ms}, what autotuning measured
 
     def all_configs(self):
@@ -349,14 +360,14 @@ class KernelConfigs:
     def _choose(self, device, dtype, head_dim_pad, n_q, n_k, switches, tma, warp_specialize, timing):
         chip = chip_for(device)
         if chip is None:
-            return INTERPRETER_CONFIG
+            return self.interpreter(dtype, head_dim_pad, n_q, n_k)
         fitting = self.fitting(chip, dtype, head_dim_pad, tma, warp_specialize)
         if not fitting:
             raise NoConfigFits(
                 f"no {self.name} launch configuration fits {chip.describe()} for {str(dtype).removeprefix('torch.')} "
                 f"at head dim {head_dim_pad} (padded)")
         pruned = prune_to_lengths(fitting, n_q, n_k)
-        key = table_key(self.name, dtype, head_dim_pad, switches, n_q, n_k)
+        key = self.last_table_key = table_key(self.name, dtype, head_dim_pad, switches, n_q, n_k)
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else chip.arch
         label = tuned_table(gpu, chip.arch).get(key)
         chosen = next((config for config in pruned if config_label(config) == label), None)
@@ -390,11 +401,18 @@ def _capturing(device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _decode_on_the_interpreter(dtype, head_dim_pad, n_q, n_k):
+    """The fewest padded rows (the interpreter pays for every one), and keys rows of at most 256 bytes."""
+    rows = max(16, min(64, triton.next_power_of_2(n_q)))
+    keys = 64 if head_dim_pad * dtype.itemsize <= 256 else 32
+    return triton.Config({"BLOCK_M": rows, "BLOCK_N": keys}, num_warps=4, num_stages=1)
+
+
 KERNELS = {
     "fwd": KernelConfigs("fwd", FWD_CANDIDATES),
     "bwd_dkdv": KernelConfigs("bwd_dkdv", DKDV_CANDIDATES),
     "bwd_dq": KernelConfigs("bwd_dq", DQ_CANDIDATES),
-    "decode": KernelConfigs("decode", DECODE_CANDIDATES),
+    "decode": KernelConfigs("decode", DECODE_CANDIDATES, _decode_on_the_interpreter),
 }
 
 
@@ -424,9 +442,34 @@ class only_config:
         return False
 
 
-def scratch_like(args, positions):
-    """args with the tensors at `positions` (a kernel's outputs) replaced by fresh buffers: what a timing run writes."""
-    args = list(args)
-    for i in positions:
-        args[i] = torch.zeros_like(args[i])
-    return args
+def _do_bench(run) -> float:
+    """Milliseconds per run of `run`, the median of Triton's do_bench (warm-up and compile excluded)."""
+    return triton.testing.do_bench(run, return_mode="median")
+
+
+TIMER = _do_bench  # tests put a stand-in here: the CPU has no GPU timer
+
+
+def launch(configs, kernel, grid, args, constexprs, *, dtype, n_q, n_k, switches, tma=False, warp_specialize=False,
+           deterministic=True, scratch=None, check=None):
+    """Choose the config of one launch of `kernel` (a KernelConfigs' kernel) and launch it. Returns the config.
+
+    grid: config -> the launch grid. constexprs: the kernel's compile-time
+    arguments but the config's own (HEAD_DIM_PAD among them). scratch: () ->
+    args whose output tensors are fresh buffers, for timing runs when autotuning
+    is on: no timing run ever writes, or adds into, a caller's tensor.
+    check: config -> None, raising if a forced config (only_config) cannot run
+    this call. The caller has made the inputs' device current (runtime.on_device).
+    """
+    timing = None
+    if _autotune and not deterministic and scratch is not None:
+        def timing(config):
+            scratch_args = scratch()
+            return TIMER(lambda: kernel[grid(config)](*scratch_args, **constexprs, **config.all_kwargs()))
+    config = configs.choose(args[0].device, dtype, constexprs["HEAD_DIM_PAD"], n_q, n_k, switches, tma=tma,
+                            warp_specialize=warp_specialize, deterministic=deterministic, timing=timing)
+    if check is not None and configs.forced is not None:
+        check(config)
+    configs.last_config = config
+    kernel[grid(config)](*args, **constexprs, **config.all_kwargs())
+    return config

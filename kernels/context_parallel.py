@@ -43,7 +43,7 @@ import reference.context_parallel as plain
 from reference.functional import repeat_kv
 
 from .flash_attention import _flash_bwd, _flash_fwd, check_flash_inputs, flash_attention
-from .runtime import accumulator_dtype
+from .runtime import accumulator_dtype, check_flag
 
 KV_TAG, DKV_TAG = 1, 2  # two exchanges can be in flight between the same pair of ranks
 
@@ -274,6 +274,7 @@ def context_parallel_attention(q, k, v, group=None, causal=False, strategy="ring
     return_lse=True the natural-log lse of its rows (fp32; float64 for float64).
     """
     check_flash_inputs(q, k, v, sm_scale)
+    causal, return_lse = check_flag(causal, "causal"), check_flag(return_lse, "return_lse")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q, k and v must be shards of one sequence, of the same length on a rank: "
                          f"q has {q.shape[2]} tokens, k and v {k.shape[2]}")
@@ -284,8 +285,8 @@ def context_parallel_attention(q, k, v, group=None, causal=False, strategy="ring
     if strategy == "ring":
         if causal:  # zigzag: an early and a late chunk of equal length
             plain.check_zigzag_shard(q.shape[2], "q", 2)
-        o, lse = _RingAttention.apply(q, k, v, group, bool(causal), sm_scale)
+        o, lse = _RingAttention.apply(q, k, v, group, causal, sm_scale)
     else:
         plain.ulysses_kv_repeats(q.shape[1], k.shape[1], world)  # a clear error before any message
-        o, lse = _ulysses_attention(q, k, v, group, bool(causal), sm_scale, return_lse)
+        o, lse = _ulysses_attention(q, k, v, group, causal, sm_scale, return_lse)
     return (o, lse) if return_lse else o

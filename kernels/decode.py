@@ -72,7 +72,9 @@ import triton.language as tl
 
 from reference.decode import append_kv, check_decode_inputs, check_lengths
 
-from .runtime import INTERPRET, check_runnable, dot_precision, upcast_tiles
+from . import runtime
+from .configs import KERNELS as CONFIGS
+from .runtime import INTERPRET, check_flag, check_runnable, dot_precision, upcast_tiles
 from .tiles import LN2, LOG2E, MAX_HEAD_DIM, _head_dim_pad, _load_tile
 
 __all__ = ["decode_attention", "append_kv", "choose_num_splits"]
@@ -80,13 +82,12 @@ __all__ = ["decode_attention", "append_kv", "choose_num_splits"]
 MAX_QUERIES = 16  # Nq limit: speculative decoding and small chunks; a longer chunk is a prefill
 DECODE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_BLOCK_SIZE = 16
-MAX_BLOCK_M = 64  # packed rows per program; a bigger group * Nq takes several row blocks
 MERGE_BLOCK_R = 32  # rows per merge program
 MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 256  # below this, a split's fixed costs (its Q tile, its partial) dominate its reads
 # The interpreter has no SMs: it assumes an H100 SXM's 132, so the CPU picks the splits an H100 would.
 INTERPRETER_SM_COUNT = 132
-NUM_WARPS, NUM_STAGES = 4, 2  # GPU launch; one fixed config (not autotuned, not measured)
+MERGE_WARPS = 4
 
 
 @triton.jit
@@ -238,16 +239,6 @@ def _decode_merge(O_PART, LSE_PART, O, LSE, stride_oz, stride_oh, stride_om, str
 # ----------------------------------------------------------------------------
 # Launch choices
 # ----------------------------------------------------------------------------
-def _block_m(rows: int) -> int:
-    """Packed rows per program: group * Nq rounded up to a power of two, at least 16 for tl.dot."""
-    return max(16, min(MAX_BLOCK_M, triton.next_power_of_2(rows)))
-
-
-def _block_n(head_dim_pad: int, element_size: int) -> int:
-    """Keys per tile: 64, or 32 when a key row passes 256 bytes (fp32 at D > 64, any dtype at D = 256)."""
-    return 64 if head_dim_pad * element_size <= 256 else 32
-
-
 _sm_counts = {}
 
 
@@ -341,27 +332,28 @@ def _decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, causal, sm_scal
     paged = block_table is not None
     cache_seqlens = cache_seqlens.contiguous()  # the kernel reads it with unit stride
     head_dim_pad = _head_dim_pad(head_dim)
-    block_m = _block_m(group * n_q)
-    block_n = _block_n(head_dim_pad, q.element_size())
+    rows = group * n_q  # packed query rows per (sequence, kv head)
+    config = CONFIGS["decode"].choose(q.device, q.dtype, head_dim_pad, rows, None,
+                                      (("PAGED", paged), ("IS_CAUSAL", causal)))
+    CONFIGS["decode"].last_config = config
     # A contiguous cache needs no table: any tensor stands in for the pointer, never read.
     table = block_table if paged else cache_seqlens
     table_strides = block_table.stride() if paged else (0, 0)
 
-    grid = (batch * h_kv, num_splits, triton.cdiv(group * n_q, block_m))
-    _decode_split_kv[grid](
-        q, k_cache, v_cache, cache_seqlens, table, o_part, lse_part, sm_scale * LOG2E.value,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *table_strides, *o_part.stride(), lse_part.stride(0),
-        h_kv, group, n_q, num_splits,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_SIZE=k_cache.shape[2] if paged else 1, PAGED=paged, IS_CAUSAL=causal,
-        UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-    )
-    if num_splits > 1:
-        _decode_merge[(triton.cdiv(num_rows, MERGE_BLOCK_R),)](
-            o_part, lse_part, out, lse, *out.stride(), h_q, n_q, num_rows, num_splits,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_R=MERGE_BLOCK_R, num_warps=NUM_WARPS,
+    with runtime.on_device(q.device):
+        _decode_split_kv[(batch * h_kv, num_splits, triton.cdiv(rows, config.kwargs["BLOCK_M"]))](
+            q, k_cache, v_cache, cache_seqlens, table, o_part, lse_part, sm_scale * LOG2E.value,
+            *q.stride(), *k_cache.stride(), *v_cache.stride(), *table_strides, *o_part.stride(), lse_part.stride(0),
+            h_kv, group, n_q, num_splits,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=k_cache.shape[2] if paged else 1, PAGED=paged,
+            IS_CAUSAL=causal, UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+            **config.all_kwargs(),
         )
+        if num_splits > 1:
+            _decode_merge[(triton.cdiv(num_rows, MERGE_BLOCK_R),)](
+                o_part, lse_part, out, lse, *out.stride(), h_q, n_q, num_rows, num_splits,
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_R=MERGE_BLOCK_R, num_warps=MERGE_WARPS,
+            )
     if out is not o:
         o.copy_(out)  # PyTorch's fp32 -> bf16 cast rounds to nearest, as the GPU's store does
     return o, lse
@@ -385,11 +377,14 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table=None, causa
     The inputs are checked on the host first (lengths, block indices): one device-to-host sync per call.
     """
     lengths = check_decode_kernel_inputs(q, k_cache, v_cache, cache_seqlens, block_table, sm_scale, num_splits)
+    causal, return_lse = check_flag(causal, "causal"), check_flag(return_lse, "return_lse")
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if num_splits is None:
         batch, h_q, n_q = q.shape[:3]
-        group = h_q // k_cache.shape[1]
-        programs = batch * k_cache.shape[1] * triton.cdiv(group * n_q, _block_m(group * n_q))
+        rows = h_q // k_cache.shape[1] * n_q
+        block_m = CONFIGS["decode"].choose(q.device, q.dtype, _head_dim_pad(q.shape[-1]), rows, None,
+                                           (("PAGED", block_table is not None), ("IS_CAUSAL", causal))).kwargs["BLOCK_M"]
+        programs = batch * k_cache.shape[1] * triton.cdiv(rows, block_m)
         num_splits = choose_num_splits(programs, max(lengths, default=0), sm_count(q.device))
-    o, lse = _decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, bool(causal), sm_scale, num_splits)
+    o, lse = _decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, causal, sm_scale, num_splits)
     return (o, lse) if return_lse else o

@@ -4,8 +4,8 @@ The kernels live one family per file, read in this order:
     kernels/tiles.py       tile loads and the causal key range, shared by every kernel
     kernels/flash_fwd.py   the forward kernel (the online softmax, derived in its docstring)
     kernels/flash_bwd.py   the backward kernels (delta, dK/dV, dQ)
-    kernels/autotune.py    the GPU launch configurations and their pruning
-    this file              option checks -> launchers (allocate, build the grid) ->
+    kernels/configs.py     the launch configurations: which fit which GPU, and how one is chosen
+    this file              option checks -> launchers (allocate, choose a config, launch on the inputs' device) ->
                            the torch.library ops with their autograd -> `flash_attention`,
                            `flash_attention_varlen`
 
@@ -23,10 +23,15 @@ from triton.runtime import _allocation
 
 from reference.functional import check_attention_inputs
 
-from .autotune import _PREPROCESS_BLOCK_M, _attn_bwd_dkdv_tuned, _attn_bwd_dq_tuned, _attn_fwd_tuned
-from .flash_bwd import _attn_bwd_preprocess
-from .runtime import accumulator_dtype, check_runnable, dot_precision, has_tma, upcast_tiles
+from . import runtime
+from .configs import KERNELS as CONFIGS
+from .configs import launch
+from .flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+from .flash_fwd import _attn_fwd
+from .runtime import accumulator_dtype, check_flag, check_runnable, dot_precision, has_tma, upcast_tiles
 from .tiles import MAX_HEAD_DIM, UNLIMITED, _dropout_mask_kernel, _head_dim_pad
+
+PREPROCESS_BLOCK_M = 64  # delta = rowsum(dO * O) is a streaming reduction: one fixed tile
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -126,7 +131,7 @@ def _descriptor_loads_allowed(*tensors):
 
     TMA wants a unit last stride, and the start and every other stride 16-byte
     aligned. Anything else (a strided view, a head dim of 4 fp16 values) takes
-    the pointer path: the autotuner offers descriptor configs only when this holds.
+    the pointer path: the chooser offers descriptor configs only when this holds.
     """
     return all(t.stride(-1) == 1 and t.data_ptr() % TMA_ALIGNMENT == 0
                and all(stride * t.element_size() % TMA_ALIGNMENT == 0 for stride in t.stride()[:-1])
@@ -134,8 +139,11 @@ def _descriptor_loads_allowed(*tensors):
 
 
 def _descriptor_scratch(size, alignment, stream):
-    """Global memory for the descriptors the forward builds on the device: 128 bytes per descriptor and program."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    """Global memory for the descriptors the forward builds on the device: 128 bytes per descriptor and program.
+
+    On the current device, which the launcher has made the inputs' (runtime.on_device).
+    """
+    return torch.empty(size, dtype=torch.int8, device=torch.cuda.current_device())
 
 
 def _ensure_descriptor_allocator():
@@ -174,6 +182,24 @@ def _variant_arguments(q, causal, sm_scale, window, softcap, alibi_slopes, sinks
     return pointers, sinks, scalars, (*lse_strides, *alibi_strides), flags
 
 
+# The compile-time switches that change which config is best; the tuned tables name a variant by them.
+_SWITCHES = ("IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_SINKS", "HAS_DROPOUT", "IS_VARLEN", "FUSED_DQ")
+
+
+def _switches(flags, gqa):
+    return (*((name, flags[name]) for name in _SWITCHES if name in flags), ("IS_GQA", gqa))
+
+
+def _check_hopper_options(config, flags, descriptors):
+    """Refuse, with the reason, a forced config (only_config) whose Hopper options cannot run this call."""
+    if config.kwargs.get("USE_TMA", False) and not descriptors:
+        raise ValueError(f"config {{{config}}} loads through tensor descriptors, which need q, k and v with a unit "
+                         "last stride and a 16-byte aligned start and other strides; these inputs are not")
+    if config.kwargs.get("WARP_SPECIALIZE", False) and flags["IS_VARLEN"]:
+        raise ValueError(f"config {{{config}}} is warp-specialized, which Triton 3.6 cannot compile for packed "
+                         "sequences")
+
+
 def _layout(q, k, cu_seqlens, max_seqlens):
     """(batch, h_q, h_kv, n_q, n_k, strides of a 4-D (z, h, token, d) view) for padded or packed inputs."""
     if cu_seqlens is None:
@@ -185,13 +211,14 @@ def _layout(q, k, cu_seqlens, max_seqlens):
 
 
 def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None, softcap=None, alibi_slopes=None,
-               sinks=None, dropout_p=0.0, seed=None, cu_seqlens=None, max_seqlens=None):
+               sinks=None, dropout_p=0.0, seed=None, cu_seqlens=None, max_seqlens=None, deterministic=True):
     """Run the forward kernel. Returns o in q's layout and dtype, and lse in fp32 (float64 for float64).
 
     Padded: q (B, Hq, Nq, D) -> lse (B, Hq, Nq). Packed: q (total_q, Hq, D) with
     cu_seqlens = (cu_seqlens_q, cu_seqlens_k) and max_seqlens = (max_q, max_k) -> lse (Hq, total_q).
     o and lse may be passed in (tests pass NaN-filled buffers to catch unwritten elements).
-    seed is a one-element int64 tensor, needed when dropout_p > 0.
+    seed is a one-element int64 tensor, needed when dropout_p > 0. deterministic=False lets opt-in
+    autotuning (kernels/configs.py) time the candidates for a new shape.
     """
     batch, h_q, h_kv, n_q, n_k, strides = _layout(q, k, cu_seqlens, max_seqlens)
     head_dim = q.shape[-1]
@@ -214,21 +241,23 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
         q, causal, sm_scale, _window_bounds(window_size, causal), softcap, alibi_slopes, sinks, dropout_p, seed,
         cu_seqlens, lse)
 
-    # Descriptor (TMA) loads of q, k, v are an autotune option when their layout allows them.
+    # Descriptor (TMA) loads of q, k, v are a config option when their layout allows them.
     descriptors = _descriptor_loads_allowed(q, k, v)
     if descriptors and has_tma(q.device):
         _ensure_descriptor_allocator()
-
-    def grid(meta):
-        return (triton.cdiv(n_q, meta["BLOCK_M"]) * batch * h_q,)
-
-    _attn_fwd_tuned[grid](
-        q, k, v, o, lse, pointers[0], pointers[1], sinks_arg, pointers[2], pointers[3], *scalars,
-        *strides(q), *strides(k), *strides(v), *strides(o), *strides_lse_alibi,
-        h_q, h_q // h_kv, n_q, n_k,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim), HAS_SINKS=sinks is not None, **flags,
-        descriptors=descriptors,
-    )
+    flags["HAS_SINKS"] = sinks is not None
+    head_dim_pad = _head_dim_pad(head_dim)
+    # Warp specialization is for the plain key loop: not for causal or windowed calls (their masked
+    # diagonal blocks), nor packed sequences (with their early exit Triton 3.6 cannot compile the kernel).
+    warp_specialize = not (flags["IS_CAUSAL"] or flags["HAS_WINDOW"] or flags["IS_VARLEN"])
+    args = (q, k, v, o, lse, pointers[0], pointers[1], sinks_arg, pointers[2], pointers[3], *scalars,
+            *strides(q), *strides(k), *strides(v), *strides(o), *strides_lse_alibi, h_q, h_q // h_kv, n_q, n_k)
+    with runtime.on_device(q.device):
+        launch(CONFIGS["fwd"], _attn_fwd, lambda c: (triton.cdiv(n_q, c.kwargs["BLOCK_M"]) * batch * h_q,), args,
+               dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **flags), dtype=q.dtype, n_q=n_q, n_k=n_k,
+               switches=_switches(flags, h_q != h_kv), tma=descriptors, warp_specialize=warp_specialize,
+               deterministic=deterministic, check=lambda c: _check_hopper_options(c, flags, descriptors),
+               scratch=lambda: (*args[:3], torch.empty_like(o), torch.empty_like(lse), *args[5:]))
     return o, lse
 
 
@@ -281,10 +310,11 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
     # delta is per row: packed sequences go through as one batch of total_q rows.
     rows, pre_batch = (n_q, batch) if cu_seqlens is None else (q.shape[0], 1)
     lse_strides = (lse.stride(0), lse.stride(1)) if lse.dim() == 3 else (0, lse.stride(0))
-    _attn_bwd_preprocess[(triton.cdiv(rows, _PREPROCESS_BLOCK_M) * pre_batch * h_q,)](
-        o, do, delta, *strides(o), *strides(do), *lse_strides, h_q, rows,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=_PREPROCESS_BLOCK_M,
-    )
+    with runtime.on_device(q.device):
+        _attn_bwd_preprocess[(triton.cdiv(rows, PREPROCESS_BLOCK_M) * pre_batch * h_q,)](
+            o, do, delta, *strides(o), *strides(do), *lse_strides, h_q, rows,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=PREPROCESS_BLOCK_M,
+        )
     if dlse is not None:
         delta -= dlse
     if sinks is not None and dsinks is not None:
@@ -307,24 +337,35 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
     stride_split = 0 if splits == 1 else dk_out.stride(0)
     dk_view, dv_view = (dk_out, dv_out) if splits == 1 else (dk_out[0], dv_out[0])
     fused_dq = not deterministic
+    flags["FUSED_DQ"] = fused_dq
     dq_acc = torch.zeros(q.shape, dtype=lse.dtype, device=q.device) if fused_dq else dq
-    _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]) * splits * batch * h_kv,)](
-        q, k, v, do, lse, delta, dk_view, dv_view, dq_acc, *pointers, *scalars,
-        *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk_view), *strides(dv_view),
-        *strides(dq_acc), *strides_lse_alibi, stride_split,
-        h_kv, group, group // splits, n_q, n_k, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, FUSED_DQ=fused_dq,
-        **flags,
-    )
-    if splits > 1:
-        dk.copy_(dk_out.sum(0))  # a fixed order: bitwise reproducible
-        dv.copy_(dv_out.sum(0))
-    if fused_dq:
-        return dq.copy_(dq_acc), dk, dv
-    _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * batch * h_q,)](
-        q, k, v, do, lse, delta, dq, *pointers, *scalars,
-        *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq), *strides_lse_alibi,
-        h_q, h_q // h_kv, n_q, n_k, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **flags,
-    )
+    switches = _switches(flags, group > 1)
+    constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **flags)
+    dkdv_args = (q, k, v, do, lse, delta, dk_view, dv_view, dq_acc, *pointers, *scalars,
+                 *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk_view), *strides(dv_view),
+                 *strides(dq_acc), *strides_lse_alibi, stride_split, h_kv, group, group // splits, n_q, n_k)
+
+    def dkdv_scratch():
+        """Fresh dK, dV (all split slices) and dQ buffers: a timing run must not add into the caller's dQ."""
+        dk_s, dv_s = (torch.empty_like(t) for t in (dk_out, dv_out))
+        return (*dkdv_args[:6], dk_s if splits == 1 else dk_s[0], dv_s if splits == 1 else dv_s[0],
+                torch.zeros_like(dq_acc), *dkdv_args[9:])
+
+    with runtime.on_device(q.device):
+        launch(CONFIGS["bwd_dkdv"], _attn_bwd_dkdv,
+               lambda c: (triton.cdiv(n_k, c.kwargs["BLOCK_N"]) * splits * batch * h_kv,), dkdv_args, constexprs,
+               dtype=q.dtype, n_q=n_q, n_k=n_k, switches=switches, deterministic=deterministic, scratch=dkdv_scratch)
+        if splits > 1:
+            dk.copy_(dk_out.sum(0))  # a fixed order: bitwise reproducible
+            dv.copy_(dv_out.sum(0))
+        if fused_dq:
+            return dq.copy_(dq_acc), dk, dv
+        del constexprs["FUSED_DQ"]
+        dq_args = (q, k, v, do, lse, delta, dq, *pointers, *scalars, *strides(q), *strides(k), *strides(v),
+                   *strides(do), *strides(dq), *strides_lse_alibi, h_q, h_q // h_kv, n_q, n_k)
+        launch(CONFIGS["bwd_dq"], _attn_bwd_dq, lambda c: (triton.cdiv(n_q, c.kwargs["BLOCK_M"]) * batch * h_q,),
+               dq_args, constexprs, dtype=q.dtype, n_q=n_q, n_k=n_k, switches=switches, deterministic=deterministic,
+               scratch=lambda: (*dq_args[:6], torch.empty_like(dq), *dq_args[7:]))
     return dq, dk, dv
 
 
@@ -354,7 +395,7 @@ def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
                        cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
                        max_seqlen_q: int = 0, max_seqlen_k: int = 0,
                        deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    return _flash_fwd(q, k, v, causal, sm_scale, **_op_options(
+    return _flash_fwd(q, k, v, causal, sm_scale, deterministic=deterministic, **_op_options(
         window_left, window_right, softcap, alibi_slopes, sinks, dropout_p, seed, cu_seqlens_q, cu_seqlens_k,
         max_seqlen_q, max_seqlen_k))
 
@@ -461,11 +502,13 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, return_lse=False, wind
     """
     check_flash_inputs(q, k, v, sm_scale)
     check_flash_options(q, q.shape[0], softcap, alibi_slopes, sinks, dropout_p)
+    causal, return_lse, deterministic = (check_flag(value, name) for value, name in (
+        (causal, "causal"), (return_lse, "return_lse"), (deterministic, "deterministic")))
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     window_left, window_right = _op_window(window_size, causal)
-    o, lse = _flash_attn_fwd_op(q, k, v, bool(causal), sm_scale, window_left, window_right, float(softcap or 0.0),
+    o, lse = _flash_attn_fwd_op(q, k, v, causal, sm_scale, window_left, window_right, float(softcap or 0.0),
                                 alibi_slopes, sinks, float(dropout_p), _dropout_seed(dropout_p, q.device),
-                                deterministic=bool(deterministic))
+                                deterministic=deterministic)
     return (o, lse) if return_lse else o
 
 
@@ -519,12 +562,13 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sm_scale)
     check_flash_options(q, cu_seqlens_q.numel() - 1, softcap, alibi_slopes, sinks, dropout_p)
+    causal, return_lse, deterministic = (check_flag(value, name) for value, name in (
+        (causal, "causal"), (return_lse, "return_lse"), (deterministic, "deterministic")))
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     window_left, window_right = _op_window(window_size, causal)
-    o, lse = _flash_attn_fwd_op(q, k, v, bool(causal), sm_scale, window_left, window_right, float(softcap or 0.0),
+    o, lse = _flash_attn_fwd_op(q, k, v, causal, sm_scale, window_left, window_right, float(softcap or 0.0),
                                 alibi_slopes, sinks, float(dropout_p), _dropout_seed(dropout_p, q.device),
-                                cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                bool(deterministic))
+                                cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), deterministic)
     return (o, lse) if return_lse else o
 
 
@@ -537,6 +581,7 @@ def dropout_keep_mask(seed, dropout_p, streams, n_rows, n_cols, row_offset=0, st
     """
     mask = torch.empty((streams, n_rows, n_cols), dtype=torch.int8, device=seed.device)
     block = 32
-    _dropout_mask_kernel[(streams, triton.cdiv(n_rows, block), triton.cdiv(n_cols, block))](
-        seed, mask, float(dropout_p), n_rows, n_cols, row_offset, stream_offset, BLOCK_M=block, BLOCK_N=block)
+    with runtime.on_device(seed.device):
+        _dropout_mask_kernel[(streams, triton.cdiv(n_rows, block), triton.cdiv(n_cols, block))](
+            seed, mask, float(dropout_p), n_rows, n_cols, row_offset, stream_offset, BLOCK_M=block, BLOCK_N=block)
     return mask.bool()

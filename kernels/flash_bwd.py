@@ -119,10 +119,12 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_
         if FUSED_DQ:
             dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=DOT_PRECISION) * sm_scale  # (BLOCK_M, D)
             ptrs = dq_ptrs + start_m.to(tl.int64) * stride_dqm
+            # Relaxed: a sum needs each add to be atomic, not ordered against other memory operations
+            # (the default, acq_rel, fences every add).
             if MASKED or PAD_D:
-                tl.atomic_add(ptrs, dq, mask=(cur_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM))
+                tl.atomic_add(ptrs, dq, mask=(cur_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
             else:
-                tl.atomic_add(ptrs, dq)
+                tl.atomic_add(ptrs, dq, sem="relaxed")
     return dk, dv
 
 

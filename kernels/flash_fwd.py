@@ -57,7 +57,7 @@ mask the backward pass regenerates. Packed sequences (IS_VARLEN) read each
 sequence's start and length from cu_seqlens; nothing else changes.
 
 Two Hopper options change how tiles arrive, not what is computed, and the
-autotuner chooses them (kernels/autotune.py). USE_TMA reads Q, K and V
+config chooser may pick them on Hopper (kernels/configs.py). USE_TMA reads Q, K and V
 through tensor descriptors: the TMA engine copies whole tiles into shared
 memory, zero-filling past each sequence's end as the masked loads do.
 WARP_SPECIALIZE (with USE_TMA, for non-causal calls) lets the compiler split
@@ -143,8 +143,8 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, 
     """One program: BLOCK_M query rows of one (batch, query head). Writes O and the natural-log LSE.
 
     N_Q and N_K are the lengths, or for packed sequences (IS_VARLEN) the longest ones.
-    USE_TMA and WARP_SPECIALIZE are Hopper options the autotuner's configs choose
-    (kernels/autotune.py): Q, K and V through tensor descriptors, and the key loop
+    USE_TMA and WARP_SPECIALIZE are Hopper options of the launch configs
+    (kernels/configs.py): Q, K and V through tensor descriptors, and the key loop
     split into producer and consumer warps.
     """
     # A 1-D grid: consecutive programs take consecutive query blocks of one
@@ -217,7 +217,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, 
         # Hopper's warp specialization (Triton 3.6) rebuilds the kernel around a
         # single loop: with a second loop the kernel fails to compile. So stage 3
         # alone walks every key block, each masked (for the non-causal calls
-        # without a window that the autotuner gives it, the mask is keys >= N_K).
+        # without a window that the chooser gives it, the mask is keys >= N_K).
         full_hi = lo
     else:
         # Stage 1: key blocks on the window's left edge, masked element by element (none without a window).

@@ -40,6 +40,37 @@ def check_runnable(t: torch.Tensor, name: str) -> None:
         raise RuntimeError(f"{name} is on {t.device} but the Triton interpreter is off. {CPU_HINT}")
 
 
+def check_flag(value, name: str) -> bool:
+    """A bool option as a bool; anything else (causal="no", a tensor, None) is a clear error, never truthiness."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
+    return value
+
+
+class on_device:
+    """`with on_device(device):` Triton launches on `device`, and descriptor scratch is allocated there.
+
+    Triton launches on the current CUDA device, which need not be the inputs'
+    (a model spread over two GPUs has layers on cuda:1): every launcher enters
+    this first. A no-op on the CPU.
+    """
+
+    __slots__ = ("guard",)
+
+    def __init__(self, device: torch.device):
+        self.guard = torch.cuda.device(device) if device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.guard is not None:
+            self.guard.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.guard is not None:
+            self.guard.__exit__(*exc)
+        return False
+
+
 def upcast_tiles(dtype: torch.dtype) -> bool:
     """Whether kernels must lift tiles to fp32 after loading (low precision under the interpreter)."""
     return INTERPRET and dtype in LOW_PRECISION_DTYPES

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import runtime
 from .runtime import INTERPRET, check_runnable
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # 1/ln 2, so exp(x) == exp2(x * LOG2E)
@@ -54,7 +55,8 @@ def _softmax_launch(x: torch.Tensor, out: torch.Tensor) -> None:
     n_rows, n_cols = x.shape
     block_n = min(_MAX_BLOCK_N, max(16, triton.next_power_of_2(n_cols)))
     num_warps = 4 if block_n <= 1024 else 8
-    _softmax_online[(n_rows,)](x, out, *x.stride(), *out.stride(), n_cols, BLOCK_N=block_n, num_warps=num_warps)
+    with runtime.on_device(x.device):
+        _softmax_online[(n_rows,)](x, out, *x.stride(), *out.stride(), n_cols, BLOCK_N=block_n, num_warps=num_warps)
 
 
 def softmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -67,7 +67,7 @@ def _row_descriptor(BASE, n_rows, stride_row, N_COLS: tl.constexpr, BLOCK_ROWS: 
     warps. It zero-fills every element outside [0, n_rows) x [0, N_COLS), as
     _load_tile's masks do, so ragged rows and padded head-dim columns cost no
     mask. TMA needs BASE and stride_row 16-byte aligned: the launcher checks that
-    before it lets the autotuner pick a descriptor config. Built on the device,
+    before it lets the chooser pick a descriptor config. Built on the device,
     one per program; its 128-byte copy in global memory comes from the buffer
     set with triton.set_allocator.
     """

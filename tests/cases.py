@@ -2,7 +2,7 @@
 
 Each case says why it is there. Under the interpreter (the CPU suite) the
 kernels use BLOCK_M = 64 and BLOCK_N = 32, so lengths around 32/64/128 put
-block edges in interesting places; on a GPU the autotuned blocks differ and
+block edges in interesting places; on a GPU the chosen blocks differ and
 the `gpu` set adds long sequences.
 """
 from dataclasses import dataclass
@@ -71,7 +71,7 @@ SMALL_CASES = [
 ]
 
 # Long sequences, only where a GPU makes them affordable. Every (dtype, head dim, causal,
-# integer specialisation) is a fresh Triton compile of some 19 autotune configs, 10 to 20 s
+# integer specialisation) is a fresh Triton compile of the chosen configs, seconds
 # of CPU for sm_90, and each case runs in fp16 and bf16: three cases keep `pytest -m gpu`
 # inside gpu_check.sh's 140 s limit. The head dim 128 case specialises like the sweep's
 # 32:8 GQA (Hq and every length a multiple of 16, group 4), so its bf16 kernels are usually

@@ -1,7 +1,7 @@
 """The forward's Hopper options, descriptor (TMA) loads and warp specialization, forced and held to float64.
 
-On a GPU the autotuner chooses them (kernels/autotune.py; its pruning is
-tested in tests/test_kernel_launch_configs.py) and tests/test_kernel_hopper_compile.py
+On an H100 the config chooser may pick them (kernels/configs.py; tested in
+tests/test_kernel_launch_configs.py) and tests/test_kernel_gpu_compile.py
 proves they compile for sm_90. Here each is forced with only_config. Under the
 interpreter a descriptor load is a load over the descriptor's bounds, so these
 tests prove what the kernel asks of the descriptors (which rows and columns they
@@ -16,7 +16,7 @@ import torch
 import triton
 
 from kernels import flash_attention, flash_attention_varlen
-from kernels.autotune import only_config
+from kernels.configs import only_config
 from kernels.flash_attention import _descriptor_loads_allowed, _flash_fwd
 from kernels.runtime import INTERPRET
 from reference import naive_attention_varlen
@@ -24,7 +24,7 @@ from tests.cases import HOPPER_CASES, AttentionCase, dtype_params, params
 from tests.helpers import assert_close_to_reference
 from tests.test_kernel_flash_forward import check_forward
 
-# The interpreter's tile shape (kernels/autotune.py), with each Hopper option switched on.
+# The interpreter's tile shape (kernels/configs.py), with each Hopper option switched on.
 POINTERS = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 TMA = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "USE_TMA": True}, num_warps=4, num_stages=1)
 TMA_WS = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "USE_TMA": True, "WARP_SPECIALIZE": True}, num_warps=4,
@@ -57,7 +57,7 @@ def test_forced_hopper_config_matches_references(config, case, dtype, device, de
     """Output and lse against float64, SDPA and PyTorch in the same dtype; rows with no key give 0 and -inf."""
     with only_config("fwd", config) as tuner:
         check_forward(case, dtype, device)
-        assert tuner.best_config is config
+        assert tuner.last_config is config
     if descriptor_loads is not None:
         assert descriptor_loads, "no descriptor load ran: the kernel took the pointer path"
 
@@ -135,9 +135,9 @@ def test_which_layouts_allow_descriptor_loads(layout, allowed, device):
     assert _descriptor_loads_allowed(t, t, t) == allowed, layout
 
 
-@pytest.mark.skipif(not INTERPRET, reason="on a GPU the autotuner may choose descriptor loads")
+@pytest.mark.skipif(not INTERPRET, reason="on a GPU the chooser may pick descriptor loads")
 def test_default_config_takes_the_pointer_path(device, descriptor_loads):
-    """The descriptor path is an option the autotuner picks on Hopper: the interpreter's one config never takes it."""
+    """The descriptor path is an option the chooser may pick on Hopper: the interpreter's one config never takes it."""
     q, k, v = HOPPER_CASES[0].make_inputs(torch.float32, device)
     flash_attention(q, k, v, sm_scale=1 / math.sqrt(q.shape[-1]))
     assert not descriptor_loads, "the default config used descriptor loads under the interpreter"

@@ -1,319 +1,461 @@
-"""The GPU launch configurations and the autotuner, checked on the CPU from the arguments the launchers pass.
+"""How launch configs are chosen (kernels/configs.py), checked on the CPU with the GPU's tables.
 
-Under the interpreter each tuned kernel has a single config and never prunes
-or times anything, so a bug there would only show on a GPU, at the first
-launch. Here the launchers run with each tuned kernel replaced by a GPU-style
-stand-in: the real autotuner class over the real GPU config lists, whose
-benchmarking is stubbed (each config gets a fixed fake time, and calls are
-counted) and whose kernel only records the config it was launched with.
+Under the interpreter the kernels run one fixed config, so a bug in the
+choice would only show on a GPU. Here the launchers run with the chooser
+told which chip it is on (a chip stand-in or ATTN_CHIP), and with each Triton
+kernel replaced by a recorder that keeps the config of every launch and the
+device that was current at the time: the real choice, without the kernels.
+A few tests then run the real kernels under the interpreter with a GPU chip's
+configs, where what matters is the arithmetic (timing runs, reproducibility).
 """
-import contextvars
 import importlib
-import inspect
-import math
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import triton
-import triton.language as tl
-from triton.runtime import _allocation
 
 from reference import naive_attention
 from tests.cases import AttentionCase
 from tests.helpers import GRADIENT_FACTOR, assert_close_to_reference
 
+configs = importlib.import_module("kernels.configs")
 fa = importlib.import_module("kernels.flash_attention")
-tune = importlib.import_module("kernels.autotune")
-LAUNCHER_NAMES = {"fwd": "_attn_fwd_tuned", "bwd_dkdv": "_attn_bwd_dkdv_tuned", "bwd_dq": "_attn_bwd_dq_tuned"}
-KERNELS = {"fwd": tune._attn_fwd, "bwd_dkdv": tune._attn_bwd_dkdv, "bwd_dq": tune._attn_bwd_dq}
-TABLES = {"fwd": tune._FWD_CONFIGS, "bwd_dkdv": tune._DKDV_CONFIGS, "bwd_dq": tune._DQ_CONFIGS}
+decode = importlib.import_module("kernels.decode")
+runtime = importlib.import_module("kernels.runtime")
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCHED = {"fwd": "_attn_fwd", "bwd_dkdv": "_attn_bwd_dkdv", "bwd_dq": "_attn_bwd_dq"}
 
 
-class RecordingKernel:
-    """Stands in for the JIT kernel under an autotuner: records the config of every launch."""
+class Recorder:
+    """Stands in for a Triton kernel: `kernel[grid](*args, **kwargs)` records the launch instead of running it."""
 
-    def __init__(self):
-        self.launches = []
-
-    def run(self, *args, grid, warmup, **kwargs):
-        self.launches.append({"grid": grid, "args": args, "kwargs": kwargs})
-
-
-def gpu_style_tuner(name):
-    """The real autotuner over the real GPU lists, with its benchmark and its kernel stubbed."""
-    tuner = tune._BucketedAutotuner(KERNELS[name], TABLES[name])
-    tuner.fn = RecordingKernel()
-    tuner.bench_calls = []
-
-    def fake_bench(*args, config, **kwargs):
-        tuner.bench_calls.append(config)
-        return [float(config.num_stages), 0.0, 0.0]  # a fixed, config-dependent time: the fewest stages wins
-
-    tuner._bench = fake_bench
-    return tuner
-
-
-class Skipped:
-    """Stands in for an untuned kernel (the backward's preprocess): `kernel[grid](...)` does nothing."""
+    def __init__(self, log, name, guard):
+        self.log, self.name, self.guard = log, name, guard
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        def launch(*args, **kwargs):
+            self.log.append({"kernel": self.name, "grid": grid, "args": args, "kwargs": kwargs,
+                             "device": self.guard.current})
+        return launch
+
+
+class DeviceGuard:
+    """Stands in for runtime.on_device: remembers which device is current while a launcher runs."""
+
+    current = None
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        self.saved, DeviceGuard.current = DeviceGuard.current, self.device
+        return self
+
+    def __exit__(self, *exc):
+        DeviceGuard.current = self.saved
+        return False
 
 
 @pytest.fixture
-def tuners(monkeypatch):
-    """GPU-style tuners installed where the launchers (and only_config) look them up."""
-    monkeypatch.setattr(fa, "_attn_bwd_preprocess", Skipped(), raising=False)
-    tuners = {name: gpu_style_tuner(name) for name in LAUNCHER_NAMES}
-    for name, tuner in tuners.items():
-        monkeypatch.setattr(fa, LAUNCHER_NAMES[name], tuner)
-        monkeypatch.setitem(tune.TUNED_KERNELS, name, tuner)
-    return tuners
+def on_chip(monkeypatch):
+    """Make the chooser pick for a chip by name (ATTN_CHIP), with fresh memos; returns the setter."""
+    def use(arch):
+        monkeypatch.setenv(configs.CHIP_ENV, arch)
+        configs.reset()
+        return configs.CHIPS[arch]
+    yield use
+    monkeypatch.delenv(configs.CHIP_ENV, raising=False)
+    configs.reset()
 
 
-def launch(case, dtype, backward=True):
-    """Run the forward (and backward) launchers on `case`; the stand-ins record instead of computing."""
+@pytest.fixture
+def launches(monkeypatch):
+    """Every Triton kernel the launchers call replaced by a Recorder; the list of launches they made."""
+    log = []
+    monkeypatch.setattr(runtime, "on_device", DeviceGuard)
+    for module in (fa, decode, importlib.import_module("kernels.softmax")):
+        for name, value in list(vars(module).items()):
+            if isinstance(value, triton.runtime.jit.KernelInterface):
+                monkeypatch.setattr(module, name, Recorder(log, name, DeviceGuard))
+    return log
+
+
+def run_flash(case, dtype, backward=True, **options):
     q, k, v = case.make_inputs(dtype, "cpu")
-    o, lse = torch.zeros_like(q), torch.zeros(q.shape[:3])
-    fa._flash_fwd(q, k, v, case.causal, 0.125)
+    o, lse = fa._flash_fwd(q, k, v, case.causal, 0.125, **options)
     if backward:
-        fa._flash_bwd(torch.randn_like(q), q, k, v, o, lse, case.causal, 0.125)
+        fa._flash_bwd(torch.randn_like(q), q, k, v, o, torch.zeros(q.shape[:3]), case.causal, 0.125,
+                      deterministic=options.get("deterministic", True))
 
 
-def launched_config(tuner):
-    kwargs = tuner.fn.launches[-1]["kwargs"]
-    return (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"])
+def chosen(log, kernel):
+    record = [r for r in log if r["kernel"] == LAUNCHED.get(kernel, kernel)][-1]
+    kwargs = record["kwargs"]
+    return triton.Config({name: kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "USE_TMA", "WARP_SPECIALIZE")
+                          if name in kwargs}, num_warps=kwargs["num_warps"], num_stages=kwargs["num_stages"])
 
 
-def shape(config):
-    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+def footprint(arch, kernel, dtype, head_dim, config):
+    key = configs.footprint_key(kernel, configs.PRECISIONS[dtype], triton.next_power_of_2(max(16, head_dim)), config)
+    return configs.footprints()[arch].get(key)
 
 
-def pruned(tuner, launch_record):
-    """What the tuner keeps for a recorded launch (as its run does: nargs, then prune_configs)."""
-    tuner.nargs = dict(zip(tuner.arg_names, launch_record["args"]))
-    try:
-        return tuner.prune_configs(launch_record["kwargs"])
-    finally:
-        tuner.nargs = None
-
-
-@pytest.mark.parametrize("case", [
+CASES = [
     AttentionCase(batch=1, h_q=4, h_kv=2, n_q=4096, n_k=4096, head_dim=128, causal=True),
     AttentionCase(batch=1, h_q=4, h_kv=1, n_q=2000, n_k=3000, head_dim=256, causal=False),
     AttentionCase(batch=2, h_q=2, h_kv=2, n_q=20, n_k=20, head_dim=40, causal=True),
-    # decoding: one query row over a long cache, and a long prompt over a short cache (Nq > Nk)
-    AttentionCase(batch=1, h_q=8, h_kv=2, n_q=1, n_k=1000, head_dim=128, causal=True),
-    AttentionCase(batch=1, h_q=2, h_kv=2, n_q=3000, n_k=24, head_dim=64, causal=False),
-], ids=lambda c: c.id)
-def test_pruned_configs_fit_the_shape(tuners, case):
-    launch(case, torch.bfloat16)
-    for name, tuner in tuners.items():
-        record = tuner.fn.launches[0]
-        kept = pruned(tuner, record)
-        shortlist = TABLES[name][("16-bit", 128 if case.head_dim <= 128 else 256)]
-        assert kept and all(config in shortlist for config in kept), f"{name}: {kept} not from {shortlist}"
-        shortest_m = min(c.kwargs["BLOCK_M"] for c in shortlist)
-        shortest_n = min(c.kwargs["BLOCK_N"] for c in shortlist)
-        for config in kept:
-            block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-            assert min(block_m, block_n) >= 16, f"{name}: tl.dot needs tiles of at least 16, got {config}"
-            # Query tiles are pruned against N_Q, key tiles against N_K, each at its power-of-two bucket.
-            assert block_m <= max(triton.next_power_of_2(case.n_q), shortest_m), f"{name}: {config} for {case.id}"
-            assert block_n <= max(triton.next_power_of_2(case.n_k), shortest_n), f"{name}: {config} for {case.id}"
-        assert len(kept) > 1 or min(case.n_q, case.n_k) < 64, f"{name}: nothing to tune for {case.id}"
-        # The grid covers every tile of every head (a 1-D or 2-D grid; dK/dV may split a GQA group further).
-        grid = record["grid"](kept[0].kwargs)
-        if name == "bwd_dkdv":
-            tiles = triton.cdiv(case.n_k, kept[0].kwargs["BLOCK_N"]) * case.batch * case.h_kv
-        else:
-            tiles = triton.cdiv(case.n_q, kept[0].kwargs["BLOCK_M"]) * case.batch * case.h_q
-        assert min(grid) >= 1 and math.prod(grid) >= tiles, f"{name}: grid {grid} for {tiles} tiles"
+    AttentionCase(batch=1, h_q=8, h_kv=2, n_q=1, n_k=1000, head_dim=128, causal=True),  # one query row
+    AttentionCase(batch=1, h_q=2, h_kv=2, n_q=3000, n_k=24, head_dim=64, causal=False),  # a long prompt, 24 keys
+]
 
 
-def test_a_single_query_row_keeps_the_shortest_query_tiles(tuners):
-    launch(AttentionCase(batch=1, h_q=4, h_kv=4, n_q=1, n_k=4096, head_dim=128, causal=False), torch.float16)
-    for name in ("fwd", "bwd_dq"):
-        kept = pruned(tuners[name], tuners[name].fn.launches[0])
-        shortest_m = min(c.kwargs["BLOCK_M"] for c in TABLES[name][("16-bit", 128)])
-        assert {c.kwargs["BLOCK_M"] for c in kept} == {shortest_m}, f"{name}: {kept}"
+# ----------------------------------------------------------------------------
+# Every chip gets configs that fit it
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", list(configs.CHIPS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_every_launched_config_fits_the_chip(on_chip, launches, arch, dtype):
+    """The config of each launch was measured on that chip, fits its shared memory and its sequence."""
+    chip = on_chip(arch)
+    for case in CASES:
+        run_flash(case, dtype)
+        for kernel in LAUNCHED:
+            config = chosen(launches, kernel)
+            measured = footprint(arch, kernel, dtype, case.head_dim, config)
+            assert measured is not None, f"{kernel} on {arch}: {configs.config_label(config)} was never compiled there"
+            assert measured[0] <= chip.shared_bytes, f"{kernel} on {arch}: {measured[0]} B of shared memory"
+            bucket_m, bucket_n = configs.length_bucket(case.n_q), configs.length_bucket(case.n_k)
+            fitting = configs.KERNELS[kernel].fitting(chip, dtype, triton.next_power_of_2(max(16, case.head_dim)))
+            assert config.kwargs["BLOCK_M"] <= max(bucket_m, min(c.kwargs["BLOCK_M"] for c in fitting)), case.id
+            assert config.kwargs["BLOCK_N"] <= max(bucket_n, min(c.kwargs["BLOCK_N"] for c in fitting)), case.id
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("head_dim", [128, 256])
-def test_fp32_and_fp64_get_their_one_config_untimed(tuners, dtype, head_dim):
-    launch(AttentionCase(batch=1, h_q=2, h_kv=2, n_q=1024, n_k=1024, head_dim=head_dim, causal=True), dtype)
-    precision = "fp32" if dtype == torch.float32 else "fp64"
-    for name, tuner in tuners.items():
-        (expected,) = TABLES[name][(precision, head_dim)]
-        assert launched_config(tuner) == shape(expected), name
-        assert tuner.bench_calls == [], f"{name}: a single config was timed"
+@pytest.mark.parametrize("arch", list(configs.CHIPS))
+def test_decode_configs_fit_the_chip(on_chip, arch, device):
+    """decode_attention: the packed rows' tile fits, for 1 to 64 rows (GQA group x queries), 16-bit and fp32."""
+    chip = on_chip(arch)
+    for dtype in (torch.bfloat16, torch.float32):
+        for head_dim in (64, 128, 256):
+            for rows in (1, 4, 16, 64):
+                config = configs.KERNELS["decode"].choose(torch.device("cpu"), dtype, max(16, head_dim), rows, None,
+                                                          (("PAGED", True), ("IS_CAUSAL", True)))
+                measured = footprint(arch, "decode", dtype, head_dim, config)
+                assert measured is not None and measured[0] <= chip.shared_bytes, (arch, dtype, head_dim, rows)
+                assert config.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(rows)), (arch, rows, config)
+                if configs.PRECISIONS[dtype] == "16-bit" and head_dim <= 128:
+                    assert measured[1] == 0, f"decode {dtype} d{head_dim} on {arch} spills {measured[1]} B"
 
 
-def test_a_growing_kv_cache_tunes_once_per_length_bucket(tuners):
-    """A decode loop over N_K = 1000..1100 times the configs per bucket (1024 and 2048), not per token."""
-    for n_k in range(1000, 1101):
-        launch(AttentionCase(batch=1, h_q=4, h_kv=2, n_q=1, n_k=n_k, head_dim=64, causal=True), torch.bfloat16)
-    for name, tuner in tuners.items():
-        assert len(tuner.fn.launches) == 101, name
-        assert len(tuner.cache) == 2, f"{name}: tuned for {len(tuner.cache)} keys, want one per bucket"
-        first, last = tuner.fn.launches[0], tuner.fn.launches[-1]
-        per_bucket = len(pruned(tuner, first)) + len(pruned(tuner, last))
-        assert len(tuner.bench_calls) == per_bucket, f"{name}: {len(tuner.bench_calls)} configs timed"
-        # Every launch uses its bucket's winner: the fake times make the fewest stages win.
-        fewest_stages = min(c.num_stages for c in pruned(tuner, last))
-        assert launched_config(tuner)[3] == fewest_stages, name
+def test_a_chip_with_too_little_shared_memory_gets_a_clear_error(launches, monkeypatch):
+    """Nothing fits: the error names the chip, the dtype and the head dim (not a launch failure deep in Triton)."""
+    tiny = configs.Chip("sm_86", (8, 6), 8192, "a made-up GPU")
+    monkeypatch.setattr(configs, "chip_for", lambda device: tiny)
+    configs.reset()
+    with pytest.raises(configs.NoConfigFits, match=r"sm_86 \(a made-up GPU; 8,192 B.*bfloat16 at head dim 128"):
+        run_flash(CASES[0], torch.bfloat16, backward=False)
+    configs.reset()
 
 
-def test_the_tuning_key_holds_buckets_and_every_constexpr(tuners):
-    tuner = tuners["fwd"]
-    base = AttentionCase(batch=1, h_q=4, h_kv=4, n_q=512, n_k=1000, head_dim=64, causal=True)
-    variants = {
-        "same bucket": (AttentionCase(1, 4, 4, 500, 1024, 64, True), torch.bfloat16, False),
-        "next bucket": (AttentionCase(1, 4, 4, 512, 1025, 64, True), torch.bfloat16, True),
-        "causal off": (AttentionCase(1, 4, 4, 512, 1000, 64, False), torch.bfloat16, True),
-        "gqa": (AttentionCase(1, 4, 2, 512, 1000, 64, True), torch.bfloat16, True),
-        "fp16": (base, torch.float16, True),
-        "head dim": (AttentionCase(1, 4, 4, 512, 1000, 128, True), torch.bfloat16, True),
-        "batch, heads": (AttentionCase(3, 8, 8, 512, 1000, 64, True), torch.bfloat16, False),
-    }
-    launch(base, torch.bfloat16, backward=False)
-    for what, (case, dtype, new_key) in variants.items():
-        before = len(tuner.cache)
-        launch(case, dtype, backward=False)
-        assert (len(tuner.cache) > before) == new_key, f"{what}: {'no new' if new_key else 'a new'} tuning key"
-    # Every constexpr but those the configs choose (BLOCK_M/BLOCK_N, and the forward's Hopper options) is in
-    # the key, so new kernel switches need no change here.
-    chosen = {"BLOCK_M", "BLOCK_N", "USE_TMA", "WARP_SPECIALIZE"}
-    for name, tuner in tuners.items():
-        constexprs = {n for n, p in inspect.signature(tuner.base_fn).parameters.items() if p.annotation is tl.constexpr}
-        assert set(tuner.key_constexprs) == constexprs - chosen, name
+def test_unlisted_chips_take_their_family_s_configs_within_their_own_memory():
+    orin = configs.chip_for_capability((8, 7), 166_912, "Jetson AGX Orin")
+    assert (orin.arch, orin.shared_bytes) == ("sm_86", 166_912)
+    spark = configs.chip_for_capability((12, 1), None)
+    assert (spark.arch, spark.shared_bytes) == ("sm_120", 101_376)
+    assert configs.chip_for_capability((9, 0), 232_448) is configs.CHIPS["sm_90"]
+    with pytest.raises(RuntimeError, match="sm_75.*sm_80"):
+        configs.chip_for_capability((7, 5), 65_536, "Tesla T4")
 
 
-def test_pinned_configs_take_the_first_pruned_config_untimed(tuners, monkeypatch):
-    monkeypatch.setenv(tune.PIN_CONFIGS_ENV, "1")
-    for case in (AttentionCase(1, 2, 2, 256, 256, 128, True), AttentionCase(1, 2, 2, 1, 256, 128, True)):
-        launch(case, torch.bfloat16)
-        for name, tuner in tuners.items():
-            first = tune._prune_configs(TABLES[name], torch.bfloat16, case.head_dim, case.n_q, case.n_k)[0]
-            assert launched_config(tuner) == shape(first), f"{name} on {case.id}"
-            assert tuner.bench_calls == [], f"{name}: timed configs although pinned"
+# ----------------------------------------------------------------------------
+# No timing unless asked; never into the caller's buffers
+# ----------------------------------------------------------------------------
+@pytest.fixture
+def stand_in_timer(monkeypatch):
+    """configs.TIMER replaced: runs the timed call three times (as do_bench would, and more) and makes up a time."""
+    timed = []
+
+    def timer(run):
+        for _ in range(3):
+            run()
+        timed.append(run)
+        return float(len(timed))  # the first config timed wins
+    monkeypatch.setattr(configs, "TIMER", timer)
+    return timed
 
 
-def test_only_config_forces_one_config_and_restores_the_tuner(tuners):
-    case = AttentionCase(1, 2, 2, 256, 256, 128, True)
+def test_nothing_is_timed_unless_autotuning_is_on(on_chip, launches, stand_in_timer):
+    on_chip("sm_90")
+    for case in CASES:
+        run_flash(case, torch.bfloat16, deterministic=False)
+    assert stand_in_timer == [], "a call timed configs with autotuning off"
+
+
+def test_deterministic_calls_are_never_timed(on_chip, launches, stand_in_timer, monkeypatch):
+    on_chip("sm_90")
+    monkeypatch.setattr(configs, "_autotune", True)
+    run_flash(CASES[0], torch.bfloat16, deterministic=True)
+    assert stand_in_timer == [], "deterministic mode timed configs"
+    run_flash(CASES[0], torch.bfloat16, deterministic=False)
+    assert stand_in_timer, "autotuning on and deterministic=False timed nothing"
+
+
+def test_no_timing_during_cuda_graph_capture(on_chip, launches, stand_in_timer, monkeypatch):
+    on_chip("sm_90")
+    monkeypatch.setattr(configs, "_autotune", True)
+    monkeypatch.setattr(configs, "_capturing", lambda device: True)
+    run_flash(CASES[0], torch.bfloat16, deterministic=False)
+    assert stand_in_timer == []
+
+
+def test_set_autotune_takes_a_bool_and_forgets_earlier_choices(on_chip, launches):
+    on_chip("sm_90")
+    run_flash(CASES[0], torch.bfloat16, backward=False)
+    assert configs.KERNELS["fwd"].memo
+    try:
+        configs.set_autotune(True)
+        assert configs.autotune_enabled() and not configs.KERNELS["fwd"].memo
+    finally:
+        configs.set_autotune(False)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        configs.set_autotune(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_timing_runs_never_touch_the_callers_gradients(on_chip, stand_in_timer, monkeypatch, dtype):
+    """The fused backward adds dQ with atomics into a buffer zeroed once. Timed in place, every timing run of
+    every config would add into it again (issue 16: dQ came out 7x too large). Timed into scratch, the first
+    call is right: real kernels, under the interpreter, with an H100's candidates and a timer that runs each
+    config three times."""
+    on_chip("sm_90")
+    monkeypatch.setattr(configs, "_autotune", True)
+    case = AttentionCase(batch=1, h_q=4, h_kv=2, n_q=64, n_k=64, head_dim=64, causal=True)
+    q, k, v = case.make_inputs(dtype, "cpu", requires_grad=True)
+    do = torch.randn_like(q)
+    o = fa.flash_attention(q, k, v, causal=True, deterministic=False)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    assert stand_in_timer, "no config was timed: the test proves nothing"
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o64 = naive_attention(q64, k64, v64, True)
+    grads64 = torch.autograd.grad(o64, (q64, k64, v64), do.double())
+    same_dtype = torch.autograd.grad(naive_attention(q, k, v, True), (q, k, v), do)
+    assert_close_to_reference(o, o64, naive_attention(q, k, v, True), name="o")
+    for name, grad, grad64, grad_same in zip("qkv", grads, grads64, same_dtype):
+        assert_close_to_reference(grad, grad64, grad_same, factor=GRADIENT_FACTOR, name=f"d{name}")
+
+
+# ----------------------------------------------------------------------------
+# Tuned tables: python -m bench.tune writes them, the launchers read them
+# ----------------------------------------------------------------------------
+def test_a_tuned_table_entry_is_used_when_it_fits(on_chip, launches, tmp_path, monkeypatch):
+    chip = on_chip("sm_90")
+    case = CASES[0]
+    fitting = configs.KERNELS["fwd"].fitting(chip, torch.bfloat16, 128)
+    wanted = fitting[-1]  # not the default choice
+    key = configs.table_key("fwd", torch.bfloat16, 128, (("IS_CAUSAL", True), ("HAS_WINDOW", False),
+                                                          ("IS_GQA", True)), case.n_q, case.n_k)
+    table = {"gpu": "sm_90", "arch": "sm_90", "entries": {key: configs.config_label(wanted),
+                                                          "fwd bfloat16 d128 full q16384 k16384": "M999 N1 w1 s1"}}
+    (tmp_path / "some-h100.json").write_text(json.dumps(table))
+    monkeypatch.setattr(configs, "TUNED_DIR", tmp_path)
+    configs.reset()
+    run_flash(case, torch.bfloat16, backward=False)
+    assert configs.config_label(chosen(launches, "fwd")) == configs.config_label(wanted)
+    # An entry that names no fitting candidate (an older list, another chip) is ignored.
+    run_flash(AttentionCase(1, 4, 4, 16384, 16384, 128, False), torch.bfloat16, backward=False)
+    assert chosen(launches, "fwd") in fitting
+
+
+def test_table_keys_name_the_variant():
+    switches = (("IS_CAUSAL", True), ("HAS_WINDOW", True), ("HAS_SOFTCAP", False), ("IS_VARLEN", True),
+                ("IS_GQA", False))
+    assert configs.table_key("bwd_dq", torch.float16, 64, switches, 1000, 3000) == \
+        "bwd_dq float16 d64 causal+window+varlen q1024 k4096"
+
+
+# ----------------------------------------------------------------------------
+# The same bits in every process
+# ----------------------------------------------------------------------------
+PROBE = """
+import hashlib, sys, torch
+import kernels
+from tests.cases import AttentionCase
+q, k, v = AttentionCase(1, 4, 2, 97, 130, 48, True).make_inputs(torch.bfloat16, "cpu", requires_grad=True)
+o = kernels.flash_attention(q, k, v, causal=True)
+o.backward(torch.ones_like(o))
+digest = hashlib.sha256()
+for t in (o, q.grad, k.grad, v.grad):
+    digest.update(t.float().numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_two_processes_give_bitwise_equal_gradients_with_the_gpu_tables():
+    """deterministic=True (the default), an RTX 3090's configs (ATTN_CHIP=sm_86), autotuning switched on: the
+    config is still chosen without timing, so two processes give the same bits."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", configs.CHIP_ENV: "sm_86", configs.AUTOTUNE_ENV: "1"}
+    digests = [subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600) for _ in range(2)]
+    for run in digests:
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert digests[0].stdout == digests[1].stdout and len(digests[0].stdout.strip()) == 64
+
+
+# ----------------------------------------------------------------------------
+# Forced configs, and the Hopper options offered only where they can run
+# ----------------------------------------------------------------------------
+def test_only_config_forces_one_config_and_restores_the_choice(on_chip, launches):
+    on_chip("sm_90")
     forced = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=2, num_stages=5)
-    for name, tuner in tuners.items():
-        configs = list(tuner.configs)
-        tuner.bench_calls.clear()
-        with tune.only_config(name, forced):
-            launch(case, torch.bfloat16)
-            assert launched_config(tuner) == shape(forced), name
-            assert tuner.bench_calls == [], name
-        assert tuner.configs == configs and not tuner.cache, f"{name}: not restored"
-        launch(case, torch.bfloat16)
-        assert launched_config(tuner) != shape(forced) and tuner.bench_calls, f"{name}: still forced"
+    for name in LAUNCHED:
+        with configs.only_config(name, forced):
+            run_flash(CASES[0], torch.bfloat16)
+            assert configs.config_label(chosen(launches, name)) == configs.config_label(forced), name
+        run_flash(CASES[0], torch.bfloat16)
+        assert configs.config_label(chosen(launches, name)) != configs.config_label(forced), f"{name}: still forced"
 
 
 def test_only_config_rejects_bad_arguments():
     with pytest.raises(ValueError, match="name"):
-        with tune.only_config("forward", triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})):
-            pass
+        configs.only_config("forward", triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}))
     with pytest.raises(TypeError, match="config"):
-        with tune.only_config("fwd", {"BLOCK_M": 16, "BLOCK_N": 16}):
-            pass
+        configs.only_config("fwd", {"BLOCK_M": 16, "BLOCK_N": 16})
 
 
-@pytest.mark.parametrize("name", list(LAUNCHER_NAMES))
+@pytest.mark.parametrize("name", list(LAUNCHED))
 def test_only_config_runs_the_real_kernel_with_that_config(name):
     """The tuning bench's path: the public function, one kernel forced to a non-default tile, right results."""
     case = AttentionCase(batch=1, h_q=2, h_kv=1, n_q=37, n_k=45, head_dim=24, causal=True)
     q, k, v = case.make_inputs(torch.float32, "cpu", requires_grad=True)
     do = torch.randn_like(q)
     forced = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
-    with tune.only_config(name, forced) as tuner:
+    with configs.only_config(name, forced) as kernel:
         o = fa.flash_attention(q, k, v, causal=True)
         grads = torch.autograd.grad(o, (q, k, v), do)
-        assert tuner.best_config is forced
+        assert kernel.last_config is forced
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     o64 = naive_attention(q64, k64, v64, True)
     grads64 = torch.autograd.grad(o64, (q64, k64, v64), do.double())
-    o32 = naive_attention(q, k, v, True)
-    grads32 = torch.autograd.grad(o32, (q, k, v), do)
-    assert_close_to_reference(o, o64, o32, name="o")
+    grads32 = torch.autograd.grad(naive_attention(q, k, v, True), (q, k, v), do)
+    assert_close_to_reference(o, o64, naive_attention(q, k, v, True), name="o")
     for what, grad, grad64, grad32 in zip("qkv", grads, grads64, grads32):
         assert_close_to_reference(grad, grad64, grad32, factor=GRADIENT_FACTOR, name=f"d{what}")
 
 
-# ----------------------------------------------------------------------------
-# The forward's Hopper options (descriptor loads, warp specialization): offered only where they can run
-# ----------------------------------------------------------------------------
 def hopper_options(config):
     return config.kwargs.get("USE_TMA", False), config.kwargs.get("WARP_SPECIALIZE", False)
 
 
-POINTERS_ONLY = {(False, False)}
-WITH_TMA = {(False, False), (True, False)}
-WITH_TMA_AND_WS = {(False, False), (True, False), (True, True)}
+def test_hopper_options_are_offered_where_they_can_run(on_chip):
+    fwd = configs.KERNELS["fwd"]
+
+    def offered(arch, tma, warp_specialize, dtype=torch.bfloat16, head_dim_pad=128):
+        return {hopper_options(c) for c in fwd.fitting(on_chip(arch), dtype, head_dim_pad, tma, warp_specialize)}
+
+    assert offered("sm_86", True, True) == {(False, False)}, "descriptor configs offered on a chip without TMA"
+    assert offered("sm_90", False, False) == {(False, False)}, "descriptor configs offered to inputs that forbid them"
+    assert offered("sm_90", True, False) == {(False, False), (True, False)}
+    assert offered("sm_90", True, True) == {(False, False), (True, False), (True, True)}
+    assert offered("sm_90", True, True, torch.float32) == {(False, False)}
+    # The default choice keeps the pointer path: the Hopper options come last in the list.
+    assert hopper_options(fwd.fitting(on_chip("sm_90"), torch.bfloat16, 128, True, True)[0]) == (False, False)
 
 
-def timed_options(tuner, call):
-    """The (USE_TMA, WARP_SPECIALIZE) pairs among the configs the forward's tuner timed for one fresh call."""
-    tuner.cache.clear()
-    tuner.bench_calls.clear()
-    call()
-    return {hopper_options(config) for config in tuner.bench_calls}
-
-
-def test_hopper_options_are_offered_where_they_can_run(tuners, monkeypatch):
-    tuner = tuners["fwd"]
-    q, k, v = AttentionCase(1, 4, 2, 2048, 2048, 128, False).make_inputs(torch.bfloat16, "cpu")
-
-    def forward(q=q, k=k, v=v, causal=False, **options):
-        return lambda: fa._flash_fwd(q, k, v, causal, 0.125, **options)
-
-    assert timed_options(tuner, forward()) == POINTERS_ONLY, "descriptor configs offered without TMA hardware"
-    monkeypatch.setattr(tune, "has_tma", lambda device: True)  # from here on, an H100
-    assert timed_options(tuner, forward()) == WITH_TMA_AND_WS
-    # Warp specialization is for the plain non-causal loop only.
-    assert timed_options(tuner, forward(causal=True)) == WITH_TMA
-    assert timed_options(tuner, forward(window_size=(256, 256))) == WITH_TMA
-    # Packed sequences: descriptors bounded per sequence, but warp specialization does not compile.
-    cu = torch.tensor([0, 1000, 2048], dtype=torch.int32)
-    packed = [t[0].transpose(0, 1) for t in (q, k, v)]  # (1, H, N, D) -> (N, H, D), a view
-    assert timed_options(tuner, forward(*packed, cu_seqlens=(cu, cu), max_seqlens=(1048, 1048))) == WITH_TMA
-    # A layout TMA cannot read: rows 258 bytes apart.
-    sliced = [t[..., :128] for t in AttentionCase(1, 4, 2, 2048, 2048, 129, False).make_inputs(torch.float16, "cpu")]
-    assert timed_options(tuner, forward(*sliced)) == POINTERS_ONLY
-    # Head dim 256 has a descriptor config, fp32 none (its one config runs untimed).
-    q256, k256, v256 = AttentionCase(1, 4, 2, 2048, 2048, 256, False).make_inputs(torch.bfloat16, "cpu")
-    assert timed_options(tuner, forward(q256, k256, v256)) == WITH_TMA
-    assert timed_options(tuner, forward(*(t.float() for t in (q, k, v)))) == set()
-    assert hopper_options(tuner.best_config) == (False, False)
-    # A pinned run takes the first config, which is never a Hopper option.
-    monkeypatch.setenv(tune.PIN_CONFIGS_ENV, "1")
-    forward()()
-    assert hopper_options(tuner.best_config) == (False, False)
-
-
-def test_a_strided_view_never_reuses_a_descriptor_config(tuners, monkeypatch):
-    """Whether the inputs allow descriptors joins the tuning key: same shape, other layout, another tuning."""
-    tuner = tuners["fwd"]
-    monkeypatch.setattr(tune, "has_tma", lambda device: True)
-    tuner._bench = lambda *args, config, **kwargs: [0.0 if hopper_options(config)[0] else 1.0, 0.0, 0.0]
+def test_a_strided_view_never_reuses_a_descriptor_config(on_chip, launches, monkeypatch):
+    """Whether the inputs allow descriptors is part of the choice's key: same shape, other layout, other choice."""
+    on_chip("sm_90")
+    tma_first = {key: sorted(configs_, key=lambda c: not hopper_options(c)[0])
+                 for key, configs_ in configs.FWD_CANDIDATES.items()}
+    monkeypatch.setattr(configs.KERNELS["fwd"], "candidates", tma_first)
     q, k, v = AttentionCase(1, 4, 2, 1000, 1000, 120, True).make_inputs(torch.bfloat16, "cpu")
     fa._flash_fwd(q, k, v, True, 0.125)
-    assert hopper_options(tuner.best_config) == (True, False), "a descriptor config won the fake timing"
-    # The same shape with rows 242 bytes apart, then with a last stride of 1000.
+    assert hopper_options(chosen(launches, "fwd"))[0], "a descriptor config was not chosen first"
     wide = AttentionCase(1, 4, 2, 1000, 1000, 121, True).make_inputs(torch.bfloat16, "cpu")
-    fa._flash_fwd(*(t[..., :120] for t in wide), True, 0.125)
-    fa._flash_fwd(*(t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v)), True, 0.125)
-    assert len(tuner.cache) == 2, "an aligned and a misaligned layout must have their own tuning keys"
-    assert not hopper_options(tuner.best_config)[0], "a strided view reused the descriptor config"
+    fa._flash_fwd(*(t[..., :120] for t in wide), True, 0.125)  # rows 242 bytes apart: no descriptors
+    assert not hopper_options(chosen(launches, "fwd"))[0], "a strided view reused the descriptor config"
 
 
-def test_the_launcher_sets_a_descriptor_allocator_only_where_one_can_run(tuners, monkeypatch):
+# ----------------------------------------------------------------------------
+# Launch where the tensors are
+# ----------------------------------------------------------------------------
+def test_every_launch_runs_on_its_inputs_device(launches):
+    """Triton launches on the current CUDA device: each launcher must make its inputs' device current first.
+
+    On the CPU the recorder notes which device the launcher's guard made
+    current at each launch; a launch outside a guard records None.
+    """
+    import kernels
+
+    case = AttentionCase(batch=1, h_q=4, h_kv=2, n_q=40, n_k=40, head_dim=32, causal=True)
+    run_flash(case, torch.float32, deterministic=True)
+    run_flash(case, torch.float32, deterministic=False)
+    q, k, v = case.make_inputs(torch.float32, "cpu")
+    lengths = torch.tensor([40], dtype=torch.int32)
+    decode._decode_fwd(q[:, :, :1], k, v, lengths, None, True, 0.125, num_splits=3)
+    kernels.softmax(torch.randn(3, 5))
+    fa.dropout_keep_mask(torch.zeros(1, dtype=torch.int64), 0.5, 1, 8, 8)
+    names = {record["kernel"] for record in launches}
+    assert {"_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_decode_split_kv",
+            "_decode_merge", "_softmax_online", "_dropout_mask_kernel"} <= names, names
+    outside = [record["kernel"] for record in launches if record["device"] != torch.device("cpu")]
+    assert not outside, f"launched without making the inputs' device current: {outside}"
+
+
+def test_the_guard_makes_the_inputs_cuda_device_current(monkeypatch):
+    """runtime.on_device enters torch.cuda.device for a CUDA tensor's device and does nothing on the CPU."""
+    entered = []
+
+    class FakeCudaDevice:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "device", FakeCudaDevice)
+    with runtime.on_device(torch.device("cuda", 1)):
+        assert entered == [torch.device("cuda", 1)]
+    assert entered == [torch.device("cuda", 1), "exit"]
+    with runtime.on_device(torch.device("cpu")):
+        pass
+    assert len(entered) == 2
+
+
+@pytest.mark.gpu
+def test_fused_backward_is_right_with_autotuning_on_a_gpu(device):
+    """The real timer (do_bench runs each config tens of times) on the fused backward: dQ must still be right on
+    the very first call of a new shape, and the candidates were really timed."""
+    case = AttentionCase(batch=1, h_q=8, h_kv=2, n_q=2048, n_k=2048, head_dim=128, causal=True)
+    q, k, v = case.make_inputs(torch.bfloat16, device, requires_grad=True)
+    do = torch.randn_like(q)
+    configs.set_autotune(True)
+    try:
+        o = fa.flash_attention(q, k, v, causal=True, deterministic=False)
+        grads = torch.autograd.grad(o, (q, k, v), do)
+        timed = dict(configs.KERNELS["bwd_dkdv"].timings)
+    finally:
+        configs.set_autotune(False)
+    assert timed, "autotuning timed no dK/dV config: the test proves nothing"
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    grads64 = torch.autograd.grad(naive_attention(q64, k64, v64, True), (q64, k64, v64), do.double())
+    same_dtype = torch.autograd.grad(naive_attention(q, k, v, True), (q, k, v), do)
+    for name, grad, grad64, grad_same in zip("qkv", grads, grads64, same_dtype):
+        assert_close_to_reference(grad, grad64, grad_same, factor=GRADIENT_FACTOR, name=f"d{name}")
+
+
+def test_the_descriptor_allocator_is_set_only_where_descriptors_can_run(on_chip, launches, monkeypatch):
     """Triton needs an allocator for on-device descriptors: set one on a TMA GPU, never replace the program's."""
+    import contextvars
+
+    from triton.runtime import _allocation
+
     q, k, v = AttentionCase(1, 2, 2, 64, 64, 64, False).make_inputs(torch.float16, "cpu")
 
     def allocator_after(has_tma, inputs=(q, k, v), own=None):

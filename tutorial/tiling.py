@@ -40,7 +40,7 @@ LABELS = {
 SYMBOLS = {FULL: "#", MASKED: "/", SKIPPED: "."}
 COLOURS = {FULL: "#3b6fb6", MASKED: "#f0a030", SKIPPED: "#e8e8e8"}
 
-# The tiles of the GPU forward kernel's first config (kernels/autotune.py, _FWD_CONFIGS).
+# The tiles of the GPU forward kernel's first candidate (kernels/configs.py, FWD_CANDIDATES): an H100's default.
 BLOCK_M, BLOCK_N = 128, 64
 # (title, Nq, Nk): a square prefill, and new queries over a longer KV cache.
 PANELS = [
