@@ -5,9 +5,8 @@ always raises placed first, so the same run shows that a failure becomes a
 row and the sweep carries on. Triton runs under the interpreter here
 (conftest sets TRITON_INTERPRET=1 without CUDA): its rows must be correctness
 checks, never times. A run stopped by SIGTERM is a subprocess, sent the
-signal while it sleeps inside a job (SIGINT is raised in-process);
-bench/gpu_check.sh is run as far as a CPU machine lets it: its preflight,
-which must stop with one line.
+signal while it sleeps inside a job (SIGINT is raised in-process).
+bench/gpu_check.sh has its own file, tests/test_gpu_check.py.
 """
 import csv
 import importlib
@@ -31,7 +30,6 @@ from bench.sweep import CORRECTNESS_ONLY, SKIPPED_BUDGET, Result, run_jobs, stat
 from bench.timing import NOT_MEASURED, CpuTimer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH_DIR = os.path.join(ROOT, "bench")
 CPU = torch.device("cpu")
 
 
@@ -351,30 +349,3 @@ def test_sigint_inside_a_job_stops_the_run_in_process(monkeypatch):
     assert [r.status for r in results] == ["ok", "stopped: SIGINT", "skipped: stopped (SIGINT)"]
     assert sweep.stopped_by(results) == "SIGINT"
     assert signal.getsignal(signal.SIGINT) is before, "the handlers are put back"
-
-
-def test_gpu_check_script_parses():
-    script = os.path.join(BENCH_DIR, "gpu_check.sh")
-    assert subprocess.run(["bash", "-n", script]).returncode == 0
-    text = open(script).read()
-    assert "pytest -m gpu" in text and '${OUT:-bench/results}' in text and "pipefail" in text
-    assert "ATTN_PIN_CONFIGS=1" in text and "bench.tune" in text
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the preflight passes on a GPU machine")
-def test_gpu_check_preflight_stops_with_one_line_without_a_gpu(tmp_path):
-    # python3 on PATH must be this interpreter (with torch), so the preflight gets as far as the GPU.
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-    (bin_dir / "python3").chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"))
-    run = subprocess.run(["bash", os.path.join(BENCH_DIR, "gpu_check.sh")], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert run.returncode == 2, run.stdout + run.stderr
-    failed = [line for line in run.stdout.splitlines() if line.startswith("preflight FAILED")]
-    assert failed == ["preflight FAILED: torch sees no CUDA device"], run.stdout
-    assert "pytest" not in run.stdout.split("== steps")[0].split("preflight FAILED")[1], "it must stop there"
-    logs = os.listdir(tmp_path / "out")
-    assert len(logs) == 1 and logs[0].startswith("gpu_check_") and logs[0].endswith(".log"), logs
-    assert failed[0] in (tmp_path / "out" / logs[0]).read_text(), "the log is tee'd into $OUT"
