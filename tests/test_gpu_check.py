@@ -1,4 +1,5 @@
-"""bench/gpu_check.sh on the CPU: its real preflight up to the missing GPU, then its plan with stand-ins.
+"""bench/gpu_check.sh on the CPU: its real preflight up to the missing GPU, then its plan with stand-ins;
+and the Makefile's set-up of a machine, read from `make -n`.
 
 The stand-ins are two programs first on PATH. `nvidia-smi` answers with a GPU's
 name. `python3` runs the script's real preflight with torch.cuda answering as
@@ -11,6 +12,8 @@ card: an RTX 4090 (24 GB, sm_89) and a T4 (15 GB, sm_75, no bf16 tensor cores).
 import ast
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -169,3 +172,61 @@ def test_check_below_sm80_sweeps_in_float16_and_warns_of_the_tests_memory(tmp_pa
         assert argv[argv.index("--dtype") + 1] == "float16", argv
     precompile = module_call(calls, "bench.precompile")["argv"]
     assert precompile[precompile.index("--jobs") + 1] == "1", "14 GiB leaves no room beside the tests: one worker"
+
+
+# ----------------------------------------------------------------------------
+# The Makefile: what `make -n` would run in a fresh virtual environment
+# ----------------------------------------------------------------------------
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="no make on this machine")
+
+
+def make_dry_run(*args):
+    run = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout.splitlines()
+
+
+def pip_installs(lines):
+    """{the package named first: argv} for every `pip install` line."""
+    installs = {}
+    for line in lines:
+        words = shlex.split(line)
+        if words[1:4] == ["-m", "pip", "install"]:
+            values = {i + 1 for i, w in enumerate(words) if w in ("--extra-index-url", "--retries", "--timeout",
+                                                                   "--target")}
+            packages = [w for i, w in enumerate(words[4:], 4) if not w.startswith("-") and i not in values]
+            installs[packages[0] if packages else "pip"] = words
+    return installs
+
+
+@needs_make
+def test_make_takes_torch_alone_from_the_cpu_index_and_gives_up_on_it_fast(tmp_path):
+    installs = pip_installs(make_dry_run("install", f"VENV={tmp_path / 'venv'}"))
+    torch_words = installs["torch==2.13.0"]
+    assert torch_words[torch_words.index("--extra-index-url") + 1] == CPU_INDEX
+    assert int(torch_words[torch_words.index("--retries") + 1]) <= 1, "an unreachable index must cost about a second"
+    assert int(torch_words[torch_words.index("--timeout") + 1]) <= 15
+    assert "--no-deps" in torch_words, "torch's dependencies come from pip's own configuration, not the CPU index"
+    others = [words for name, words in installs.items() if name != "torch==2.13.0"]
+    assert len(others) >= 3 and not any("--extra-index-url" in words for words in others), installs
+
+
+@needs_make
+def test_make_torch_index_is_overridable_and_empty_skips_it(tmp_path):
+    venv = f"VENV={tmp_path / 'venv'}"
+    other = pip_installs(make_dry_run("install", venv, "TORCH_INDEX=https://example.invalid/whl"))["torch==2.13.0"]
+    assert other[other.index("--extra-index-url") + 1] == "https://example.invalid/whl"
+    plain = pip_installs(make_dry_run("install", venv, "TORCH_INDEX="))["torch==2.13.0"]
+    assert not {"--extra-index-url", "--no-deps", "--retries"} & set(plain), plain
+
+
+@needs_make
+def test_make_compile_matrix_compiles_on_both_tritons(tmp_path):
+    python = f"{tmp_path / 'venv'}/bin/python"
+    lines = make_dry_run("compile-matrix", f"VENV={tmp_path / 'venv'}")
+    compiles = [line for line in lines if "-m tests.gpu_compile" in line]
+    assert compiles == [f"{python} -m tests.gpu_compile --workers 2 --write-footprints",
+                        f"PYTHONPATH=.triton39 {python} -m tests.gpu_compile --workers 2 --write-footprints"], lines
+    if "touch .triton39/.installed" in lines:  # not yet installed in this checkout: it comes first
+        assert lines.index("touch .triton39/.installed") < lines.index(compiles[1])
