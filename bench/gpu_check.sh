@@ -197,8 +197,8 @@ gpu_test_files() {  # the test files with a pytest.mark.gpu mark outside a comme
 }
 
 precompile_jobs() {  # workers that fit in the GPU's memory next to the tests, at most the CPUs less two
-    local cpus jobs
-    cpus=$(( $(nproc 2>/dev/null || echo 4) - 2 ))
+    local cpus jobs  # (bench.precompile's own default, from os.cpu_count(): getconf, not nproc, which reads OMP_*)
+    cpus=$(( $(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 4) - 2 ))
     jobs=$(( (GPU_MEMORY_GIB - PYTEST_GPU_GIB) / PRECOMPILE_WORKER_GIB ))
     if [ "$jobs" -gt "$cpus" ]; then jobs=$cpus; fi
     if [ "$jobs" -lt 1 ]; then jobs=1; fi
