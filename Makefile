@@ -3,12 +3,23 @@
 #   make bench   run the main job: the seed's demos and the benchmark
 # and CI adds a third:
 #   make test-triton39   the kernel tests again, on the newest Triton the kernels support
+# and one for the kernels' launch configs (see its target):
+#   make compile-matrix  every config compiled for every chip; writes kernels/footprints.json
 VENV    ?= .venv
 PYTHON  := $(VENV)/bin/python
-# torch==2.13.0 resolves to the CPU wheel on a machine without CUDA; an unpinned
-# torch would download a multi-GB CUDA build. triton 3.6 matches the GPU image.
-TORCH   ?= torch==2.13.0
-TRITON  ?= triton==3.6.0
+# torch comes from PyTorch's CPU wheel index: from PyPI alone, torch==2.13.0 on Linux is the CUDA
+# build, several GB with its nvidia-* wheels, on any machine. TORCH_INDEX is searched next to pip's
+# own configuration (PyPI, or a local wheel folder), for torch alone (--no-deps: its dependencies
+# come with the project's install, from pip's own configuration); the +cpu wheel sorts above PyPI's
+# 2.13.0, so pip takes it. `make TORCH_INDEX=` skips the index (a GPU machine that wants the CUDA
+# build). Where the index cannot be reached (offline, a local folder serving torch), pip gives up
+# on it after one retry, under a second, instead of five with back-off (about 8 s per package
+# looked up there); --timeout bounds the wait on a host that never answers (PIP_DEFAULT_TIMEOUT may
+# say minutes). triton 3.6 matches the GPU image.
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PIP   := $(if $(strip $(TORCH_INDEX)),--no-deps --extra-index-url $(TORCH_INDEX) --retries 1 --timeout 15)
+TRITON      ?= triton==3.6.0
 # The other end of the supported range (setup.cfg): current CUDA builds of torch bring it.
 # It goes into its own folder, put first on PYTHONPATH, so .venv keeps 3.6.
 TRITON_NEWEST     ?= triton==3.9.0
@@ -22,12 +33,13 @@ KERNEL_TESTS := $(filter-out tests/test_kernel_hopper_compile.py,$(sort $(wildca
 PYTEST_WORKERS ?= 2
 PYTEST := $(PYTHON) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
-.PHONY: test test-triton39 bench install clean
+.PHONY: test test-triton39 compile-matrix bench install clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet "$(TORCH)" "$(TRITON)" "numpy<2.4"
+	$(PYTHON) -m pip install --quiet $(TORCH_PIP) "$(TORCH)"
+	$(PYTHON) -m pip install --quiet "$(TRITON)" "numpy<2.4"
 	$(PYTHON) -m pip install --quiet -e ".[test,bench]"
 	touch $@
 
@@ -46,6 +58,12 @@ test-triton39: $(VENV)/.installed $(TRITON_NEWEST_DIR)/.installed
 		assert triton.__version__ == '$(patsubst triton==%,%,$(TRITON_NEWEST))', triton.__version__; \
 		print('triton', triton.__version__, 'from', triton.__file__)"
 	PYTHONPATH=$(TRITON_NEWEST_DIR) $(PYTEST) $(KERNEL_TESTS)
+
+# Every config the launchers can pick, compiled for sm_80 to Blackwell on Triton 3.6 and 3.9;
+# writes kernels/footprints.json.
+compile-matrix: $(VENV)/.installed $(TRITON_NEWEST_DIR)/.installed
+	$(PYTHON) -m tests.gpu_compile --workers 2 --write-footprints
+	PYTHONPATH=$(TRITON_NEWEST_DIR) $(PYTHON) -m tests.gpu_compile --workers 2 --write-footprints
 
 bench: $(VENV)/.installed
 	$(PYTHON) demo.py

@@ -1,6 +1,6 @@
 """The seed's demos: run each attention module once, then time the MHA wrapper against SDPA.
 
-    python demo.py [--self_attn] [--causal_attn] [--mha] [--gqa] [--efficient_mha] [--generate]
+    python demo.py [--self_attn] [--causal_attn] [--mha] [--gqa] [--efficient_mha] [--generate] [--threads T]
 
 With no flag every demo runs. Each demo prints the output shape of its module
 on a seeded (batch 1, 6 tokens) input. --mha and --efficient_mha also time
@@ -11,6 +11,13 @@ greedy generation on a small random Llama (reference/llama.py): recomputing
 everything, with the reference's KV cache, and on the Triton kernels with a
 KV cache (flash_attention for the prefill, decode_attention per token),
 printing tokens/s for each and whether all three produced the same tokens.
+
+On the CPU everything runs on one torch thread unless --threads says
+otherwise (0: torch's own count, OMP_NUM_THREADS or one per core). One is
+the fair comparison, as in the tests and `python -m bench`: the wrapper's
+many tiny ops and EfficientMHA's few large ones get the same single core,
+and no thread pool waits for a core that other work holds, which makes
+times swing with the host's load. The timing line says the count.
 """
 import argparse
 import os
@@ -96,16 +103,9 @@ GENERATE_PROMPT_LENGTHS, GENERATE_NEW_TOKENS = (5, 12, 3), 8  # a few seconds un
 
 def generate_demo(device):
     """Greedy generation three ways on one random Llama; tokens/s of each, and whether they agree."""
-    if device.type == "cuda":
-        return _generate(device)
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of `kernels`
-    # The model is tiny: every op is a few microseconds of work, and a thread pool only adds waiting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _generate(device)
-    finally:
-        torch.set_num_threads(threads)
+    if device.type != "cuda":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of `kernels`
+    return _generate(device)
 
 
 def _generate(device):
@@ -147,7 +147,11 @@ def main(argv=None):
     parser.add_argument("--gqa", action="store_true", help="GroupedQueryAttention (Llama 3)")
     parser.add_argument("--efficient_mha", action="store_true", help="EfficientMHA (SDPA), plus the timing")
     parser.add_argument("--generate", action="store_true", help="greedy generation on a small Llama, tokens/s")
+    parser.add_argument("--threads", type=int, default=1, metavar="T",
+                        help="torch threads on the CPU (default 1, the fair comparison; 0: torch's own count)")
     args = parser.parse_args(argv)
+    if args.threads < 0:
+        parser.error(f"--threads must be 0 or more, got {args.threads}")
     flags = ("self_attn", "causal_attn", "mha", "gqa", "efficient_mha", "generate")
     if not any(getattr(args, flag) for flag in flags):
         for flag in flags:
@@ -173,6 +177,8 @@ def main(argv=None):
             print("Efficient MHA output: ", out.shape, "num_heads: ", NUM_HEADS)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
     if args.mha or args.efficient_mha:
         time_wrapper_vs_efficient(device)
     if args.generate:

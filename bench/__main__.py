@@ -6,6 +6,7 @@
     python -m bench --device cuda --modes fwd bwd fwd+bwd --providers sdpa-flash flex triton
     python -m bench --suite decode           # one query against a KV cache: us/step and GB/s
     python -m bench --list                   # print the jobs and exit
+    python -m bench --threads 0              # on the CPU, torch's own thread count instead of one
     python -m bench.report RESULTS.csv       # the short table of a finished run
 
 --device auto picks CUDA when present, else the CPU. Without CUDA, Triton
@@ -18,6 +19,12 @@ PNG plots, named with the device and the date (see bench/report.py).
 budget". SIGTERM or SIGINT stops the run: the job in flight and the rest are
 recorded as stopped, the CSV, the markdown and the plots are still written,
 and the exit code is 128 + the signal's number.
+
+On the CPU every provider runs on one torch thread unless --threads says
+otherwise: the fair comparison, the same single core for all, as in the
+tests. With a thread pool on a shared machine a call's time also holds the
+pool's wait for a core other work holds, so timings swing with the host's
+load. The thread count goes into every report.
 """
 import argparse
 import os
@@ -45,7 +52,19 @@ def build_parser():
     parser.add_argument("--time-budget", type=float, metavar="S", help="skip the jobs that would not finish inside S seconds")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--list", action="store_true", help="print the jobs and exit")
+    parser.add_argument("--threads", type=int, metavar="T",
+                        help="torch threads (default: 1 on the CPU, torch's own on a GPU run; 0: torch's own, "
+                             "OMP_NUM_THREADS or one per core)")
     return add_sweep_options(parser)
+
+
+def threads_for(args, device_type):
+    """The torch thread count this run asks for, or 0 to keep torch's own."""
+    if args.threads is not None:
+        if args.threads < 0:
+            raise SystemExit(f"python -m bench: --threads must be 0 or more, got {args.threads}")
+        return args.threads
+    return 1 if device_type == "cpu" else 0  # one thread: see the module docstring
 
 
 def resolve_device(choice):
@@ -74,7 +93,18 @@ def main(argv=None):
             print(job.suite, job.kind, job.provider, job.mode, job.case.shape)
         return 0
 
-    from .report import REPO_ROOT, context
+    threads = threads_for(args, device_type)
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _start(jobs, device_type, args)
+    finally:
+        torch.set_num_threads(previous_threads)  # main() also runs inside pytest
+
+
+def _start(jobs, device_type, args):
+    from .report import REPO_ROOT, context, threads_note
     from .timing import timer_for
 
     device = torch.device(device_type)
@@ -82,7 +112,8 @@ def main(argv=None):
     ctx = context(device, timer.method)
     out_dir = args.out or os.environ.get("OUT") or os.path.join(REPO_ROOT, "bench", "results")
     os.makedirs(out_dir, exist_ok=True)
-    print(f"bench: {ctx['device']} | torch {ctx['torch']}, triton {ctx['triton']} | {ctx['commit']} | {ctx['date']}\n"
+    print(f"bench: {ctx['device']} | {threads_note(ctx)} | torch {ctx['torch']}, triton {ctx['triton']} | "
+          f"{ctx['commit']} | {ctx['date']}\n"
           f"bench: {len(jobs)} jobs -> {out_dir}; host load {ctx['load']}", file=sys.stderr)
     if device_type == "cpu":
         print("bench: CPU run: Triton appears in correctness rows only (interpreter), never timed", file=sys.stderr)

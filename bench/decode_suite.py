@@ -210,7 +210,7 @@ def plot_decode(records, ctx, path):
         ax.legend(fontsize=7)
     r0 = rows_ok[0]
     fig.suptitle(_title(ctx, f"Decode, one query: Hq {r0['heads_q']:g} over Hkv {r0['heads_kv']:g}, "
-                             f"D {r0['head_dim']:g}, {r0['dtype']}"), fontsize=10)
+                             f"D {r0['head_dim']:g}, {r0['dtype']}", fig, 10), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,22 +1,35 @@
 #!/usr/bin/env bash
 # The GPU check, sized for a 15-minute lease (shared/MEASURING.md). From anywhere in the repository:
 #
-#     bash bench/gpu_check.sh                 # the check: <= 6 minutes on an H100
+#     bash bench/gpu_check.sh                 # the check: <= 6 minutes
 #     bash bench/gpu_check.sh tune            # the second run: <= 5 minutes, python -m bench.tune
 #     OUT=/some/dir bash bench/gpu_check.sh   # files into /some/dir instead of bench/results/
 #
 # It uses the machine's python3 as it is (torch, triton, numpy, pytest, matplotlib preinstalled):
 # no virtual environment, no installs, no network.
 #
+# Any NVIDIA GPU: every limit below is wall-clock time, so a slower GPU skips more of the sweep
+# rather than running longer. The preflight names the GPU (its capability, memory and SMs), and so
+# do the log, the files and the last table. Below sm_80 (no bf16 tensor cores: T4, V100) the sweep
+# runs in float16. On a card smaller than an H100 the largest sizes may not fit: in the memory
+# suite naive attention at N = 16k (about 16 GiB) and SDPA's math backend beside it, in the decode
+# suite 64 sequences of 128k keys (32 GiB of K and V). Their rows then say OOM and the sweep goes
+# on. The gpu tests' float64 references peak at about 15 GiB (GPU_CASES in tests/cases.py). Both
+# figures were measured on the CPU at a quarter of the lengths and scaled by N^2. A card with less
+# than that fails those tests with OOM, and the preflight says so.
+#
 # Timing plan of the check (seconds from the start; TOTAL_BUDGET=330, so 30 s to spare in 6 minutes):
 #     0- 15  1. preflight (hard limit PREFLIGHT_LIMIT=60 s): python3; torch, triton, numpy, pytest
 #               importable; a C compiler and Python.h (Triton builds a launcher per kernel); a CUDA
 #               device; one tiny Triton launch checked against torch. Anything missing: one line
 #               saying what, and the script stops (exit 2). The versions, nvidia-smi, the commit.
-#    15-105  2. pytest -m gpu, forward tests first, with ATTN_PIN_CONFIGS=1 (every tuned kernel runs
-#               the first config of its pruned list: no autotuning); stopped with SIGINT at
-#               PYTEST_LIMIT=90 s, so the failures seen so far are still printed. Meanwhile
-#               bench.precompile compiles the sweep's kernels in the background (same limit).
+#    15-105  2. pytest -m gpu on the test files that hold GPU tests (found by their pytest.mark.gpu
+#               marks: an import error in any other test file cannot stop the step), forward tests
+#               first, on the default launch configs (untimed: ATTN_AUTOTUNE is unset for it);
+#               stopped with SIGINT at PYTEST_LIMIT=90 s, so the failures seen so far are still
+#               printed. Meanwhile bench.precompile compiles the sweep's kernels in the background
+#               (same limit), with as many workers as the GPU's memory leaves room for next to the
+#               tests (PYTEST_GPU_GIB, PRECOMPILE_WORKER_GIB).
 #   105-300  3. the sweep: python -m bench --time-budget (what is left of TOTAL_BUDGET, less
 #               REPORT_MARGIN=30 s). Order: correctness rows; timed attention, Triton and the SDPA
 #               backends; the host cost of one call; FlexAttention; memory; softmax; modules. A job
@@ -32,7 +45,8 @@
 # Files, all directly in ${OUT:-bench/results} (the lease returns at most 8 files), named with the
 # GPU and the date:
 #     check  gpu_check_<gpu>_<date>.log, bench_<gpu>_<date>.csv, bench_<gpu>_<date>.md,
-#            attention_<gpu>_<date>.png, memory_<gpu>_<date>.png, softmax_<gpu>_<date>.png   (6)
+#            attention_<gpu>_<date>.png, memory_<gpu>_<date>.png, softmax_<gpu>_<date>.png,
+#            decode_<gpu>_<date>.png   (7)
 #     tune   gpu_tune_<gpu>_<date>.log, tune_<gpu>_<date>.csv, tune_<gpu>_<date>.md            (3)
 # Exit code: 0 when every step passed, 2 when the preflight failed, else the first failing step's.
 set -u -o pipefail
@@ -48,6 +62,10 @@ PYTEST_LIMIT="${PYTEST_LIMIT:-90}"
 TUNE_BUDGET="${TUNE_BUDGET:-240}"
 REPORT_MARGIN=30   # seconds kept for the job in flight to finish and the files to be written
 SWEEP=(--n 1024 4096 16384 --memory-n 1024 2048 4096 8192 16384)
+PYTEST_GPU_GIB=16        # the gpu tests' peak (about 15 GiB, see above), and a little room
+PRECOMPILE_WORKER_GIB=1  # one precompile worker: a CUDA context and tiny inputs (an allowance, not measured)
+GPU_NAME=""              # from the preflight
+GPU_MEMORY_GIB=0
 case "$MODE" in
     check|tune) ;;
     *) echo "usage: bash bench/gpu_check.sh [check|tune]" >&2; exit 2 ;;
@@ -66,7 +84,7 @@ step() {  # step NAME RESULT STARTED_AT
 }
 
 print_steps() {
-    echo; echo "== steps (total ${SECONDS} s) =="
+    echo; echo "== steps on ${GPU_NAME:-an unnamed GPU} (total ${SECONDS} s) =="
     printf '%-16s %-46s %s\n' step result seconds
     local row
     for row in "${STEPS[@]}"; do
@@ -112,7 +130,13 @@ print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA
       "| cuDNN", torch.backends.cudnn.version(), "| triton", triton.__version__)
 if not torch.cuda.is_available():
     fail("torch sees no CUDA device")
-print("GPU", torch.cuda.get_device_name(), "| capability", torch.cuda.get_device_capability())
+name, (major, minor) = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+props = torch.cuda.get_device_properties(0)
+memory_gib = props.total_memory / 2**30
+print(f"GPU {name} | sm_{major}{minor} | {memory_gib:.1f} GiB | {props.multi_processor_count} SMs")
+# Read by the script: the sweep's dtype (bf16 tensor cores from sm_80 on), the memory it plans with.
+print("sweep dtype:", "bfloat16" if major >= 8 else "float16")
+print("memory GiB:", int(memory_gib))
 try:
     import flash_attn
     print("flash_attn", flash_attn.__version__)
@@ -129,7 +153,7 @@ except Exception as exc:  # noqa: BLE001 - the one line says what broke
 if not torch.allclose(y, torch.softmax(x, dim=-1), atol=1e-5, rtol=1e-5):
     fail("a tiny Triton launch ran but returned a wrong softmax")
 plots = "plots on" if importlib.util.find_spec("matplotlib") else "no matplotlib: no plots"
-print(f"preflight ok: {torch.cuda.get_device_name()}, a tiny Triton launch checked; {plots}")
+print(f"preflight ok: {name} (sm_{major}{minor}, {memory_gib:.1f} GiB), a tiny Triton launch checked; {plots}")
 PY
 )
         rc=$?
@@ -149,31 +173,67 @@ PY
         *) step preflight FAILED "$started"; print_steps; return 2 ;;
     esac
     case "$line" in *"no matplotlib"*) PLOTS=(--no-plots) ;; *) PLOTS=() ;; esac
+    GPU_NAME=$(printf '%s\n' "$output" | sed -n 's/^GPU \(.*\) | sm_[0-9]* | .*/\1/p' | head -n 1)
+    GPU_MEMORY_GIB=$(printf '%s\n' "$output" | sed -n 's/^memory GiB: \([0-9][0-9]*\)$/\1/p' | head -n 1)
+    GPU_MEMORY_GIB=${GPU_MEMORY_GIB:-0}
+    if printf '%s\n' "$output" | grep -qx 'sweep dtype: float16'; then
+        SWEEP+=(--dtype float16)
+        echo "no bf16 tensor cores below sm_80: the sweep runs in float16"
+    fi
+    if [ "$GPU_MEMORY_GIB" -lt "$PYTEST_GPU_GIB" ]; then
+        echo "note: ${GPU_MEMORY_GIB} GiB on this GPU; the gpu tests' float64 references need about 15: expect OOM failures"
+    fi
     nvidia-smi || echo "nvidia-smi failed"
     echo "commit $(git rev-parse HEAD 2>/dev/null || echo 'unknown (no git checkout)')"
 }
 
+gpu_test_files() {  # the test files with a pytest.mark.gpu mark outside a comment, the forward's first
+    local f rest=()
+    for f in $(grep -lE '^[^#]*\bmark\.gpu\b' tests/test_*.py); do
+        # If the backward hangs or the limit comes, the forward is proven.
+        if [ "$f" = tests/test_kernel_flash_forward.py ]; then echo "$f"; else rest+=("$f"); fi
+    done
+    if [ "${#rest[@]}" -gt 0 ]; then printf '%s\n' "${rest[@]}"; fi
+}
+
+precompile_jobs() {  # workers that fit in the GPU's memory next to the tests, at most the CPUs less two
+    local cpus jobs  # (bench.precompile's own default, from os.cpu_count(): getconf, not nproc, which reads OMP_*)
+    cpus=$(( $(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 4) - 2 ))
+    jobs=$(( (GPU_MEMORY_GIB - PYTEST_GPU_GIB) / PRECOMPILE_WORKER_GIB ))
+    if [ "$jobs" -gt "$cpus" ]; then jobs=$cpus; fi
+    if [ "$jobs" -lt 1 ]; then jobs=1; fi
+    echo "$jobs"
+}
+
 gpu_tests() {
-    echo; echo "== 2. pytest -m gpu, ATTN_PIN_CONFIGS=1 (limit ${PYTEST_LIMIT} s), precompiling in the background =="
-    local started=$SECONDS precompile_log precompile_pid rc note summary_line tests
+    local started=$SECONDS precompile_log precompile_pid rc note summary_line tests jobs
+    mapfile -t tests < <(gpu_test_files)
+    jobs=$(precompile_jobs)
+    echo; echo "== 2. pytest -m gpu on ${#tests[@]} files (limit ${PYTEST_LIMIT} s), precompiling in the background (workers: $jobs) =="
     precompile_log=$(mktemp)
-    timeout -k 10 "$((PYTEST_LIMIT + 20))" python3 -m bench.precompile "${SWEEP[@]}" --deadline "$PYTEST_LIMIT" \
-        >"$precompile_log" 2>&1 &
+    timeout -k 10 "$((PYTEST_LIMIT + 20))" python3 -m bench.precompile "${SWEEP[@]}" --jobs "$jobs" \
+        --deadline "$PYTEST_LIMIT" >"$precompile_log" 2>&1 &
     precompile_pid=$!
-    # The forward tests first: if the backward hangs or the limit comes, the forward is proven.
-    tests=(tests/test_kernel_flash_forward.py)
-    for f in tests/test_*.py; do [ "$f" = tests/test_kernel_flash_forward.py ] || tests+=("$f"); done
-    # SIGINT, not TERM, at the limit: pytest then still prints the failures it has seen.
-    ATTN_PIN_CONFIGS=1 timeout -s INT -k 15 "$PYTEST_LIMIT" \
-        python3 -m pytest -m gpu -q -p no:cacheprovider --durations=5 "${tests[@]}" 2>&1 | tee "$precompile_log.pytest"
-    rc=${PIPESTATUS[0]}
+    if [ "${#tests[@]}" -eq 0 ]; then
+        # pytest without files would collect every test file: the failure this list avoids.
+        echo "no test file has a pytest.mark.gpu mark" | tee "$precompile_log.pytest"
+        rc=5
+    else
+        echo "${tests[*]}"
+        # SIGINT, not TERM, at the limit: pytest then still prints the failures it has seen. A GPU test
+        # file that fails to import is an error, and the other files still run.
+        env -u ATTN_AUTOTUNE timeout -s INT -k 15 "$PYTEST_LIMIT" \
+            python3 -m pytest -m gpu -q -p no:cacheprovider --durations=5 --continue-on-collection-errors \
+            "${tests[@]}" 2>&1 | tee "$precompile_log.pytest"
+        rc=${PIPESTATUS[0]}
+    fi
     # pytest's closing line, e.g. "12 passed, 1 failed in 80.1s" (its "=" frame and time dropped).
     summary_line=$(grep -E '^=* *[0-9]+ (passed|failed|skipped|errors?|deselected)|no tests ran' \
                    "$precompile_log.pytest" | tail -n 1 | tr -d '=' | sed 's/^ *//; s/ in [0-9.]*s.*//')
     case $rc in
         0) note="passed" ;;
         1) note="FAILED" ;;
-        5) note="no gpu tests collected" ;;
+        5) note="no gpu tests found" ;;
         124|137) note="stopped at ${PYTEST_LIMIT} s" ;;
         *) note="error (exit $rc)" ;;
     esac

@@ -1,14 +1,14 @@
 """Turn result rows into a terminal table, a CSV, a markdown report and PNG plots.
 
-Every output carries its context: device name, torch and triton versions,
-git commit and date (in the markdown header, in every CSV row, in every
-figure's title). File names carry the device and the date:
+Every output carries its context: device name, torch's thread count, torch
+and triton versions, git commit and date (in the markdown header, in every
+CSV row, in every figure's title). File names carry the device and the date:
 
     bench_<device>_<date>.csv   every row, written row by row as the run goes
     bench_<device>_<date>.md    the tables, headed with the context
     attention_<device>_<date>.png   TFLOP/s vs N, one panel per (mode, causal) x (heads, head dim)
     memory_<device>_<date>.png      extra memory vs N (GPU only)
-    softmax_<device>_<date>.png     effective GB/s vs row length
+    softmax_<device>_<date>.png     effective GB/s vs row length (on the CPU: ms per call, see plot_softmax)
 
     python -m bench.report bench/results/bench_<device>_<date>.csv
 
@@ -21,6 +21,7 @@ import platform
 import re
 import subprocess
 import sys
+import textwrap
 
 import torch
 
@@ -29,7 +30,7 @@ from .timing import NOT_MEASURED
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = {"attention": "sdpa-flash", "memory": "sdpa-flash", "softmax": "torch", "modules": "wrapper",
             "overhead": "sdpa", "decode": "sdpa-flash"}
-CONTEXT_COLUMNS = ["device", "torch", "triton", "commit", "date"]
+CONTEXT_COLUMNS = ["device", "threads", "torch", "triton", "commit", "date"]
 COLUMNS = ["suite", "kind", "provider", "mode", "shape", "dtype", "batch", "heads_q", "heads_kv", "n", "head_dim",
            "causal", "rows", "d_model", "status", "time_ms", "tflops", "gbps", "ratio", "extra_mib", "max_err",
            "setup_s", "launches"] + CONTEXT_COLUMNS
@@ -82,9 +83,11 @@ def context(device, timer_method=""):
         name = torch.cuda.get_device_name(device)
         device_slug = slug(name)
     else:
-        name = f"CPU: {_cpu_name()} ({torch.get_num_threads()} threads)"
+        name = f"CPU: {_cpu_name()}"
         device_slug = "cpu"
-    return {"device": name, "device_slug": device_slug, "torch": torch.__version__, "triton": triton_version,
+    # torch's intra-op threads: on the CPU they are part of what a time means (see threads_note).
+    return {"device": name, "device_slug": device_slug, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "triton": triton_version,
             "python": platform.python_version(), "commit": git_commit(), "date": now.strftime("%Y-%m-%d %H:%M UTC"),
             "day": now.strftime("%Y-%m-%d"), "timer": timer_method, "load": load_average()}
 
@@ -95,6 +98,14 @@ def load_average():
         return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     except (AttributeError, OSError):
         return "unknown"
+
+
+def threads_note(ctx):
+    """'1 torch thread', '2 torch threads' (contexts written before the count was recorded: '')."""
+    threads = ctx.get("threads")
+    if threads in (None, ""):
+        return ""
+    return f"{threads} torch thread" + ("" if int(threads) == 1 else "s")
 
 
 def file_name(ctx, kind, ext):
@@ -250,7 +261,8 @@ def summary(records):
 def markdown_report(records, ctx):
     lines = [f"# Attention benchmark on {ctx['device']}", "",
              "| context | |", "|---|---|",
-             f"| device | {ctx['device']} |", f"| torch | {ctx['torch']} |", f"| triton | {ctx['triton']} |",
+             f"| device | {ctx['device']} |", f"| torch threads | {ctx.get('threads', 'unknown')} |",
+             f"| torch | {ctx['torch']} |", f"| triton | {ctx['triton']} |",
              f"| python | {ctx['python']} |", f"| commit | {ctx['commit']} |", f"| date | {ctx['date']} |",
              f"| timing | {ctx['timer']} |",
              f"| host load (1-min average) | {ctx['load']} at the start, {ctx.get('load_end', 'unknown')} at the end |",
@@ -265,17 +277,29 @@ def markdown_report(records, ctx):
              "Compare providers only within one run on one machine.", ""]
     if ctx["device_slug"] == "cpu":
         lines += ["On the CPU, Triton runs under its interpreter (TRITON_INTERPRET=1), about a thousand times "
-                  "slower than on a GPU: it appears only in correctness rows, never with a time.", ""]
+                  "slower than on a GPU: it appears only in correctness rows, never with a time. "
+                  + CPU_THREADS_NOTE.format(threads=threads_note(ctx) or "an unrecorded number of torch threads"),
+                  ""]
     for suite in _suites(records):
         columns = _columns(suite)
         rows = [r for r in records if r["suite"] == suite]
         lines += [f"## {suite}", ""]
         if suite == "overhead":
             lines += [OVERHEAD_NOTE, ""]
+        if suite == "softmax" and ctx["device_slug"] == "cpu":
+            lines += [CPU_SOFTMAX_NOTE, ""]
         lines += [markdown_table([c[0] for c in columns], _cells(rows, columns)), ""]
     return "\n".join(lines)
 
 
+CPU_THREADS_NOTE = ("The CPU rows ran on {threads} (the overhead rows on one, always), chosen with "
+                    "`python -m bench --threads`. The default, one, is the fair comparison: every provider gets "
+                    "the same single core, as in the tests, and no thread pool waits for a core other work holds.")
+CPU_SOFTMAX_NOTE = ("On the CPU, GB/s is the bytes a softmax must move over the wall time of one call: a comparison "
+                    "of the providers in this run, not the machine's memory bandwidth. With more torch threads than "
+                    "idle cores, the thread pool's wait for a busy core can take longer than the work: the times "
+                    "then stay flat across N, and GB/s grows with N whatever the code does. The plot shows the "
+                    "times.")
 OVERHEAD_NOTE = ("The host cost of one call at a tiny shape (bench/overhead.py): wall time per call of many calls in "
                  "a row, the median of 7 rounds. `triton` (GPU) is flash_attention itself. `triton-noop` (CPU) is "
                  "flash_attention with every Triton kernel replaced by a no-op recorder: the Python above the "
@@ -293,8 +317,35 @@ COLORS = {"naive": "tab:gray", "sdpa-math": "tab:brown", "sdpa-flash": "tab:blue
           "torch": "tab:blue"}
 
 
-def _title(ctx, what):
-    return f"{what}\n{ctx['device']} | torch {ctx['torch']}, triton {ctx['triton']} | {ctx['commit']} | {ctx['date']}"
+def _title(ctx, what, fig=None, fontsize=10):
+    """What, then the context: the device (on the CPU with its thread count), then versions, commit and date.
+
+    With `fig`, every line is wrapped to fit the figure: a line wider than the figure is cut off in
+    the PNG, as the one-line context of a one-panel plot was. The width per character is a generous
+    guess for matplotlib's default font (tests/test_bench.py checks that every text stays inside).
+    """
+    threads = threads_note(ctx) if ctx.get("device_slug") == "cpu" else ""
+    lines = [what, ctx["device"] + (f", {threads}" if threads else ""),
+             f"torch {ctx['torch']}, triton {ctx['triton']} | {ctx['commit']} | {ctx['date']}"]
+    if fig is not None:
+        # 0.6 em a character; 85% of the width, since an axes title is centred on its axes, not on the figure.
+        chars = max(20, int(0.85 * fig.get_figwidth() * 72 / (0.6 * fontsize)))
+        lines = [part for line in lines for part in _wrap(line, chars)]
+    return "\n".join(lines)
+
+
+def _wrap(line, chars):
+    """Break at the " | " between fields where possible, inside a field only when it alone is too long."""
+    parts, current = [], ""
+    for field in line.split(" | "):
+        joined = f"{current} | {field}" if current else field
+        if len(joined) <= chars or not current:
+            current = joined
+        else:
+            parts.append(current)
+            current = field
+    parts.append(current)
+    return [piece for part in parts for piece in textwrap.wrap(part, chars, break_on_hyphens=False)]
 
 
 def _lines(ax, records, y_key):
@@ -341,7 +392,7 @@ def plot_attention(records, ctx, path):
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles))
-    fig.suptitle(_title(ctx, f"Attention throughput ({rows_ok[0]['dtype']})"), fontsize=10)
+    fig.suptitle(_title(ctx, f"Attention throughput ({rows_ok[0]['dtype']})", fig, 10), fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -362,7 +413,7 @@ def plot_memory(records, ctx, path):
     ax.set_ylabel("extra memory (MiB, peak during one forward)")
     ax.legend()
     ax.set_title(_title(ctx, f"Attention memory: B={r0['batch']:g}, {r0['heads_q']:g} heads, D={r0['head_dim']:g}, "
-                             f"{r0['dtype']}, fwd"), fontsize=9)
+                             f"{r0['dtype']}, fwd", fig, 9), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -376,11 +427,17 @@ def plot_softmax(records, ctx, path):
     if not rows_ok:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
-    _lines(ax, rows_ok, "gbps")
+    if ctx["device_slug"] == "cpu":
+        # Not GB/s: on the CPU bytes over time is no bandwidth (CPU_SOFTMAX_NOTE); the times say what was measured.
+        _lines(ax, rows_ok, "time_ms")
+        ax.set_yscale("log")
+        ax.set_ylabel(f"ms per call (wall clock, {threads_note(ctx) or 'torch threads not recorded'})")
+    else:
+        _lines(ax, rows_ok, "gbps")
+        ax.set_ylabel("effective GB/s (read once + write once)")
     ax.set_xlabel("row length N")
-    ax.set_ylabel("effective GB/s (read once + write once)")
     ax.legend()
-    ax.set_title(_title(ctx, f"Softmax over {rows_ok[0]['rows']:g} rows, {rows_ok[0]['dtype']}"), fontsize=9)
+    ax.set_title(_title(ctx, f"Softmax over {rows_ok[0]['rows']:g} rows, {rows_ok[0]['dtype']}", fig, 9), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -420,7 +477,9 @@ def main(argv=None):
     records = read_csv(args.csv)
     if records:
         r = records[0]
-        print(f"{r['device']} | torch {r['torch']}, triton {r['triton']} | {r['commit']} | {r['date']}")
+        threads = threads_note(r)  # '' in a CSV written before the count was recorded
+        print(f"{r['device']}{f' | {threads}' if threads else ''} | torch {r['torch']}, triton {r['triton']} | "
+              f"{r['commit']} | {r['date']}")
     print(summary(records))
     return 0
 

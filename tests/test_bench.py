@@ -5,9 +5,8 @@ always raises placed first, so the same run shows that a failure becomes a
 row and the sweep carries on. Triton runs under the interpreter here
 (conftest sets TRITON_INTERPRET=1 without CUDA): its rows must be correctness
 checks, never times. A run stopped by SIGTERM is a subprocess, sent the
-signal while it sleeps inside a job (SIGINT is raised in-process);
-bench/gpu_check.sh is run as far as a CPU machine lets it: its preflight,
-which must stop with one line.
+signal while it sleeps inside a job (SIGINT is raised in-process).
+bench/gpu_check.sh has its own file, tests/test_gpu_check.py.
 """
 import csv
 import importlib
@@ -31,7 +30,6 @@ from bench.sweep import CORRECTNESS_ONLY, SKIPPED_BUDGET, Result, run_jobs, stat
 from bench.timing import NOT_MEASURED, CpuTimer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH_DIR = os.path.join(ROOT, "bench")
 CPU = torch.device("cpu")
 
 
@@ -180,21 +178,40 @@ def _boom(q, k, v, causal):
     raise RuntimeError("this provider always fails")
 
 
+# A CPU name longer than this machine's may be: the figures' titles must still fit.
+LONG_CPU_NAME = "AMD EPYC 7763 64-Core Processor"
+FIGURES = []  # every figure cpu_run drew, kept open (plt.close is caught) for the layout test
+
+
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(providers.ATTENTION, "boom", _boom)
         mp.setattr(providers, "CPU_ATTENTION", providers.CPU_ATTENTION + ("boom",))
-        assert main(["--device", "cpu", "--quick", "--out", str(out), "--n", "32", "64", "--head-dim", "16",
-                     "--heads", "2", "--tokens", "64", "--providers", "boom", "naive", "sdpa-flash",
-                     "--softmax-n", "128", "--suite", *plan.SUITES]) == 0  # window, varlen: test_bench_variants.py
+        mp.setattr(report, "_cpu_name", lambda: LONG_CPU_NAME)
+        mp.setattr(plt, "close", FIGURES.append)
+        torch.set_num_threads(2)  # what torch would take on a 2-core machine: the run must ask for one
+        try:
+            assert main(["--device", "cpu", "--quick", "--out", str(out), "--n", "32", "64", "--head-dim", "16",
+                         "--heads", "2", "--tokens", "64", "--providers", "boom", "naive", "sdpa-flash",
+                         "--softmax-n", "128", "256", "--suite", *plan.SUITES]) == 0  # window, varlen: test_bench_variants.py
+            assert torch.get_num_threads() == 2, "main() puts torch's thread count back"
+        finally:
+            torch.set_num_threads(threads)
     files = sorted(os.listdir(out))
     csv_files = [f for f in files if f.endswith(".csv")]
     assert len(csv_files) == 1, files
     with open(out / csv_files[0], newline="") as f:
         rows = list(csv.DictReader(f))
-    return out, files, rows
+    yield out, files, rows
+    for fig in FIGURES:
+        plt.close(fig)
 
 
 def test_run_writes_csv_markdown_and_plots_named_by_device_and_date(cpu_run):
@@ -207,11 +224,13 @@ def test_run_writes_csv_markdown_and_plots_named_by_device_and_date(cpu_run):
     text = (out / f"bench_cpu_{day}.md").read_text()
     import triton
     for needle in ("CPU:", f"| torch | {torch.__version__} |", f"| triton | {triton.__version__} |",
-                   f"| commit | {rows[0]['commit']} |", f"| date | {rows[0]['date']} |", "## attention", "## softmax"):
+                   f"| commit | {rows[0]['commit']} |", f"| date | {rows[0]['date']} |", "## attention", "## softmax",
+                   "| torch threads | 1 |", "The CPU rows ran on 1 torch thread", "not the machine's memory bandwidth"):
         assert needle in text, needle
     for row in rows:
         assert row["device"].startswith("CPU:") and row["torch"] == torch.__version__
         assert row["commit"] and row["date"].endswith("UTC")
+        assert row["threads"] == "1", "one torch thread on the CPU by default, recorded in every row"
 
 
 def test_triton_rows_are_correctness_only_without_time(cpu_run):
@@ -242,6 +261,63 @@ def test_failing_provider_is_a_row_and_the_sweep_goes_on(cpu_run):
     assert all(r["extra_mib"] == NOT_MEASURED for r in ok), "memory is not measured on the CPU"
     # The ratio is against sdpa-flash in the same shape and mode.
     assert all(float(r["ratio"]) == pytest.approx(1.0) for r in ok if r["provider"] == "sdpa-flash")
+
+
+def test_plots_keep_every_text_inside_the_figure(cpu_run):
+    """A title wider than its figure is cut off in the PNG (the context line of a one-panel plot was)."""
+    _, files, _ = cpu_run
+    assert len(FIGURES) == sum(f.endswith(".png") for f in files) >= 2
+    import matplotlib.text
+
+    for fig in FIGURES:
+        renderer = fig.canvas.get_renderer()
+        width, height = fig.bbox.width, fig.bbox.height
+        # Tick labels are left out: matplotlib keeps those outside the axes' range, and does not draw them.
+        ticks = {id(label) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
+                 for tick in axis.get_major_ticks() + axis.get_minor_ticks() for label in (tick.label1, tick.label2)}
+        for text in fig.findobj(matplotlib.text.Text):
+            if id(text) in ticks or not (text.get_visible() and text.get_text().strip()):
+                continue
+            box = text.get_window_extent(renderer)
+            assert box.x0 >= -1 and box.x1 <= width + 1 and box.y0 >= -1 and box.y1 <= height + 1, (
+                f"{text.get_text()!r} at x {box.x0:.0f} to {box.x1:.0f}, y {box.y0:.0f} to {box.y1:.0f} "
+                f"leaves the {width:.0f} x {height:.0f} figure")
+    texts = "\n".join(text.get_text() for fig in FIGURES for text in fig.findobj(matplotlib.text.Text))
+    assert LONG_CPU_NAME in texts and "1 torch thread" in texts, "the titles name the CPU and the thread count"
+
+
+def test_cpu_softmax_plot_shows_times_not_bandwidth(cpu_run):
+    _, _, rows = cpu_run
+    softmax = [fig for fig in FIGURES for ax in fig.axes if ax.get_title().startswith("Softmax")]
+    assert len(softmax) == 1
+    ax = softmax[0].axes[0]
+    assert ax.get_ylabel().startswith("ms per call") and "1 torch thread" in ax.get_ylabel()
+    timed = {(r["provider"], float(r["n"])): float(r["time_ms"]) for r in rows
+             if r["suite"] == "softmax" and r["kind"] == "time"}
+    plotted = {(line.get_label(), x): y for line in ax.get_lines() for x, y in zip(*line.get_data())}
+    assert plotted == pytest.approx(timed, rel=1e-4), (plotted, timed)  # the CSV keeps 6 digits
+
+
+def test_threads_flag_sets_and_records_the_count(tmp_path):
+    before = torch.get_num_threads()
+    assert main(["--device", "cpu", "--quick", "--suite", "softmax", "--softmax-n", "64", "--threads", "2",
+                 "--no-plots", "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == before
+    with open(next(tmp_path.glob("*.csv")), newline="") as f:
+        assert {row["threads"] for row in csv.DictReader(f)} == {"2"}
+    assert "| torch threads | 2 |" in next(tmp_path.glob("*.md")).read_text()
+    with pytest.raises(SystemExit, match="--threads"):
+        main(["--device", "cpu", "--threads", "-1", "--suite", "softmax"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="demo.py times on the GPU when there is one")
+def test_demo_times_on_one_thread_unless_told():
+    demo = os.path.join(ROOT, "demo.py")
+    env = dict(os.environ, OMP_NUM_THREADS="2")  # torch's own count would be 2
+    default = subprocess.run([sys.executable, demo, "--mha"], env=env, capture_output=True, text=True, timeout=120)
+    assert default.returncode == 0 and "Timing on cpu (1 thread)" in default.stdout, default.stdout + default.stderr
+    bad = subprocess.run([sys.executable, demo, "--threads", "-1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--threads" in bad.stderr
 
 
 def test_report_prints_the_summary_of_a_csv(cpu_run, capsys):
@@ -351,30 +427,3 @@ def test_sigint_inside_a_job_stops_the_run_in_process(monkeypatch):
     assert [r.status for r in results] == ["ok", "stopped: SIGINT", "skipped: stopped (SIGINT)"]
     assert sweep.stopped_by(results) == "SIGINT"
     assert signal.getsignal(signal.SIGINT) is before, "the handlers are put back"
-
-
-def test_gpu_check_script_parses():
-    script = os.path.join(BENCH_DIR, "gpu_check.sh")
-    assert subprocess.run(["bash", "-n", script]).returncode == 0
-    text = open(script).read()
-    assert "pytest -m gpu" in text and '${OUT:-bench/results}' in text and "pipefail" in text
-    assert "ATTN_PIN_CONFIGS=1" in text and "bench.tune" in text
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the preflight passes on a GPU machine")
-def test_gpu_check_preflight_stops_with_one_line_without_a_gpu(tmp_path):
-    # python3 on PATH must be this interpreter (with torch), so the preflight gets as far as the GPU.
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-    (bin_dir / "python3").chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"))
-    run = subprocess.run(["bash", os.path.join(BENCH_DIR, "gpu_check.sh")], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert run.returncode == 2, run.stdout + run.stderr
-    failed = [line for line in run.stdout.splitlines() if line.startswith("preflight FAILED")]
-    assert failed == ["preflight FAILED: torch sees no CUDA device"], run.stdout
-    assert "pytest" not in run.stdout.split("== steps")[0].split("preflight FAILED")[1], "it must stop there"
-    logs = os.listdir(tmp_path / "out")
-    assert len(logs) == 1 and logs[0].startswith("gpu_check_") and logs[0].endswith(".log"), logs
-    assert failed[0] in (tmp_path / "out" / logs[0]).read_text(), "the log is tee'd into $OUT"
