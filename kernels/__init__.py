@@ -1,6 +1,6 @@
-"""Hand-written Triton kernels: flash attention (forward and backward, padded or packed), flash-decoding
-over a KV cache (contiguous or paged), online softmax, and context-parallel attention over
-torch.distributed built on the flash-attention launchers.
+"""Hand-written Triton kernels: flash attention (forward and backward, padded or packed), paged attention
+for every serving step over a KV cache (contiguous or paged: prefill chunks, verification, decode), online
+softmax, and context-parallel attention over torch.distributed built on the flash-attention launchers.
 
 On a machine without a CUDA GPU, set TRITON_INTERPRET=1 before importing this
 package to run the same kernels on the CPU (see kernels/runtime.py).
@@ -9,11 +9,13 @@ package to run the same kernels on the CPU (see kernels/runtime.py).
 `importlib.import_module("kernels.flash_attention")` (or `from
 kernels.flash_attention import _flash_fwd` for its private pieces).
 """
+from reference.decode import append_kv
+
 from .context_parallel import context_parallel_attention, shard_sequence, unshard_sequence
-from .decode import append_kv, decode_attention
 from .flash_attention import flash_attention, flash_attention_varlen
+from .paged import decode_attention, paged_attention
 from .runtime import INTERPRET
 from .softmax import softmax
 
-__all__ = ["flash_attention", "flash_attention_varlen", "decode_attention", "append_kv", "softmax",
+__all__ = ["flash_attention", "flash_attention_varlen", "paged_attention", "decode_attention", "append_kv", "softmax",
            "context_parallel_attention", "shard_sequence", "unshard_sequence", "INTERPRET"]

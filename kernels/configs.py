@@ -183,10 +183,12 @@ DQ_CANDIDATES = {
     ("fp64", 128): _configs((16, 32, 8, 2), (16, 16, 4, 1)),
     ("fp64", 256): _configs((16, 16, 4, 1)),
 }
-# Decode: BLOCK_M packed query rows (GQA group x queries), BLOCK_N keys. The rows come from the call;
-# the longest row tile that holds them and fits is chosen.
-DECODE_CANDIDATES = {
-    ("16-bit", 128): _configs((64, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2)),
+# Paged attention (kernels/paged.py): BLOCK_M rows of new tokens x the query heads of a kv group (GQA
+# packing), BLOCK_N keys. The rows come from the call (group x the longest run of new tokens): the
+# longest row tile that holds them and fits is chosen, 16 rows for a decode step of a small group,
+# 128 for a prefill chunk.
+PAGED_CANDIDATES = {
+    ("16-bit", 128): _configs((128, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2)),
     ("16-bit", 256): _configs((64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
     ("fp32", 128): _configs((32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)),
     ("fp32", 256): _configs((16, 32, 4, 2), (16, 16, 4, 1)),
@@ -401,8 +403,8 @@ def _capturing(device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _decode_on_the_interpreter(dtype, head_dim_pad, n_q, n_k):
-    """The fewest padded rows (the interpreter pays for every one), and keys rows of at most 256 bytes."""
+def _paged_on_the_interpreter(dtype, head_dim_pad, n_q, n_k):
+    """The fewest padded rows (the interpreter pays for every one), and key rows of at most 256 bytes."""
     rows = max(16, min(64, triton.next_power_of_2(n_q)))
     keys = 64 if head_dim_pad * dtype.itemsize <= 256 else 32
     return triton.Config({"BLOCK_M": rows, "BLOCK_N": keys}, num_warps=4, num_stages=1)
@@ -412,7 +414,7 @@ KERNELS = {
     "fwd": KernelConfigs("fwd", FWD_CANDIDATES),
     "bwd_dkdv": KernelConfigs("bwd_dkdv", DKDV_CANDIDATES),
     "bwd_dq": KernelConfigs("bwd_dq", DQ_CANDIDATES),
-    "decode": KernelConfigs("decode", DECODE_CANDIDATES, _decode_on_the_interpreter),
+    "paged": KernelConfigs("paged", PAGED_CANDIDATES, _paged_on_the_interpreter),
 }
 
 

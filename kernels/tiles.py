@@ -57,6 +57,15 @@ def _load_tile(ptrs, offs_row, n_rows, offs_col, n_cols,
 
 
 @triton.jit
+def _load_rows_where(ptrs, row_ok, offs_col, n_cols, UPCAST: tl.constexpr):
+    """Load a 2-D tile whose rows are gathered (a paged cache's, GQA-packed queries'): rows where row_ok, zeros elsewhere."""
+    tile = tl.load(ptrs, mask=row_ok[:, None] & (offs_col[None, :] < n_cols), other=0.0)
+    if UPCAST:  # the interpreter computes bf16 wrongly: work in fp32 there
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
 def _row_descriptor(BASE, n_rows, stride_row, N_COLS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                     BLOCK_COLS: tl.constexpr):
     """A tensor descriptor over the (n_rows, N_COLS) matrix at BASE, whose rows are stride_row apart.

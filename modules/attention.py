@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 import reference
 from kernels import decode_attention, flash_attention
-from kernels.decode import MAX_QUERIES as DECODE_MAX_QUERIES
 
 BACKENDS = ("triton", "sdpa", "naive")
 
@@ -115,11 +114,11 @@ class GroupedQueryAttention(_KernelBacked, reference.GroupedQueryAttention):
     """reference.GroupedQueryAttention (Llama 3, RoPE) with a `backend` argument; K/V heads are never repeated."""
 
     def attend_cached(self, queries, keys, values, cache):
-        """triton: a prefill (empty cache) runs flash_attention on its own tokens, a later step of up to
-        16 tokens runs decode_attention on the cache; the other backends, and a later step of more
-        tokens than decode_attention takes, use the reference's plain math."""
+        """triton: a prefill (empty cache) runs flash_attention on its own tokens, a later step of any
+        number of tokens (a decode step, a chunk of a longer prompt) runs decode_attention on the cache;
+        the other backends use the reference's plain math."""
         prefill = cache.is_empty
-        if self.backend != "triton" or (not prefill and queries.shape[2] > DECODE_MAX_QUERIES):
+        if self.backend != "triton":
             return super().attend_cached(queries, keys, values, cache)
         cache.append(keys, values)
         if prefill:

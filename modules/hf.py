@@ -55,12 +55,12 @@ from transformers.masking_utils import (
 )
 
 import kernels
-from kernels.decode import MAX_QUERIES as DECODE_MAX_QUERIES  # new tokens per decode step
 from reference.functional import causal_visibility, window_visibility
 
 from .padding import padded_attention
 
 NAME = "playground"
+DECODE_MAX_QUERIES = 16  # new tokens per step up to which a cached step goes to decode_attention
 # Dense math masks with the most negative fp32, as eager does, not -inf: a fully masked (padding) row
 # then averages its values instead of turning NaN and spreading through the next layer's values.
 MASKED = torch.finfo(torch.float32).min

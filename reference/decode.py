@@ -46,8 +46,11 @@ def _index_tensor(t, name, rank):
         raise ValueError(f"{name} must have rank {rank}, got shape {tuple(t.shape)}")
 
 
-def check_cache(k_cache, v_cache, cache_seqlens, block_table=None):
-    """Check the cache's layout (no data read). Returns (batch, h_kv, capacity, head_dim, block_size or None)."""
+def check_cache(k_cache, v_cache, cache_seqlens, block_table=None, lengths_name="cache_seqlens"):
+    """Check the cache's layout (no data read). Returns (batch, h_kv, capacity, head_dim, block_size or None).
+
+    lengths_name: what the caller calls cache_seqlens (paged attention's seqused_k), for the errors.
+    """
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -59,21 +62,21 @@ def check_cache(k_cache, v_cache, cache_seqlens, block_table=None):
                          f"and {tuple(v_cache.shape)}")
     if v_cache.dtype != k_cache.dtype:
         raise TypeError(f"v_cache has dtype {v_cache.dtype} but k_cache has {k_cache.dtype}")
-    _index_tensor(cache_seqlens, "cache_seqlens", 1)
-    for name, t in (("v_cache", v_cache), ("cache_seqlens", cache_seqlens)):
+    _index_tensor(cache_seqlens, lengths_name, 1)
+    for name, t in (("v_cache", v_cache), (lengths_name, cache_seqlens)):
         if t.device != k_cache.device:
             raise ValueError(f"{name} is on {t.device} but k_cache is on {k_cache.device}")
     batch = cache_seqlens.shape[0]
     h_kv, head_dim = k_cache.shape[1], k_cache.shape[3]
     if block_table is None:
         if k_cache.shape[0] != batch:
-            raise ValueError(f"k_cache holds {k_cache.shape[0]} sequences but cache_seqlens has {batch}")
+            raise ValueError(f"k_cache holds {k_cache.shape[0]} sequences but {lengths_name} has {batch}")
         return batch, h_kv, k_cache.shape[2], head_dim, None
     _index_tensor(block_table, "block_table", 2)
     if block_table.device != k_cache.device:
         raise ValueError(f"block_table is on {block_table.device} but k_cache is on {k_cache.device}")
     if block_table.shape[0] != batch:
-        raise ValueError(f"block_table has {block_table.shape[0]} rows but cache_seqlens has {batch} sequences")
+        raise ValueError(f"block_table has {block_table.shape[0]} rows but {lengths_name} has {batch} sequences")
     block_size = k_cache.shape[2]
     return batch, h_kv, block_table.shape[1] * block_size, head_dim, block_size
 

@@ -174,27 +174,40 @@ VARIANT_CASES = [
 
 
 # ----------------------------------------------------------------------------
-# Decoding against a KV cache (kernels/decode.py)
+# Paged attention over a KV cache (kernels/paged.py): decode steps, verification, prefill chunks
 # ----------------------------------------------------------------------------
 @dataclass(frozen=True)
-class DecodeCase:
-    """A decode step: Nq new queries per sequence against caches of `seqlens` keys.
+class PagedCase:
+    """One serving step: each sequence's new tokens against its cached keys [leftpad, seqlens).
 
-    block_size None is the contiguous cache; an int is a paged one, with a shuffled
-    block table, `shared_blocks` leading blocks of sequence 0 reused by sequence 1,
-    and, with `vllm_pool`, the pool stored (num_blocks, block_size, Hkv, D) and
-    passed as a permuted view. num_splits None lets the launcher choose.
+    new: an int, the dense layout (B, Hq, Nq, D) with that many new tokens per sequence; or a tuple
+    of counts, the packed layout (total_q, Hq, D) with cu_seqlens_q. block_size None is the
+    contiguous cache; an int is a paged one (any page size), with a shuffled block table,
+    `shared_blocks` leading blocks of sequence 0 reused by sequence 1, and, with `vllm_pool`, the
+    pool stored (num_blocks, block_size, Hkv, D) and passed as a permuted view. leftpad: each
+    sequence's first key (a left-padded batch). options: flash_attention's variants, as pairs;
+    alibi and sinks are drawn per head. num_splits None lets the launcher choose.
     """
     seqlens: tuple
     h_q: int
     h_kv: int
-    n_q: int
+    new: object
     head_dim: int
     causal: bool
     num_splits: int | None
     block_size: int | None = None
     shared_blocks: int = 0
     vllm_pool: bool = False
+    leftpad: tuple | None = None
+    options: tuple = ()
+
+    @property
+    def packed(self) -> bool:
+        return isinstance(self.new, tuple)
+
+    @property
+    def counts(self) -> tuple:
+        return self.new if self.packed else (self.new,) * len(self.seqlens)
 
     @property
     def id(self) -> str:
@@ -203,28 +216,59 @@ class DecodeCase:
             layout += f"-shared{self.shared_blocks}"
         if self.vllm_pool:
             layout += "-vllm"
+        if self.leftpad:
+            layout += "-leftpad"
         lengths = "-".join(map(str, self.seqlens))
-        return (f"{layout}-n{lengths}-h{self.h_q}x{self.h_kv}-q{self.n_q}-d{self.head_dim}-"
-                f"{'causal' if self.causal else 'full'}-s{self.num_splits}")
+        new = "q" + ("-".join(map(str, self.new)) + "packed" if self.packed else str(self.new))
+        extras = "".join(f"-{name}" for name, _ in self.options)
+        return (f"{layout}-n{lengths}-h{self.h_q}x{self.h_kv}-{new}-d{self.head_dim}-"
+                f"{'causal' if self.causal else 'full'}-s{self.num_splits}{extras}")
+
+    def kwargs(self, device):
+        """The call's keyword arguments beyond the tensors: the variants, alibi slopes and sinks drawn here."""
+        gen = torch.Generator().manual_seed(1)
+        options = {}
+        for name, value in self.options:
+            if name == "alibi":
+                options["alibi_slopes"] = torch.rand(self.h_q, generator=gen).to(device)
+            elif name == "sinks":
+                options["sinks"] = torch.randn(self.h_q, generator=gen).to(device)
+            else:
+                options[name] = value
+        return options
 
     def make_inputs(self, dtype, device, seed=0):
-        """q (a transposed view, as split_heads makes it), k_cache, v_cache, cache_seqlens, block_table.
+        """dict: q (a strided view), k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q,
+        cache_leftpad.
 
-        Every cache row no sequence owns is NaN: a kernel that reads past a
-        sequence's end, or a wrong block, turns its output to NaN.
+        Every cache row no sequence owns (past its end, before its leftpad, in a spare page) is NaN:
+        a kernel that reads one, or a wrong page, turns its output to NaN.
         """
         gen = torch.Generator().manual_seed(seed)
         batch, d = len(self.seqlens), self.head_dim
-        # (B, Nq, Hq, D) -> (B, Hq, Nq, D), strided like the projections' views.
-        q = torch.randn(batch, self.n_q, self.h_q, d, generator=gen).to(dtype).to(device).transpose(1, 2)
+        if self.packed:
+            # (total_q, Hq, D) as the rows of a (total_q, Hq * D + 8) projection: strided, not contiguous.
+            total = sum(self.new)
+            q = torch.randn(total, self.h_q * d + 8, generator=gen)[:, :self.h_q * d].view(total, self.h_q, d)
+            cu = torch.tensor([0, *torch.tensor(self.new).cumsum(0).tolist()], dtype=torch.int32, device=device)
+            max_new = max(self.new)
+        else:
+            # (B, Nq, Hq, D) -> (B, Hq, Nq, D), strided like the projections' views.
+            q = torch.randn(batch, self.new, self.h_q, d, generator=gen).transpose(1, 2)
+            cu, max_new = None, None
+        q = q.to(dtype).to(device)
         seqlens = torch.tensor(self.seqlens, dtype=torch.int32, device=device)
+        starts = self.leftpad or (0,) * batch
+        leftpad = torch.tensor(self.leftpad, dtype=torch.int32, device=device) if self.leftpad else None
+        inputs = dict(q=q, seqused_k=seqlens, cu_seqlens_q=cu, max_seqlen_q=max_new, cache_leftpad=leftpad)
         if self.block_size is None:
             capacity = max(self.seqlens) + 5
             k, v = (torch.randn(batch, self.h_kv, capacity, d, generator=gen) for _ in range(2))
-            owned = torch.arange(capacity)[None, :] < torch.tensor(self.seqlens)[:, None]  # (B, capacity)
+            rows = torch.arange(capacity)[None, :]
+            owned = (rows < torch.tensor(self.seqlens)[:, None]) & (rows >= torch.tensor(starts)[:, None])
             for t in (k, v):
                 t.masked_fill_(~owned[:, None, :, None], float("nan"))
-            return q, k.to(dtype).to(device), v.to(dtype).to(device), seqlens, None
+            return dict(inputs, k_cache=k.to(dtype).to(device), v_cache=v.to(dtype).to(device), block_table=None)
         bs = self.block_size
         blocks_per_seq = [-(-n // bs) for n in self.seqlens]
         num_blocks = sum(blocks_per_seq) + 3  # three spare blocks, never referenced
@@ -237,8 +281,8 @@ class DecodeCase:
         shape = (num_blocks, bs, self.h_kv, d) if self.vllm_pool else (num_blocks, self.h_kv, bs, d)
         k_pool, v_pool = (torch.randn(shape, generator=gen) for _ in range(2))
         owned = torch.zeros(num_blocks, bs, dtype=torch.bool)
-        for b, n in enumerate(self.seqlens):
-            rows = torch.arange(n)
+        for b, (start, n) in enumerate(zip(starts, self.seqlens)):
+            rows = torch.arange(start, n)
             owned[table[b, rows // bs].long(), rows % bs] = True
         mask = owned[:, :, None, None] if self.vllm_pool else owned[:, None, :, None]
         for t in (k_pool, v_pool):
@@ -246,35 +290,49 @@ class DecodeCase:
         k_pool, v_pool = k_pool.to(dtype).to(device), v_pool.to(dtype).to(device)
         if self.vllm_pool:  # (num_blocks, bs, Hkv, D) -> (num_blocks, Hkv, bs, D), a view
             k_pool, v_pool = k_pool.permute(0, 2, 1, 3), v_pool.permute(0, 2, 1, 3)
-        return q, k_pool, v_pool, seqlens, table.to(device)
+        return dict(inputs, k_cache=k_pool, v_cache=v_pool, block_table=table.to(device))
 
 
-# Under the interpreter BLOCK_N is 64 (32 when a key row passes 256 bytes: fp32 with D > 64,
-# D = 256), and a split is ceil(n / num_splits) keys rounded up to a tile.
-DECODE_CASES = [
-    # Ragged lengths in one batch: one key, less than a tile, several tiles with a ragged tail,
-    # and 1000 keys over 3 splits of 384 (the last one short).
-    DecodeCase(seqlens=(1, 7, 300, 1000), h_q=8, h_kv=2, n_q=1, head_dim=64, causal=True, num_splits=3),
-    # The same lengths paged in blocks of 16 with a shuffled table (a tile spans four blocks),
-    # the launcher's own split count, a head dim that is not a power of two, no mask.
-    DecodeCase(seqlens=(1, 7, 300, 1000), h_q=8, h_kv=2, n_q=1, head_dim=40, causal=False, num_splits=None,
-               block_size=16),
-    # A cache of exactly one block; GQA 8 with Nq 16 packs 128 rows: two row blocks of 64.
-    DecodeCase(seqlens=(64,), h_q=16, h_kv=2, n_q=16, head_dim=128, causal=True, num_splits=1, block_size=64),
-    # Lengths ending exactly on block edges (48, 128) and one past an edge (17); MQA; Nq 3 without
-    # the causal mask; fp32 at D 80 takes 32-key tiles.
-    DecodeCase(seqlens=(48, 128, 17), h_q=4, h_kv=1, n_q=3, head_dim=80, causal=False, num_splits=2, block_size=16),
-    # Prefix sharing: sequence 1's first 4 blocks are sequence 0's; MHA (group 1); the largest head dim.
-    DecodeCase(seqlens=(100, 130), h_q=2, h_kv=2, n_q=3, head_dim=256, causal=True, num_splits=3, block_size=16,
-               shared_blocks=4),
-    # vLLM's pool layout (num_blocks, block_size, Hkv, D) read through a permuted view, no copy.
-    DecodeCase(seqlens=(70, 33), h_q=8, h_kv=2, n_q=1, head_dim=128, causal=True, num_splits=2, block_size=64,
-               vllm_pool=True),
-    # More splits than tiles: of 8 splits, 2 hold keys of the 100-key sequence and 1 of the
-    # 20-key one; the rest are empty and must weigh nothing in the merge. Head dim 1.
-    DecodeCase(seqlens=(100, 20), h_q=8, h_kv=2, n_q=3, head_dim=1, causal=True, num_splits=8),
+# Under the interpreter a tile is 16 to 64 rows (new tokens x the heads of a kv group) by 64 keys
+# (32 when a key row passes 256 bytes: fp32 with D > 64, D = 256), and a split takes at least 256
+# keys: ceil(keys / splits) rounded up to a tile.
+PAGED_CASES = [
+    # Decode: ragged lengths in one batch (one key, less than a tile, several tiles, 1000 keys over
+    # 3 splits of 384, the last short).
+    PagedCase(seqlens=(1, 7, 300, 1000), h_q=8, h_kv=2, new=1, head_dim=64, causal=True, num_splits=3),
+    # The same lengths paged in blocks of 16 with a shuffled table (a tile spans four blocks), the
+    # launcher's own split count, a head dim that is not a power of two, no mask.
+    PagedCase(seqlens=(1, 7, 300, 1000), h_q=8, h_kv=2, new=1, head_dim=40, causal=False, num_splits=None,
+              block_size=16),
+    # A mixed serving batch, packed: a decode step, 4 speculative tokens to verify, a 40-token chunk
+    # over a cached prefix, a whole 70-token prompt (no prefix), a sequence with no new token.
+    # Group 3 (not a power of two) packs 5 tokens into each 16-row tile.
+    PagedCase(seqlens=(300, 45, 100, 70, 12), h_q=6, h_kv=2, new=(1, 4, 40, 70, 0), head_dim=64, causal=True,
+              num_splits=None, block_size=16),
+    # The same batch over a token-granular pool (page size 1, as SGLang's), vLLM's layout.
+    PagedCase(seqlens=(300, 45, 100, 70, 12), h_q=6, h_kv=2, new=(1, 4, 40, 70, 0), head_dim=64, causal=True,
+              num_splits=None, block_size=1, vllm_pool=True),
+    # A page size that is no power of two, prefix sharing, MHA, the largest head dim, split.
+    PagedCase(seqlens=(100, 130), h_q=2, h_kv=2, new=3, head_dim=256, causal=True, num_splits=3, block_size=12,
+              shared_blocks=4),
+    # A left-padded batch (prompts right-aligned in a contiguous cache); MQA; 3 tokens, no mask;
+    # fp32 at D 80 takes 32-key tiles.
+    PagedCase(seqlens=(48, 128, 17), h_q=4, h_kv=1, new=3, head_dim=80, causal=False, num_splits=2,
+              leftpad=(20, 0, 9)),
+    # More splits than tiles: of 8 splits, 2 hold keys of the 600-key sequence; the rest are empty
+    # and must weigh nothing in the merge, sinks or not. Head dim 1.
+    PagedCase(seqlens=(600, 20), h_q=8, h_kv=2, new=3, head_dim=1, causal=True, num_splits=8,
+              options=(("sinks", None),)),
     # Nq 16, causal, with a sequence of exactly 16 keys: query i sees keys 0..i only.
-    DecodeCase(seqlens=(16, 33), h_q=4, h_kv=2, n_q=16, head_dim=16, causal=True, num_splits=2),
-    # Nq 16 without the mask: every query sees every key.
-    DecodeCase(seqlens=(40, 16), h_q=2, h_kv=2, n_q=16, head_dim=16, causal=False, num_splits=1),
+    PagedCase(seqlens=(16, 33), h_q=4, h_kv=2, new=16, head_dim=16, causal=True, num_splits=2),
+    # Mistral, Gemma 2 and gpt-oss decode steps: window, softcap + window, sinks + window, split.
+    PagedCase(seqlens=(700, 90), h_q=8, h_kv=2, new=1, head_dim=64, causal=True, num_splits=None,
+              block_size=16, options=(("window_size", (127, 0)),)),
+    PagedCase(seqlens=(700, 90), h_q=8, h_kv=2, new=2, head_dim=64, causal=True, num_splits=3,
+              options=(("softcap", 20.0), ("window_size", (63, 0)))),
+    PagedCase(seqlens=(300, 45, 100), h_q=8, h_kv=2, new=(1, 4, 40), head_dim=48, causal=True, num_splits=None,
+              block_size=16, options=(("sinks", None), ("window_size", (32, 0)))),
+    # ALiBi over a chunk and a left-padded decode row (distances from each new token's position).
+    PagedCase(seqlens=(80, 64), h_q=4, h_kv=2, new=5, head_dim=32, causal=True, num_splits=None,
+              leftpad=(3, 30), options=(("alibi", None),)),
 ]

@@ -50,12 +50,12 @@ HOPPER_PTXAS_ARCH = "sm_90a"  # what Triton passes ptxas for capability 90 (wgmm
 fwd = importlib.import_module("kernels.flash_fwd")
 bwd = importlib.import_module("kernels.flash_bwd")
 sm = importlib.import_module("kernels.softmax")
-tune = importlib.import_module("kernels.autotune")
-dec = importlib.import_module("kernels.decode")
+tune = importlib.import_module("kernels.configs")
+dec = importlib.import_module("kernels.paged")
 
 KERNELS = {"fwd": fwd._attn_fwd, "bwd_dkdv": bwd._attn_bwd_dkdv, "bwd_dq": bwd._attn_bwd_dq,
            "bwd_preprocess": bwd._attn_bwd_preprocess, "softmax": sm._softmax_online,
-           "decode": dec._decode_split_kv, "decode_merge": dec._decode_merge}
+           "decode": dec._paged_attn_fwd, "decode_merge": dec._paged_merge}
 TRITON_DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32", "fp64": "fp64"}
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 # fp32 (fp64 for fp64 inputs), whatever the input dtype: softmax statistics, the fused backward's dQ,
@@ -180,20 +180,7 @@ def autotune_jobs(variants=VARIANTS):
     return jobs
 
 
-HELPER_JOBS = [
-    {"job": "bwd_preprocess d128", "kernel": "bwd_preprocess", "dtype": "bf16", "warps": 4, "stages": 1,
-     "constexprs": {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_M": tune._PREPROCESS_BLOCK_M}},
-    {"job": "softmax", "kernel": "softmax", "dtype": "bf16", "warps": 8, "stages": 1,
-     "constexprs": {"BLOCK_N": 4096}},
-    *[{"job": f"decode {'paged' if paged else 'contiguous'} d128", "kernel": "decode", "dtype": "bf16",
-       "warps": dec.NUM_WARPS, "stages": dec.NUM_STAGES,
-       # The launcher's bf16 specialisation: GQA 4 with one new token packs 16 rows.
-       "constexprs": dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=16, BLOCK_N=dec._block_n(128, 2),
-                          BLOCK_SIZE=16 if paged else 1, PAGED=paged, IS_CAUSAL=True, UPCAST=False,
-                          DOT_PRECISION="tf32")} for paged in (False, True)],
-    {"job": "decode merge d128", "kernel": "decode_merge", "dtype": "bf16", "warps": dec.NUM_WARPS, "stages": 1,
-     "constexprs": dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_R=dec.MERGE_BLOCK_R)},
-]
+HELPER_JOBS = []
 
 
 def run_job(job):

@@ -25,7 +25,7 @@ from tests.helpers import GRADIENT_FACTOR, assert_close_to_reference
 
 configs = importlib.import_module("kernels.configs")
 fa = importlib.import_module("kernels.flash_attention")
-decode = importlib.import_module("kernels.decode")
+paged = importlib.import_module("kernels.paged")
 runtime = importlib.import_module("kernels.runtime")
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHED = {"fwd": "_attn_fwd", "bwd_dkdv": "_attn_bwd_dkdv", "bwd_dq": "_attn_bwd_dq"}
@@ -78,7 +78,7 @@ def launches(monkeypatch):
     """Every Triton kernel the launchers call replaced by a Recorder; the list of launches they made."""
     log = []
     monkeypatch.setattr(runtime, "on_device", DeviceGuard)
-    for module in (fa, decode, importlib.import_module("kernels.softmax")):
+    for module in (fa, paged, importlib.import_module("kernels.softmax")):
         for name, value in list(vars(module).items()):
             if isinstance(value, triton.runtime.jit.KernelInterface):
                 monkeypatch.setattr(module, name, Recorder(log, name, DeviceGuard))
@@ -136,19 +136,20 @@ def test_every_launched_config_fits_the_chip(on_chip, launches, arch, dtype):
 
 
 @pytest.mark.parametrize("arch", list(configs.CHIPS))
-def test_decode_configs_fit_the_chip(on_chip, arch, device):
-    """decode_attention: the packed rows' tile fits, for 1 to 64 rows (GQA group x queries), 16-bit and fp32."""
+def test_paged_configs_fit_the_chip(on_chip, arch, device):
+    """Paged attention: the tile of new tokens x a kv group's heads fits, from a decode step of a small group
+    (4 rows) to a prefill chunk (thousands of rows), 16-bit and fp32."""
     chip = on_chip(arch)
     for dtype in (torch.bfloat16, torch.float32):
         for head_dim in (64, 128, 256):
-            for rows in (1, 4, 16, 64):
-                config = configs.KERNELS["decode"].choose(torch.device("cpu"), dtype, max(16, head_dim), rows, None,
-                                                          (("PAGED", True), ("IS_CAUSAL", True)))
-                measured = footprint(arch, "decode", dtype, head_dim, config)
+            for rows in (1, 4, 16, 64, 4096):
+                config = configs.KERNELS["paged"].choose(torch.device("cpu"), dtype, max(16, head_dim), rows, None,
+                                                         (("PAGED", True), ("IS_CAUSAL", True)))
+                measured = footprint(arch, "paged", dtype, head_dim, config)
                 assert measured is not None and measured[0] <= chip.shared_bytes, (arch, dtype, head_dim, rows)
                 assert config.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(rows)), (arch, rows, config)
                 if configs.PRECISIONS[dtype] == "16-bit" and head_dim <= 128:
-                    assert measured[1] == 0, f"decode {dtype} d{head_dim} on {arch} spills {measured[1]} B"
+                    assert measured[1] == 0, f"paged {dtype} d{head_dim} on {arch} spills {measured[1]} B"
 
 
 def test_a_chip_with_too_little_shared_memory_gets_a_clear_error(launches, monkeypatch):
@@ -284,12 +285,13 @@ PROBE = """
 import hashlib, sys, torch
 import kernels
 from tests.cases import AttentionCase
+torch.manual_seed(0)
 q, k, v = AttentionCase(1, 4, 2, 97, 130, 48, True).make_inputs(torch.bfloat16, "cpu", requires_grad=True)
 o = kernels.flash_attention(q, k, v, causal=True)
 o.backward(torch.ones_like(o))
 digest = hashlib.sha256()
 for t in (o, q.grad, k.grad, v.grad):
-    digest.update(t.float().numpy().tobytes())
+    digest.update(t.detach().float().numpy().tobytes())
 print(digest.hexdigest())
 """
 
@@ -395,12 +397,12 @@ def test_every_launch_runs_on_its_inputs_device(launches):
     run_flash(case, torch.float32, deterministic=False)
     q, k, v = case.make_inputs(torch.float32, "cpu")
     lengths = torch.tensor([40], dtype=torch.int32)
-    decode._decode_fwd(q[:, :, :1], k, v, lengths, None, True, 0.125, num_splits=3)
+    paged._paged_fwd(q[:, :, :1], k, v, lengths, None, None, None, True, 0.125, num_splits=3)
     kernels.softmax(torch.randn(3, 5))
     fa.dropout_keep_mask(torch.zeros(1, dtype=torch.int64), 0.5, 1, 8, 8)
     names = {record["kernel"] for record in launches}
-    assert {"_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_decode_split_kv",
-            "_decode_merge", "_softmax_online", "_dropout_mask_kernel"} <= names, names
+    assert {"_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_paged_attn_fwd",
+            "_paged_merge", "_softmax_online", "_dropout_mask_kernel"} <= names, names
     outside = [record["kernel"] for record in launches if record["device"] != torch.device("cpu")]
     assert not outside, f"launched without making the inputs' device current: {outside}"
 

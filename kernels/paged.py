@@ -1,0 +1,590 @@
+"""Paged attention for every serving step: prefill, chunked prefill, verification and decode, in one kernel.
+
+What it computes
+----------------
+A serving step brings each sequence b some new tokens: a whole prompt, a
+chunk of one, a few speculative tokens, or one. Their keys and values are
+already in the cache (`append_kv`), and their queries attend to the keys
+[cache_leftpad[b], seqused_k[b]) of their sequence:
+
+    O[b] = softmax(Q[b] K[b]^T * sm_scale) V[b]
+
+with causal attention aligned bottom-right (the last new token is the last
+key), and the variants of the flash kernels: sliding window, softcap, ALiBi,
+sinks. `reference/paged.py` is the same computation in plain PyTorch, one
+sequence at a time, with the same names.
+
+    q        packed (total_q, Hq, D) with cu_seqlens_q, or dense (B, Hq, Nq, D)
+    cache    contiguous (B, Hkv, N_max, D), or pages (num_pages, Hkv, page_size, D) and a
+             block_table (B, max_pages): key n of b is row n % page_size of page block_table[b, n // page_size]
+
+One kernel for every step
+-------------------------
+A program owns a tile of rows: BLOCK_Q new tokens of one sequence times
+HEADS query heads of one kv group (GQA packing, as flash-decoding does), so
+each K and V tile it reads serves every head of the group. One token of a
+group of 8 fills 8 rows; a 512-token chunk of the same model fills 128-row
+tiles of 16 tokens each. The programs of a packed batch are numbered without
+reading the lengths on the host: sequence b's tiles start at
+
+    tile_start[b] = cu_seqlens_q[b] // BLOCK_Q + b
+
+which grows with b and leaves each sequence room for all its tiles, so the
+grid, total_q // BLOCK_Q + B programs per kv head, depends on shapes only,
+and each program finds its sequence by a binary search over tile_start.
+Programs past their sequence's last tile return at once.
+
+Few new tokens per sequence (decode, verification) leave the GPU idle: the
+key range of each (sequence, kv head) is then cut into up to NUM_SPLITS
+chunks, one program each (split-KV), and a second kernel merges the partial
+outputs by their log-sum-exp. NUM_SPLITS is a maximum chosen from shapes and
+the SM count; each sequence uses as many splits as its own length warrants,
+computed in the kernel. Long chunks already fill the GPU with their tiles and
+run unsplit, writing the output directly.
+
+Within a program the key loop is the flash forward's: an online softmax over
+key tiles, unmasked tiles in the middle of the visible band, masked ones at
+its edges (tiles.py: _block_range). Keys are looked up through the block
+table per row, so any page size works, from 1 (token-granular tables) up.
+
+Bad input never reads out of bounds
+-----------------------------------
+The launcher reads shapes, never data: no host-device sync, so a decode loop
+can be captured in a CUDA graph. Lengths past the cache, a leftpad past the
+end, or a block-table entry outside the pool are found by the kernel: the
+reads are clamped to the cache, and that sequence's rows come out NaN, so a
+bad batch is never silently wrong. `validate=True` checks the data on the
+host first and raises an error that names the argument.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from reference.paged import check_paged_inputs, validate_paged_data
+
+from . import runtime
+from .configs import KERNELS as CONFIGS
+from .flash_attention import _window_bounds, check_flash_options
+from .runtime import check_flag, check_runnable, dot_precision, upcast_tiles
+from .tiles import (LN2, LOG2E, MAX_HEAD_DIM, UNLIMITED, _block_range, _cast_for_store, _head_dim_pad, _load_rows_where,
+                    _scores)
+
+__all__ = ["paged_attention", "decode_attention", "choose_num_splits"]
+
+PAGED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_SPLIT_QUERIES = 16  # new tokens per sequence up to which split-KV pays: decode, verification
+MAX_SPLITS = 64
+MIN_KEYS_PER_SPLIT = 256  # below this, a split's fixed costs (its Q tile, its partial) dominate its reads
+MIN_KEYS: tl.constexpr = tl.constexpr(MIN_KEYS_PER_SPLIT)
+MERGE_BLOCK_R = 32  # (token, head) rows per merge program
+MERGE_WARPS = 4
+# The interpreter has no SMs: it assumes an H100 SXM's 132, so the CPU picks the splits an H100 would.
+INTERPRETER_SM_COUNT = 132
+
+
+@triton.jit
+def _find_sequence(CU_SEQLENS_Q, tile, BATCH, search_steps, BLOCK_Q: tl.constexpr):
+    """The sequence b whose tiles hold `tile`: the last b with cu_seqlens_q[b] // BLOCK_Q + b <= tile."""
+    lo = 0
+    hi = BATCH - 1
+    for _ in range(search_steps):
+        mid = (lo + hi + 1) // 2
+        start = tl.load(CU_SEQLENS_Q + mid) // BLOCK_Q + mid
+        lo = tl.where(start <= tile, mid, lo)
+        hi = tl.where(start <= tile, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _paged_visible(pos, k_idx, seq_start, seq_end, window_left, window_right,
+                   MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_LEFTPAD: tl.constexpr):
+    """Bool tile: key k_idx is one of the sequence's keys and in the band of the query at cache position pos."""
+    visible = k_idx < seq_end
+    if HAS_LEFTPAD:
+        visible = visible & (k_idx >= seq_start)
+    if MASK_RIGHT:
+        visible = visible & (k_idx <= pos + window_right)
+    if MASK_LEFT:
+        visible = visible & (k_idx >= pos - window_left)
+    return visible
+
+
+@triton.jit
+def _paged_inner(acc, l_i, m_i, bad, q, k_base, v_base, bt_row, stride_btn, stride_kp, stride_kn, stride_kk,
+                 stride_vp, stride_vn, stride_vk, pos, offs_n, offs_d, lo, hi, seq_start, seq_end, num_pages,
+                 sm_scale, softcap, alibi_slope, window_left, window_right,
+                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
+                 MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """Walk key tiles [lo, hi) of one sequence, updating the online-softmax state of the tile's rows.
+
+    bad collects block-table entries outside the pool: those keys are never read.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cur_n = start_n + offs_n
+        in_seq = cur_n < seq_end
+        if HAS_LEFTPAD:  # pads are no keys: never read (their rows may hold anything, NaN included)
+            in_seq = in_seq & (cur_n >= seq_start)
+        if PAGED:
+            # Key n lives in page block_table[b, n // PAGE_SIZE], row n % PAGE_SIZE.
+            page = tl.load(bt_row + (cur_n // PAGE_SIZE) * stride_btn, mask=in_seq, other=0)
+            in_pool = (page >= 0) & (page < num_pages)
+            bad = bad | (tl.sum((in_seq & ~in_pool).to(tl.int32), 0) > 0)
+            page = tl.where(in_pool, page, 0).to(tl.int64)
+            k_rows = page * stride_kp + (cur_n % PAGE_SIZE) * stride_kn
+            v_rows = page * stride_vp + (cur_n % PAGE_SIZE) * stride_vn
+            readable = in_seq & in_pool
+        else:
+            k_rows = cur_n.to(tl.int64) * stride_kn
+            v_rows = cur_n.to(tl.int64) * stride_vn
+            readable = in_seq
+        k = _load_rows_where(k_base + k_rows[:, None] + offs_d[None, :] * stride_kk, readable, offs_d, HEAD_DIM, UPCAST)
+        # s = modified (q @ k.T) * sm_scale, in base-2 units.      (BLOCK_M, BLOCK_N)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s, _ = _scores(qk, pos[:, None], cur_n[None, :], 0, sm_scale, softcap, alibi_slope[:, None],
+                       HAS_SOFTCAP, HAS_ALIBI)
+        if MASKED:
+            visible = _paged_visible(pos[:, None], cur_n[None, :], seq_start, seq_end, window_left, window_right,
+                                     MASK_LEFT, MASK_RIGHT, HAS_LEFTPAD)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key keeps m = -inf: subtract 0 instead (no NaN).
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_new_safe[:, None])
+        # alpha rescales what was accumulated under the old maximum m_i.
+        alpha = tl.math.exp2(m_i - m_new_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows_where(v_base + v_rows[:, None] + offs_d[None, :] * stride_vk, readable, offs_d, HEAD_DIM, UPCAST)
+        acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+        m_i = m_new
+    return acc, l_i, m_i, bad
+
+
+@triton.jit
+def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, LEFTPAD, BLOCK_TABLE, SINKS,
+                    ALIBI_SLOPES, sm_scale, softcap, window_left, window_right,
+                    stride_qz, stride_qh, stride_qm, stride_qk,
+                    stride_kp, stride_kh, stride_kn, stride_kk,
+                    stride_vp, stride_vh, stride_vn, stride_vk,
+                    stride_oz, stride_oh, stride_om, stride_ok,
+                    stride_lz, stride_lh, stride_lm, stride_btz, stride_btn, stride_az, stride_ah,
+                    BATCH, N_Q, H_Q, GROUP, HEAD_BLOCKS, CAPACITY, NUM_PAGES, NUM_SPLITS, NUM_TOKENS, search_steps,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, IS_VARLEN: tl.constexpr,
+                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+                    SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program: BLOCK_Q new tokens x HEADS query heads of one kv group, one split of their keys.
+
+    N_Q: the dense layout's new tokens per sequence (unused when packed, IS_VARLEN).
+    SPLIT: write the normalised partial output and its lse to O_PART[split] / LSE_PART[split]
+    ((NUM_SPLITS, NUM_TOKENS, Hq, D) and (NUM_SPLITS, NUM_TOKENS, Hq)) for the merge, else O and LSE.
+    """
+    BLOCK_Q: tl.constexpr = BLOCK_M // HEADS
+    tile = tl.program_id(0)
+    off_kvh = (tl.program_id(1) // HEAD_BLOCKS).to(tl.int64)
+    head_block = tl.program_id(1) % HEAD_BLOCKS
+    split = tl.program_id(2)
+    # row0: the sequence's first new token's row in q and o; token0: its index among all new tokens (partials).
+    if IS_VARLEN:
+        off_z = _find_sequence(CU_SEQLENS_Q, tile, BATCH, search_steps, BLOCK_Q)
+        row0 = tl.load(CU_SEQLENS_Q + off_z)
+        n_new = tl.load(CU_SEQLENS_Q + off_z + 1) - row0
+        t0 = (tile - (row0 // BLOCK_Q + off_z)) * BLOCK_Q
+        row0 = row0.to(tl.int64)
+        token0 = row0
+    else:
+        tiles_per_seq = tl.cdiv(N_Q, BLOCK_Q)
+        off_z = tile // tiles_per_seq
+        n_new = N_Q
+        t0 = (tile % tiles_per_seq) * BLOCK_Q
+        row0 = 0
+        token0 = off_z * N_Q
+    if t0 >= n_new:
+        return
+    off_z = off_z.to(tl.int64)
+
+    # The sequence's keys: [seq_start, seq_end) of its cache, clamped to the cache; a bad entry
+    # turns its rows to NaN at the end instead of reading out of bounds.
+    seq_end = tl.load(SEQUSED_K + off_z)
+    bad = (seq_end < 0) | (seq_end > CAPACITY)
+    seq_end = tl.minimum(tl.maximum(seq_end, 0), CAPACITY)
+    seq_start = 0
+    if HAS_LEFTPAD:
+        seq_start = tl.load(LEFTPAD + off_z)
+        bad = bad | (seq_start < 0) | (seq_start > seq_end)
+        seq_start = tl.minimum(tl.maximum(seq_start, 0), seq_end)
+
+    # Rows: token t0 + r // HEADS of the sequence's new ones, query head head_block * HEADS + r % HEADS of the group.
+    rows = tl.arange(0, BLOCK_M)
+    tok = t0 + rows // HEADS
+    group_head = head_block * HEADS + rows % HEADS
+    row_ok = (rows < BLOCK_Q * HEADS) & (tok < n_new) & (group_head < GROUP)
+    head = off_kvh * GROUP + group_head
+    pos = seq_end - n_new + tok  # each new token's position in the cache: its causal diagonal
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    # 64-bit tile starts, 32-bit offsets within the tile.
+    q_base = Q + off_z * stride_qz + (row0 + t0) * stride_qm + off_kvh * GROUP * stride_qh
+    q = _load_rows_where(q_base + ((rows // HEADS) * stride_qm + group_head * stride_qh)[:, None]
+                         + offs_d[None, :] * stride_qk, row_ok, offs_d, HEAD_DIM, UPCAST)
+
+    alibi_slope = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_ALIBI:
+        alibi_slope = tl.load(ALIBI_SLOPES + off_z * stride_az + head * stride_ah, mask=row_ok, other=0.0)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    if HAS_SINKS and not SPLIT:
+        # The sink is one more logit in every row with no value: exp2(sink - m_i) = 1 to start.
+        # (Split, the merge adds it once instead.)
+        m_i = tl.load(SINKS + head, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # The keys some row of the tile sees, and those every row sees (tiles.py: _block_range).
+    MASK_RIGHT: tl.constexpr = IS_CAUSAL or HAS_WINDOW
+    first_pos = seq_end - n_new + t0
+    last_pos = seq_end - n_new + tl.minimum(t0 + BLOCK_Q, n_new) - 1
+    first_seen = seq_start
+    first_full = seq_start
+    if HAS_WINDOW:
+        first_seen = tl.maximum(seq_start, first_pos - window_left)
+        first_full = tl.maximum(seq_start, last_pos - window_left)
+    last_seen = seq_end - 1
+    last_full = seq_end - 1
+    if MASK_RIGHT:
+        last_seen = tl.minimum(last_seen, last_pos + window_right)
+        last_full = tl.minimum(last_full, first_pos + window_right)
+    lo, full_lo, full_hi, hi = _block_range(BLOCK_N, first_seen, last_seen, first_full, last_full, seq_end,
+                                            (seq_end // BLOCK_N) * BLOCK_N)
+    if SPLIT:
+        # This split's share of [lo, hi): whole tiles, as many splits as this sequence's keys warrant.
+        splits = tl.minimum(tl.maximum(tl.cdiv(hi - lo, MIN_KEYS), 1), NUM_SPLITS)
+        chunk = tl.cdiv(tl.cdiv(hi - lo, splits), BLOCK_N) * BLOCK_N
+        lo = tl.minimum(lo + split * chunk, hi)
+        hi = tl.minimum(lo + chunk, hi)
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+        full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+
+    k_base = K + off_kvh * stride_kh
+    v_base = V + off_kvh * stride_vh
+    if not PAGED:
+        k_base += off_z * stride_kp
+        v_base += off_z * stride_vp
+    bt_row = BLOCK_TABLE + off_z * stride_btz
+    # Masked left edge, unmasked middle, masked right edge (the diagonal, the window, the ragged end).
+    acc, l_i, m_i, bad = _paged_inner(acc, l_i, m_i, bad, q, k_base, v_base, bt_row, stride_btn, stride_kp,
+                                      stride_kn, stride_kk, stride_vp, stride_vn, stride_vk, pos, offs_n, offs_d,
+                                      lo, full_lo, seq_start, seq_end, NUM_PAGES, sm_scale, softcap, alibi_slope,
+                                      window_left, window_right, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, HAS_WINDOW,
+                                      MASK_RIGHT, HAS_LEFTPAD, HAS_SOFTCAP, HAS_ALIBI, True, UPCAST, DOT_PRECISION)
+    acc, l_i, m_i, bad = _paged_inner(acc, l_i, m_i, bad, q, k_base, v_base, bt_row, stride_btn, stride_kp,
+                                      stride_kn, stride_kk, stride_vp, stride_vn, stride_vk, pos, offs_n, offs_d,
+                                      full_lo, full_hi, seq_start, seq_end, NUM_PAGES, sm_scale, softcap,
+                                      alibi_slope, window_left, window_right, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED,
+                                      HAS_WINDOW, MASK_RIGHT, HAS_LEFTPAD, HAS_SOFTCAP, HAS_ALIBI, False, UPCAST,
+                                      DOT_PRECISION)
+    acc, l_i, m_i, bad = _paged_inner(acc, l_i, m_i, bad, q, k_base, v_base, bt_row, stride_btn, stride_kp,
+                                      stride_kn, stride_kk, stride_vp, stride_vn, stride_vk, pos, offs_n, offs_d,
+                                      full_hi, hi, seq_start, seq_end, NUM_PAGES, sm_scale, softcap, alibi_slope,
+                                      window_left, window_right, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, HAS_WINDOW,
+                                      MASK_RIGHT, HAS_LEFTPAD, HAS_SOFTCAP, HAS_ALIBI, True, UPCAST, DOT_PRECISION)
+
+    # A row that saw no key (and has no sink) has l_i = 0: o = 0, lse = -inf, never NaN, unless the input was bad.
+    no_key = l_i == 0.0
+    l_safe = tl.where(no_key, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    o = tl.where(bad, float("nan"), o)
+    lse = tl.where(bad, float("nan"), lse)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    if SPLIT:
+        token = (token0 + tok).to(tl.int64)
+        part_row = (split * NUM_TOKENS + token) * H_Q + head
+        tl.store(LSE_PART + part_row, lse, mask=row_ok)
+        tl.store(O_PART + part_row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None] & d_ok)
+    else:
+        tl.store(LSE + off_z * stride_lz + head * stride_lh + (row0 + tok) * stride_lm, lse, mask=row_ok)
+        o_ptrs = (O + off_z * stride_oz + (row0 + t0) * stride_om
+                  + ((rows // HEADS) * stride_om + head * stride_oh)[:, None] + offs_d[None, :] * stride_ok)
+        tl.store(o_ptrs, _cast_for_store(o, O.dtype.element_ty, UPCAST), mask=row_ok[:, None] & d_ok)
+
+
+
+@triton.jit
+def _paged_merge(O_PART, LSE_PART, O, LSE, SINKS, stride_oz, stride_oh, stride_om, stride_ok,
+                 stride_lz, stride_lh, stride_lm, H_Q, N_Q, NUM_ROWS, NUM_SPLITS,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+                 HAS_SINKS: tl.constexpr, UPCAST: tl.constexpr):
+    """One program: BLOCK_R (token, head) rows, merged over the splits in fp32.
+
+    The online softmax again, one level up: lse_s plays the score, o_s the value.
+        m_new = max(m_i, lse_s); alpha = exp(m_i - m_new); w = exp(lse_s - m_new)
+        l_i = alpha * l_i + w;   acc = alpha * acc + w * o_s
+    and o = acc / l_i, lse = m_i + log(l_i). A sink starts each row as one more split with no
+    value (m_i = sink, l_i = 1). Row r is token r // Hq, head r % Hq; token t is (b, i) =
+    (t // N_Q, t % N_Q) of a dense output (N_Q = tokens of a packed one, so b = 0).
+    """
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row_mask = offs_r < NUM_ROWS
+    tile_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    head = offs_r % H_Q
+    if HAS_SINKS:
+        m_i = tl.load(SINKS + head, mask=row_mask, other=0.0).to(tl.float32) * LOG2E
+        l_i = tl.zeros([BLOCK_R], dtype=tl.float32) + 1.0
+    else:
+        m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM_PAD], dtype=tl.float32)
+    for split in range(0, NUM_SPLITS):
+        lse_s = tl.load(LSE_PART + split * NUM_ROWS + offs_r, mask=row_mask, other=float("-inf")) * LOG2E
+        o_s = tl.load(O_PART + (split * NUM_ROWS + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], mask=tile_mask,
+                      other=0.0)
+        m_new = tl.maximum(m_i, lse_s)
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_new_safe)
+        w = tl.math.exp2(lse_s - m_new_safe)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        m_i = m_new
+    no_key = l_i == 0.0
+    l_safe = tl.where(no_key, 1.0, l_i)
+    token = offs_r // H_Q
+    off_z = token // N_Q
+    off_m = token % N_Q
+    tl.store(LSE + off_z * stride_lz + head * stride_lh + off_m * stride_lm,
+             tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2), mask=row_mask)
+    o_ptrs = O + (off_z * stride_oz + head * stride_oh + off_m * stride_om)[:, None] + offs_d[None, :] * stride_ok
+    tl.store(o_ptrs, _cast_for_store(acc / l_safe[:, None], O.dtype.element_ty, UPCAST), mask=tile_mask)
+
+
+# ----------------------------------------------------------------------------
+# Launch choices: from shapes only
+# ----------------------------------------------------------------------------
+_sm_counts = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """The GPU's streaming multiprocessors; under the interpreter, INTERPRETER_SM_COUNT."""
+    if device.type != "cuda":
+        return INTERPRETER_SM_COUNT
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
+
+
+def choose_num_splits(programs: int, max_keys: int, num_sms: int) -> int:
+    """How many splits fill the GPU: FlashAttention's wave-efficiency rule.
+
+    `programs` (tiles x kv heads) run in waves of num_sms. For each candidate
+    s, efficiency = waves / ceil(waves) with waves = programs * s / num_sms (a
+    last, partly empty wave wastes SMs); the answer is the smallest s within
+    85% of the best. No more splits than leave MIN_KEYS_PER_SPLIT keys each of
+    max_keys (the cache's capacity: the launcher reads no lengths), never more
+    than MAX_SPLITS. Each sequence then uses as many as its own length warrants.
+    """
+    limit = max(1, min(MAX_SPLITS, -(-max_keys // MIN_KEYS_PER_SPLIT)))
+    if programs < 1:
+        return 1
+    efficiency = []
+    for s in range(1, limit + 1):
+        waves = programs * s / num_sms
+        efficiency.append(waves / math.ceil(waves))
+    best = max(efficiency)
+    return next(s for s, e in enumerate(efficiency, 1) if e >= 0.85 * best)
+
+
+def _tile_shape(block_m, group):
+    """(HEADS, BLOCK_Q, HEAD_BLOCKS): query heads and new tokens per tile, and tiles across a kv group."""
+    heads = min(group, block_m)
+    return heads, block_m // heads, -(-group // heads)
+
+
+def plan(q, k_cache, block_table, cu_seqlens_q, max_seqlen_q, switches):
+    """The launch of one call, from shapes: (config, heads, block_q, head_blocks, tiles, num_splits)."""
+    h_q = q.shape[-2] if cu_seqlens_q is not None else q.shape[1]
+    group = h_q // k_cache.shape[1]
+    batch = (cu_seqlens_q.shape[0] - 1) if cu_seqlens_q is not None else q.shape[0]
+    config = CONFIGS["paged"].choose(q.device, q.dtype, _head_dim_pad(q.shape[-1]), group * max_seqlen_q, None,
+                                     switches)
+    heads, block_q, head_blocks = _tile_shape(config.kwargs["BLOCK_M"], group)
+    if cu_seqlens_q is not None:
+        tiles = q.shape[0] // block_q + batch
+    else:
+        tiles = batch * -(-q.shape[2] // block_q)
+    capacity = block_table.shape[1] * k_cache.shape[2] if block_table is not None else k_cache.shape[2]
+    return config, heads, block_q, head_blocks, tiles, capacity
+
+
+# ----------------------------------------------------------------------------
+# Launcher: allocate, choose, launch on the inputs' device
+# ----------------------------------------------------------------------------
+def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, causal, sm_scale,
+               window=(UNLIMITED, UNLIMITED), softcap=0.0, alibi_slopes=None, sinks=None, cache_leftpad=None,
+               num_splits=None, o=None, lse=None, o_part=None, lse_part=None):
+    """Run the paged kernel (and the merge when split). Returns o in q's layout and lse in fp32.
+
+    Packed q (total_q, Hq, D) gives lse (Hq, total_q); dense (B, Hq, Nq, D) gives (B, Hq, Nq).
+    window: (left, right) as kernel ints, UNLIMITED for an open side (causal sets right = 0).
+    o, lse and the fp32 partials may be passed in (tests pass NaN-filled buffers).
+    """
+    packed = cu_seqlens_q is not None
+    if packed:
+        num_tokens, h_q, head_dim = q.shape
+        batch, n_q = cu_seqlens_q.shape[0] - 1, 0
+        lse_shape, q_strides = (h_q, num_tokens), (0, q.stride(1), q.stride(0), q.stride(2))
+    else:
+        batch, h_q, n_q, head_dim = q.shape
+        num_tokens, max_seqlen_q = batch * n_q, n_q
+        lse_shape, q_strides = (batch, h_q, n_q), q.stride()
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device) if o is None else o
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if lse is None else lse
+    if num_tokens == 0 or batch == 0:
+        return o, lse
+    paged = block_table is not None
+    window_left, window_right = window
+    if causal:
+        window_right = 0
+    switches = (("PAGED", paged), ("IS_VARLEN", packed), ("IS_CAUSAL", bool(causal)),
+                ("HAS_WINDOW", window_left < UNLIMITED or (window_right < UNLIMITED and not causal)),
+                ("HAS_SOFTCAP", bool(softcap)), ("HAS_ALIBI", alibi_slopes is not None),
+                ("HAS_SINKS", sinks is not None), ("HAS_LEFTPAD", cache_leftpad is not None))
+    config, heads, block_q, head_blocks, tiles, capacity = plan(q, k_cache, block_table, cu_seqlens_q,
+                                                                max_seqlen_q, switches)
+    h_kv = k_cache.shape[1]
+    if num_splits is None:
+        num_splits = 1 if max_seqlen_q > MAX_SPLIT_QUERIES else choose_num_splits(
+            tiles * h_kv * head_blocks, capacity, sm_count(q.device))
+    split = num_splits > 1
+    if split:
+        if o_part is None:
+            o_part = torch.empty((num_splits, num_tokens, h_q, head_dim), dtype=torch.float32, device=q.device)
+        if lse_part is None:
+            lse_part = torch.empty((num_splits, num_tokens, h_q), dtype=torch.float32, device=q.device)
+    else:
+        o_part, lse_part = o, lse  # never read: the kernel writes o and lse itself
+    o_strides = (0, o.stride(1), o.stride(0), o.stride(2)) if packed else o.stride()
+    lse_strides = (0, lse.stride(0), lse.stride(1)) if packed else lse.stride()
+    placeholder = seqused_k  # a switched-off option's pointer is never read
+    alibi = alibi_slopes.float().contiguous() if alibi_slopes is not None else placeholder
+    alibi_strides = (0, 0) if alibi_slopes is None else (
+        (0, alibi.stride(0)) if alibi.dim() == 1 else (alibi.stride(0), alibi.stride(1)))
+    sinks_arg = sinks.float().contiguous() if sinks is not None else placeholder
+    table = block_table if paged else placeholder
+    table_strides = block_table.stride() if paged else (0, 0)
+    flags = dict(switches)
+    head_dim_pad = _head_dim_pad(head_dim)
+    with runtime.on_device(q.device):
+        CONFIGS["paged"].last_config = config
+        _paged_attn_fwd[(tiles, h_kv * head_blocks, num_splits)](
+            q, k_cache, v_cache, o, lse, o_part, lse_part,
+            cu_seqlens_q if packed else placeholder, seqused_k,
+            cache_leftpad if cache_leftpad is not None else placeholder, table, sinks_arg, alibi,
+            sm_scale, float(softcap or 0.0), window_left, window_right,
+            *q_strides, *k_cache.stride(), *v_cache.stride(), *o_strides, *lse_strides, *table_strides,
+            *alibi_strides, batch, n_q, h_q, h_q // h_kv, head_blocks, capacity, k_cache.shape[0], num_splits,
+            num_tokens, max(1, (batch - 1).bit_length()),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, HEADS=heads,
+            PAGE_SIZE=k_cache.shape[2] if paged else 1, **flags, SPLIT=split,
+            UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype), **config.all_kwargs(),
+        )
+        if split:
+            rows = num_tokens * h_q
+            _paged_merge[(triton.cdiv(rows, MERGE_BLOCK_R),)](
+                o_part, lse_part, o, lse, sinks_arg, *o_strides, *lse_strides, h_q, n_q if not packed else num_tokens, rows, num_splits,
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_R=MERGE_BLOCK_R, HAS_SINKS=sinks is not None,
+                UPCAST=upcast_tiles(q.dtype), num_warps=MERGE_WARPS,
+            )
+    return o, lse
+
+
+# ----------------------------------------------------------------------------
+# The torch.library op (what torch.compile traces) and the public functions
+# ----------------------------------------------------------------------------
+@torch.library.custom_op("attention_playground::paged_attn", mutates_args=())
+def _paged_attn_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqused_k: torch.Tensor,
+                   block_table: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
+                   cache_leftpad: torch.Tensor | None, alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None,
+                   ints: list[int], floats: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """ints: (max_seqlen_q, causal, window_left, window_right, num_splits or 0); floats: (sm_scale, softcap)."""
+    max_seqlen_q, causal, window_left, window_right, num_splits = ints
+    return _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, bool(causal),
+                      floats[0], (window_left, window_right), floats[1], alibi_slopes, sinks, cache_leftpad,
+                      num_splits or None)
+
+
+@_paged_attn_op.register_fake
+def _(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, cache_leftpad, alibi_slopes, sinks, ints, floats):
+    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else q.shape[:3]
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def paged_attention(q, k_cache, v_cache, seqused_k, block_table=None, *, cu_seqlens_q=None, max_seqlen_q=None,
+                    causal=True, sm_scale=None, window_size=None, softcap=None, alibi_slopes=None, sinks=None,
+                    cache_leftpad=None, return_lse=False, num_splits=None, validate=False,
+                    _lengths_name="seqused_k"):
+    """Attention of each sequence's new tokens to its cached keys, for any serving step. Inference only.
+
+    q: packed (total_q, Hq, D) with cu_seqlens_q (B + 1,) int32 prefix sums from 0 and max_seqlen_q (an int
+    bound on any sequence's new tokens, which sizes the tiles), or dense (B, Hq, Nq, D).
+    k_cache, v_cache: contiguous (B, Hkv, N_max, D), or with block_table (B, max_pages) int32/int64 a pool
+    of pages (num_pages, Hkv, page_size, D), any page size, any strides (vLLM's (num_pages, page_size, Hkv, D)
+    pool as a permuted view). seqused_k (B,): where each sequence's keys end, its new ones included (write
+    them first with append_kv); cache_leftpad (B,): where they start (default 0).
+    causal: new token i of nq_b sees keys up to seqused_k[b] - nq_b + i. window_size, softcap,
+    alibi_slopes and sinks as in flash_attention, distances measured from that diagonal.
+    num_splits: split-KV chunks for few new tokens per sequence (None: from shapes and the SM count).
+    validate: check the lengths, offsets and block table on the host first (a sync; clear errors).
+    Without it nothing is read on the host, and a sequence with bad data outputs NaN rows.
+    Returns o in q's layout and dtype, and with return_lse also lse, (Hq, total_q) packed or (B, Hq, Nq)
+    dense, natural log, fp32. (_lengths_name: what errors call seqused_k; decode_attention's cache_seqlens.)
+    """
+    batch, capacity, _ = check_paged_inputs(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q,
+                                            max_seqlen_q, sm_scale, cache_leftpad, MAX_HEAD_DIM, _lengths_name)
+    if q.dtype not in PAGED_DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; paged attention supports float32, float16 and bfloat16")
+    check_runnable(q, "q")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        raise ValueError("paged attention has no backward pass, but q or the cache requires grad: "
+                         "call it under torch.no_grad() (or torch.inference_mode())")
+    check_flash_options(q, batch, softcap, alibi_slopes, sinks)
+    causal, return_lse, validate = (check_flag(value, name) for value, name in (
+        (causal, "causal"), (return_lse, "return_lse"), (validate, "validate")))
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
+    window = _window_bounds(window_size, causal)
+    if validate:
+        validate_paged_data(q, k_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, cache_leftpad, capacity,
+                            _lengths_name)
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    if torch.compiler.is_compiling():
+        o, lse = _paged_attn_op(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, cache_leftpad,
+                                alibi_slopes, sinks, [max_seqlen_q or 0, int(causal), *window, num_splits or 0],
+                                [sm_scale, float(softcap or 0.0)])
+    else:  # eager: the launcher itself, without the op's dispatch
+        o, lse = _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, causal,
+                            sm_scale, window, softcap, alibi_slopes, sinks, cache_leftpad, num_splits)
+    return (o, lse) if return_lse else o
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table=None, causal=True, sm_scale=None,
+                     return_lse=False, num_splits=None, *, window_size=None, softcap=None, alibi_slopes=None,
+                     sinks=None, cache_leftpad=None, validate=False):
+    """paged_attention with dense q (B, Hq, Nq, D): Nq new tokens per sequence, cache_seqlens its keys' end.
+
+    The decode step of a generation loop (Nq = 1), or a few speculative tokens to verify. See
+    paged_attention for every argument.
+    """
+    if isinstance(q, torch.Tensor) and q.dim() != 4:
+        raise ValueError(f"q must have rank 4 (B, Hq, Nq, D), got shape {tuple(q.shape)}")
+    return paged_attention(q, k_cache, v_cache, cache_seqlens, block_table, causal=causal, sm_scale=sm_scale,
+                           window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                           cache_leftpad=cache_leftpad, return_lse=return_lse, num_splits=num_splits,
+                           validate=validate, _lengths_name="cache_seqlens")

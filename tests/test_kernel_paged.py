@@ -1,0 +1,276 @@
+"""Paged attention (kernels/paged.py) for every serving step, against float64, its plain twin, and bad input.
+
+One kernel takes decode steps, speculative tokens, prefill chunks over a
+cached prefix and whole prompts, in one packed batch or dense, over a
+contiguous or paged cache of any page size: each case of PAGED_CASES says
+which. The float64 reference is reference/paged.py, one sequence at a time.
+"""
+import math
+
+import pytest
+import torch
+
+import kernels.runtime
+import reference.decode as ref_decode
+import reference.paged as ref
+from conftest import DEVICE
+from kernels import append_kv, decode_attention, paged_attention
+from kernels.paged import _paged_fwd, choose_num_splits
+from tests.cases import PAGED_CASES, PagedCase, dtype_params
+from tests.helpers import assert_close_to_reference, poisoned_like
+
+TENSORS = ("k_cache", "v_cache", "seqused_k", "block_table")
+
+
+def reference_call(inputs, case, dtype=None, **overrides):
+    options = dict(case.kwargs(inputs["q"].device), **overrides)
+    return ref.paged_attention(inputs["q"], *(inputs[name] for name in TENSORS), cu_seqlens_q=inputs["cu_seqlens_q"],
+                               causal=case.causal, cache_leftpad=inputs["cache_leftpad"], return_lse=True,
+                               dtype=dtype, **options)
+
+
+def run_poisoned(inputs, case):
+    """The launcher, writing into NaN-filled outputs and partials: an unwritten element fails the test."""
+    from kernels.flash_attention import _window_bounds
+
+    q = inputs["q"]
+    options = case.kwargs(q.device)
+    window = _window_bounds(options.pop("window_size", None), case.causal)
+    lse_shape = (q.shape[1], q.shape[0]) if case.packed else q.shape[:3]
+    splits = case.num_splits or 1
+    tokens = q.shape[0] if case.packed else q.shape[0] * q.shape[2]
+    return _paged_fwd(q, *(inputs[name] for name in TENSORS), inputs["cu_seqlens_q"], inputs["max_seqlen_q"],
+                      case.causal, 1.0 / math.sqrt(q.shape[-1]), window, options.get("softcap", 0.0),
+                      options.get("alibi_slopes"), options.get("sinks"), inputs["cache_leftpad"], case.num_splits,
+                      o=poisoned_like(q), lse=poisoned_like(q, shape=lse_shape, dtype=torch.float32),
+                      o_part=poisoned_like(q, shape=(splits, tokens, q.shape[-2 if case.packed else 1], q.shape[-1]),
+                                           dtype=torch.float32),
+                      lse_part=poisoned_like(q, shape=(splits, tokens, q.shape[-2 if case.packed else 1]),
+                                             dtype=torch.float32))
+
+
+@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in PAGED_CASES])
+def test_paged_attention_matches_float64(case, dtype, device):
+    inputs = case.make_inputs(dtype, device)
+    with torch.no_grad():
+        if case.num_splits is None:  # the public function's own choice of tiles and splits
+            o, lse = paged_attention(inputs["q"], *(inputs[name] for name in TENSORS),
+                                     cu_seqlens_q=inputs["cu_seqlens_q"], max_seqlen_q=inputs["max_seqlen_q"],
+                                     causal=case.causal, cache_leftpad=inputs["cache_leftpad"], return_lse=True,
+                                     validate=True, **case.kwargs(device))
+        else:
+            o, lse = run_poisoned(inputs, case)
+    o64, lse64 = reference_call(inputs, case, torch.float64)
+    o_torch, _ = reference_call(inputs, case)  # PyTorch's own, in `dtype`
+    assert_close_to_reference(o, o64, o_torch, name=f"o ({dtype})")
+    lse32 = reference_call(inputs, case, torch.float32)[1]
+    assert_close_to_reference(lse, lse64, lse32, name=f"lse ({dtype})")
+    assert o.dtype == dtype and lse.dtype == torch.float32 and o.shape == inputs["q"].shape
+
+
+def test_decode_attention_is_the_dense_paged_attention(device):
+    """The decode API: dense q, cache_seqlens; int64 indices and a custom scale give the same thing."""
+    case = PAGED_CASES[1]
+    inputs = case.make_inputs(torch.float32, device)
+    q, k, v, seqlens, table = inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seqused_k"], \
+        inputs["block_table"]
+    with torch.no_grad():
+        o = decode_attention(q, k, v, seqlens, table, causal=False, num_splits=2)
+        assert torch.equal(o, paged_attention(q, k, v, seqlens, table, causal=False, num_splits=2))
+        assert torch.equal(decode_attention(q, k, v, seqlens.long(), table.long(), causal=False, num_splits=2), o)
+        scaled = decode_attention(q, k, v, seqlens, table, causal=False, sm_scale=0.3)
+    expected = ref.paged_attention(q, k, v, seqlens, table, causal=False, sm_scale=0.3, dtype=torch.float64)
+    assert_close_to_reference(scaled, expected, ref.paged_attention(q, k, v, seqlens, table, causal=False,
+                                                                    sm_scale=0.3))
+
+
+def test_the_plain_split_and_merge_blueprint_equals_one_pass(device):
+    """reference/decode.py: splitting the keys and merging by lse changes nothing but rounding."""
+    inputs = PAGED_CASES[0].make_inputs(torch.float64, device)
+    q, k, v, seqlens = inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seqused_k"]
+    whole = ref_decode.decode_attention(q, k, v, seqlens, None, True, return_lse=True)
+    for splits in (2, 5, 40):
+        split = ref_decode.decode_attention(q, k, v, seqlens, None, True, return_lse=True, num_splits=splits)
+        torch.testing.assert_close(split, whole, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3], ids=["written-by-the-split-kernel", "written-by-the-merge"])
+def test_bf16_output_is_rounded_to_nearest(num_splits, device):
+    """The fp32 result is far more exact than bf16, so rounding it to nearest gives the float64 result
+    rounded to bf16 almost everywhere; truncation (the interpreter's own cast) would match half the time."""
+    inputs = PAGED_CASES[0].make_inputs(torch.bfloat16, device)
+    q, k, v, seqlens = inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seqused_k"]
+    with torch.no_grad():
+        o = decode_attention(q, k, v, seqlens, num_splits=num_splits)
+    rounded = ref.paged_attention(q, k, v, seqlens, dtype=torch.float64).to(torch.bfloat16)
+    agree = (o == rounded).double().mean().item()
+    assert agree > 0.95, f"only {agree:.0%} of the outputs are the float64 result rounded to bf16"
+
+
+def test_num_splits_heuristic():
+    # B = 1, 8 kv heads at 128k keys: 8 programs cannot fill 132 SMs, so split.
+    assert choose_num_splits(8, 128 * 1024, 132) > 8
+    # B = 64 x 8 kv heads: 512 programs already fill the GPU (3.9 waves).
+    assert choose_num_splits(512, 128 * 1024, 132) == 1
+    # Short caches are not cut below MIN_KEYS_PER_SPLIT keys per split.
+    assert choose_num_splits(8, 300, 132) == 2
+    assert choose_num_splits(8, 1, 132) == 1
+
+
+def test_long_chunks_run_unsplit_and_short_steps_split(monkeypatch, device):
+    """Split-KV is for few new tokens per sequence: a 40-token chunk in the batch turns it off."""
+    seen = []
+    real = kernels.paged._paged_merge
+
+    class CountingMerge:
+        def __getitem__(self, grid):
+            seen.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kernels.paged, "_paged_merge", CountingMerge())
+    decode = PagedCase(seqlens=(2000,), h_q=4, h_kv=4, new=1, head_dim=16, causal=True, num_splits=None)
+    chunk = PagedCase(seqlens=(2000, 100), h_q=4, h_kv=4, new=(1, 40), head_dim=16, causal=True, num_splits=None)
+    with torch.no_grad():
+        for case, merged in ((decode, True), (chunk, False)):
+            seen.clear()
+            inputs = case.make_inputs(torch.float32, device)
+            paged_attention(inputs["q"], *(inputs[name] for name in TENSORS), cu_seqlens_q=inputs["cu_seqlens_q"],
+                            max_seqlen_q=inputs["max_seqlen_q"])
+            assert bool(seen) == merged, case.id
+
+
+# ----------------------------------------------------------------------------
+# Bad data: NaN rows for that sequence, never an out-of-bounds read; validate=True names it
+# ----------------------------------------------------------------------------
+def _small(paged=True, new=1):
+    case = PagedCase(seqlens=(20, 40), h_q=4, h_kv=2, new=new, head_dim=16, causal=True, num_splits=1,
+                     block_size=16 if paged else None)
+    inputs = case.make_inputs(torch.float32, DEVICE)
+    return inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seqused_k"], inputs["block_table"]
+
+
+@pytest.mark.parametrize("bad", ["page past the pool", "negative page", "length past the cache", "negative length"])
+def test_bad_data_gives_nan_rows_for_that_sequence_only(bad):
+    q, k, v, seqlens, table = _small()
+    table, seqlens = table.clone(), seqlens.clone()
+    if bad == "page past the pool":
+        table[1, 2] = k.shape[0]  # sequence 1 (40 keys) uses pages 0..2
+    elif bad == "negative page":
+        table[1, 2] = -1
+    elif bad == "length past the cache":
+        seqlens[1] = 10_000
+    else:
+        seqlens[1] = -3
+    with torch.no_grad():
+        o = decode_attention(q, k, v, seqlens, table)
+    assert o[1].isnan().all(), f"{bad}: the bad sequence's rows must be NaN"
+    assert not o[0].isnan().any(), f"{bad}: the other sequence must be untouched"
+
+
+def test_validate_names_the_bad_argument():
+    q, k, v, seqlens, table = _small()
+
+    def expect(match, *args, **kwargs):
+        with torch.no_grad(), pytest.raises(ValueError, match=match):
+            decode_attention(*args, validate=True, **kwargs)
+
+    broken = table.clone()
+    broken[1, 2] = k.shape[0]
+    expect(rf"block_table\[1, 2\] = {k.shape[0]} is not a page of the pool", q, k, v, seqlens, broken)
+    expect(r"cache_seqlens\[1\] = 65 is outside \[0, 64\]", q, k, v, torch.tensor([20, 65], device=DEVICE), table)
+    q3, k3, v3, seqlens3, _ = _small(paged=False, new=3)
+    expect(r"sequence 0 has 3 new tokens but only 2 keys", q3, k3, v3, torch.tensor([2, 40], device=DEVICE))
+    expect(r"cache_leftpad\[0\] = 30 is outside \[0, cache_seqlens\[0\] = 20\]", q3, k3, v3, seqlens3,
+           cache_leftpad=torch.tensor([30, 0], dtype=torch.int32, device=DEVICE))
+    broken = table.clone()
+    broken[0, 3] = 10_000  # past sequence 0's 20 keys: never read, so allowed
+    with torch.no_grad():
+        decode_attention(q, k, v, seqlens, broken, validate=True)
+
+
+def _expect(error, match, *args, **kwargs):
+    with torch.no_grad(), pytest.raises(error, match=match):
+        paged_attention(*args, **kwargs)
+
+
+def test_dtypes_devices_and_index_types_must_match():
+    q, k, v, seqlens, table = _small()
+    _expect(TypeError, "k_cache has dtype torch.float16 but q has torch.float32", q, k.half(), v.half(), seqlens, table)
+    _expect(TypeError, "v_cache has dtype torch.float16 but k_cache has torch.float32", q, k, v.half(), seqlens, table)
+    _expect(ValueError, "block_table is on meta", q, k, v, seqlens, table.to("meta"))
+    _expect(TypeError, "seqused_k must have dtype torch.int32 or torch.int64", q, k, v, seqlens.float(), table)
+    _expect(TypeError, "block_table must have dtype torch.int32 or torch.int64", q, k, v, seqlens, table.float())
+    _expect(TypeError, "q has dtype torch.float64; paged attention supports", q.double(), k.double(), v.double(),
+            seqlens, table)
+    _expect(ValueError, r"cache_leftpad must be a \(2,\) int32 or int64 tensor", q, k, v, seqlens, table,
+            cache_leftpad=torch.zeros(3, dtype=torch.int32, device=DEVICE))
+
+
+def test_shapes_and_limits_are_checked():
+    q, k, v, seqlens, _ = _small(paged=False)
+    _expect(ValueError, "q must have rank 4", q[0], k, v, seqlens)
+    _expect(ValueError, "k_cache and v_cache must have the same shape", q, k, v[:, :, :10], seqlens)
+    _expect(ValueError, "q has batch 1 but seqused_k has 2 sequences", q[:1], k, v, seqlens)
+    _expect(ValueError, "q has head_dim 16 but k_cache has 8", q, k[..., :8], v[..., :8], seqlens)
+    _expect(ValueError, r"multiple of the number of kv heads", q[:, :3], k, v, seqlens)
+    _expect(ValueError, "num_splits must be None or an int >= 1", q, k, v, seqlens, num_splits=0)
+    _expect(TypeError, "sm_scale must be a finite float", q, k, v, seqlens, sm_scale=float("nan"))
+    _expect(TypeError, "causal must be a bool", q, k, v, seqlens, causal="no")
+    packed = q[:, :, 0]  # (2, Hq, D): two tokens, packed
+    _expect(ValueError, r"q must have rank 3, \(total_q, Hq, D\) with cu_seqlens_q", q, k, v, seqlens,
+            cu_seqlens_q=torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE), max_seqlen_q=1)
+    _expect(TypeError, "max_seqlen_q must be a non-negative int", packed, k, v, seqlens,
+            cu_seqlens_q=torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE))
+    _expect(ValueError, r"cu_seqlens_q must be a \(3,\) int32 tensor", packed, k, v, seqlens,
+            cu_seqlens_q=torch.tensor([0, 2], dtype=torch.int32, device=DEVICE), max_seqlen_q=2)
+
+
+def test_gradients_are_refused_and_cpu_needs_the_interpreter(monkeypatch):
+    q, k, v, seqlens, _ = _small(paged=False)
+    with pytest.raises(ValueError, match="no backward pass"):
+        decode_attention(q.clone().requires_grad_(), k, v, seqlens)
+    monkeypatch.setattr(kernels.runtime, "INTERPRET", False)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        decode_attention(q.cpu(), k.cpu(), v.cpu(), seqlens.cpu())
+
+
+# ----------------------------------------------------------------------------
+# append_kv
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged-vllm-view"])
+def test_append_kv_writes_each_sequence_at_its_length(paged, device):
+    h_kv, d, n_new = 2, 8, 3
+    lengths = [5, 0, 14]  # the third sequence crosses a block edge
+    if paged:
+        case = PagedCase(seqlens=(16, 16, 32), h_q=2, h_kv=h_kv, new=1, head_dim=d, causal=True, num_splits=1,
+                         block_size=16, vllm_pool=True)
+        inputs = case.make_inputs(torch.float32, device)
+        k, v, table = inputs["k_cache"], inputs["v_cache"], inputs["block_table"]
+    else:
+        k, v, table = torch.zeros(3, h_kv, 20, d, device=device), torch.zeros(3, h_kv, 20, d, device=device), None
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    k_new, v_new = torch.randn(2, 3, h_kv, n_new, d, device=device)
+    k_before = k.clone()
+    new = append_kv(k, v, k_new, v_new, seqlens, table)
+    assert new.tolist() == [n + n_new for n in lengths] and new.dtype == torch.int32
+    for b, n in enumerate(lengths):
+        got_k = ref_decode.gather_cache(k, b, n + n_new, table)
+        got_v = ref_decode.gather_cache(v, b, n + n_new, table)
+        assert torch.equal(got_k[:, n:], k_new[b]) and torch.equal(got_v[:, n:], v_new[b])
+        assert torch.equal(got_k[:, :n], ref_decode.gather_cache(k_before, b, n, table)), "earlier rows must be kept"
+
+
+def test_append_kv_checks_capacity_and_blocks(device):
+    k = v = torch.zeros(2, 1, 8, 4, device=device)
+    new = torch.zeros(2, 1, 3, 4, device=device)
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 7: appending 3 token\(s\) passes .* capacity of 8"):
+        append_kv(k, v, new, new, torch.tensor([0, 7], device=device))
+    pool = torch.zeros(4, 1, 16, 4, device=device)
+    table = torch.tensor([[0, 1], [2, 9]], dtype=torch.int32, device=device)  # 9 is not a block of 4
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\] = 9 is not a block of the pool"):
+        append_kv(pool, pool, new, new, torch.tensor([0, 15], device=device), table)
+    with pytest.raises(ValueError, match="k_new must have shape"):
+        append_kv(k, v, new[:, :, :, :2], new, torch.tensor([0, 0], device=device))
+    with pytest.raises(TypeError, match="v_new has dtype torch.float16 but the cache has torch.float32"):
+        append_kv(k, v, new, new.half(), torch.tensor([0, 0], device=device))
