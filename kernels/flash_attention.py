@@ -114,13 +114,21 @@ def check_flash_options(q, batch, softcap=None, alibi_slopes=None, sinks=None, d
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
 
 
-def _check_tile_offsets(**tensors):
-    """Offsets inside a tile are 32-bit (block starts are 64-bit): refuse strides that would overflow them."""
-    for name, (t, dims) in tensors.items():
-        for dim in dims:
-            if t.stride(dim) * MAX_HEAD_DIM > INT32_MAX:
-                raise ValueError(f"{name}.stride({dim}) = {t.stride(dim)} is too large: offsets within one tile "
-                                 f"would pass 2**31 elements; make {name} contiguous")
+# Offsets within a tile are 32-bit: stride * MAX_HEAD_DIM must stay within int32, i.e. stride <= this.
+_MAX_TILE_STRIDE = INT32_MAX // MAX_HEAD_DIM
+
+
+def _check_tile_offsets(dims, **tensors):
+    """Offsets inside a tile are 32-bit (block starts are 64-bit): refuse strides that would overflow them.
+
+    dims: the two dimensions whose strides a tile spans (the token's and the head dim's).
+    """
+    first, second = dims
+    for name, t in tensors.items():
+        if t.stride(first) > _MAX_TILE_STRIDE or t.stride(second) > _MAX_TILE_STRIDE:
+            dim = first if t.stride(first) > _MAX_TILE_STRIDE else second
+            raise ValueError(f"{name}.stride({dim}) = {t.stride(dim)} is too large: offsets within one tile "
+                             f"would pass 2**31 elements; make {name} contiguous")
 
 
 TMA_ALIGNMENT = 16  # bytes: a TMA descriptor's start address and its row strides are multiples of this
@@ -133,9 +141,15 @@ def _descriptor_loads_allowed(*tensors):
     aligned. Anything else (a strided view, a head dim of 4 fp16 values) takes
     the pointer path: the chooser offers descriptor configs only when this holds.
     """
-    return all(t.stride(-1) == 1 and t.data_ptr() % TMA_ALIGNMENT == 0
-               and all(stride * t.element_size() % TMA_ALIGNMENT == 0 for stride in t.stride()[:-1])
-               for t in tensors)
+    for t in tensors:
+        strides = t.stride()
+        if strides[-1] != 1 or t.data_ptr() % TMA_ALIGNMENT:
+            return False
+        size = t.element_size()
+        for stride in strides[:-1]:
+            if stride * size % TMA_ALIGNMENT:
+                return False
+    return True
 
 
 def _descriptor_scratch(size, alignment, stream):
@@ -161,25 +175,32 @@ def _ensure_descriptor_allocator():
 
 def _variant_arguments(q, causal, sm_scale, window, softcap, alibi_slopes, sinks, dropout_p, seed, cu_seqlens,
                        lse):
-    """The pointers, scalars, strides and switches every attention kernel takes after its own tensors."""
+    """The pointers, scalars, strides and switches every attention kernel takes after its own tensors.
+
+    Returns (pointers, sinks pointer, scalars, lse and alibi strides, variant): variant is the
+    tuple of dtypes and on/off switches that _launch_plan turns into compile-time arguments.
+    """
     placeholder = lse  # any tensor: a switched-off option's pointer is never read
     window_left, window_right = window
-    has_window = window_left < UNLIMITED or (window_right < UNLIMITED and not causal)
     # The kernels index cu_seqlens, the slopes and the sinks as contiguous vectors.
-    cu_q, cu_k = (c.contiguous() for c in cu_seqlens) if cu_seqlens is not None else (placeholder, placeholder)
-    alibi = alibi_slopes.float().contiguous() if alibi_slopes is not None else placeholder
-    # ALiBi slopes (Hq,) are shared by the batch: batch stride 0.
-    alibi_strides = (0, 0) if alibi_slopes is None else (
-        (0, alibi.stride(0)) if alibi.dim() == 1 else (alibi.stride(0), alibi.stride(1)))
+    if cu_seqlens is None:
+        cu_q = cu_k = placeholder
+    else:
+        cu_q, cu_k = cu_seqlens[0].contiguous(), cu_seqlens[1].contiguous()
+    if alibi_slopes is None:
+        alibi, alibi_strides = placeholder, (0, 0)
+    else:
+        alibi = alibi_slopes.float().contiguous()
+        # ALiBi slopes (Hq,) are shared by the batch: batch stride 0.
+        alibi_strides = (0, alibi.stride(0)) if alibi.dim() == 1 else (alibi.stride(0), alibi.stride(1))
     # lse is (B, Hq, Nq) for padded batches and (Hq, total_q) for packed ones.
     lse_strides = (lse.stride(0), lse.stride(1)) if lse.dim() == 3 else (0, lse.stride(0))
     pointers = (cu_q, cu_k, alibi, seed if dropout_p > 0 else placeholder)
     scalars = (sm_scale, float(softcap or 0.0), float(dropout_p), window_left, window_right)
-    flags = dict(IS_CAUSAL=bool(causal), HAS_WINDOW=has_window, HAS_SOFTCAP=bool(softcap),
-                 HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0, IS_VARLEN=cu_seqlens is not None,
-                 UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype), ACC_DTYPE=_tl_dtype(lse.dtype))
+    variant = (q.dtype, lse.dtype, bool(causal), window_left < UNLIMITED or (window_right < UNLIMITED and not causal),
+               bool(softcap), alibi_slopes is not None, sinks is not None, dropout_p > 0, cu_seqlens is not None)
     sinks = sinks.to(lse.dtype).contiguous() if sinks is not None else placeholder  # float64 for gradcheck
-    return pointers, sinks, scalars, (*lse_strides, *alibi_strides), flags
+    return pointers, sinks, scalars, (*lse_strides, *alibi_strides), variant
 
 
 # The compile-time switches that change which config is best; the tuned tables name a variant by them.
@@ -188,6 +209,35 @@ _SWITCHES = ("IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_SINKS",
 
 def _switches(flags, gqa):
     return (*((name, flags[name]) for name in _SWITCHES if name in flags), ("IS_GQA", gqa))
+
+
+_launch_plans = {}
+
+
+def _launch_plan(kernel, variant, head_dim, gqa):
+    """(constexprs, switches) of `kernel` ("fwd", "bwd_dkdv", "bwd_dq" or "bwd_dkdv_fused") for one variant.
+
+    Worked out once per (kernel, variant, head dim, GQA or not) and kept: the same call
+    shape pays a dict lookup, not the flags, the dtype rules and the chooser's key again.
+    The dicts are shared: never change one.
+    """
+    key = (kernel, variant, head_dim, gqa)
+    plan = _launch_plans.get(key)
+    if plan is None:
+        dtype, acc_dtype, causal, has_window, has_softcap, has_alibi, has_sinks, has_dropout, varlen = variant
+        flags = dict(IS_CAUSAL=causal, HAS_WINDOW=has_window, HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi,
+                     HAS_DROPOUT=has_dropout, IS_VARLEN=varlen)
+        if kernel == "fwd":
+            flags["HAS_SINKS"] = has_sinks  # the backward kernels leave the sinks to a reduction outside them
+        else:
+            flags["FUSED_DQ"] = kernel == "bwd_dkdv_fused"
+        switches = _switches(flags, gqa)
+        if kernel == "bwd_dq":
+            del flags["FUSED_DQ"]  # the dQ kernel runs only unfused; it shares dK/dV's switches
+        constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim), **flags, UPCAST=upcast_tiles(dtype),
+                          DOT_PRECISION=dot_precision(dtype), ACC_DTYPE=_tl_dtype(acc_dtype))
+        plan = _launch_plans[key] = (constexprs, switches)
+    return plan
 
 
 def _check_hopper_options(config, flags, descriptors):
@@ -204,10 +254,25 @@ def _layout(q, k, cu_seqlens, max_seqlens):
     """(batch, h_q, h_kv, n_q, n_k, strides of a 4-D (z, h, token, d) view) for padded or packed inputs."""
     if cu_seqlens is None:
         batch, h_q, n_q, _ = q.shape
-        return batch, h_q, k.shape[1], n_q, k.shape[2], lambda t: t.stride()
+        return batch, h_q, k.shape[1], n_q, k.shape[2], _padded_strides
     # Packed (total, H, D): the batch offset comes from cu_seqlens, so its stride is 0.
-    return (cu_seqlens[0].numel() - 1, q.shape[1], k.shape[1], *max_seqlens,
-            lambda t: (0, t.stride(1), t.stride(0), t.stride(2)))
+    return (cu_seqlens[0].shape[0] - 1, q.shape[1], k.shape[1], *max_seqlens, _packed_strides)
+
+
+def _padded_strides(t):
+    return t.stride()
+
+
+def _packed_strides(t):
+    strides = t.stride()
+    return 0, strides[1], strides[0], strides[2]
+
+
+def _descriptor_view_allowed(t, strides):
+    """_descriptor_loads_allowed for one tensor, from the strides of its 4-D view (a packed view's 0 is aligned)."""
+    size = t.element_size()
+    return strides[3] == 1 and not (t.data_ptr() % TMA_ALIGNMENT or strides[0] * size % TMA_ALIGNMENT
+                                    or strides[1] * size % TMA_ALIGNMENT or strides[2] * size % TMA_ALIGNMENT)
 
 
 def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None, softcap=None, alibi_slopes=None,
@@ -219,12 +284,13 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
     o and lse may be passed in (tests pass NaN-filled buffers to catch unwritten elements).
     seed is a one-element int64 tensor, needed when dropout_p > 0. deterministic=False lets opt-in
     autotuning (kernels/configs.py) time the candidates for a new shape.
+    Reads shapes and strides only, never data: no host-device sync.
     """
     batch, h_q, h_kv, n_q, n_k, strides = _layout(q, k, cu_seqlens, max_seqlens)
-    head_dim = q.shape[-1]
-    lse_shape = (batch, h_q, n_q) if cu_seqlens is None else (h_q, q.shape[0])
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device) if o is None else o
-    lse = torch.empty(lse_shape, dtype=accumulator_dtype(q.dtype), device=q.device) if lse is None else lse
+    o = torch.empty_like(q, memory_format=torch.contiguous_format) if o is None else o
+    if lse is None:
+        lse = q.new_empty((batch, h_q, n_q) if cu_seqlens is None else (h_q, q.shape[0]),
+                          dtype=accumulator_dtype(q.dtype))
     if q.numel() == 0:
         return o, lse
     if k.numel() == 0:  # no key at all: every row outputs 0 (and a sink's row has lse = the sink)
@@ -235,28 +301,30 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
             lse.copy_(sinks.to(lse.dtype)[:, None].expand(h_q, lse.shape[-1]).reshape(lse.shape)
                       if lse.dim() == 2 else sinks.to(lse.dtype)[None, :, None].expand(lse.shape))
         return o, lse
-    rows = (-2, -1) if cu_seqlens is None else (0, -1)  # the token and head-dim strides
-    _check_tile_offsets(q=(q, rows), k=(k, rows), v=(v, rows), o=(o, rows))
-    pointers, sinks_arg, scalars, strides_lse_alibi, flags = _variant_arguments(
+    sq, sk, sv, so = strides(q), strides(k), strides(v), strides(o)
+    if max(sq[2], sq[3], sk[2], sk[3], sv[2], sv[3], so[2], so[3]) > _MAX_TILE_STRIDE:
+        _check_tile_offsets((-2, -1) if cu_seqlens is None else (0, -1), q=q, k=k, v=v, o=o)
+    pointers, sinks_arg, scalars, strides_lse_alibi, variant = _variant_arguments(
         q, causal, sm_scale, _window_bounds(window_size, causal), softcap, alibi_slopes, sinks, dropout_p, seed,
         cu_seqlens, lse)
+    head_dim = q.shape[-1]
+    constexprs, switches = _launch_plan("fwd", variant, head_dim, h_q != h_kv)
 
     # Descriptor (TMA) loads of q, k, v are a config option when their layout allows them.
-    descriptors = _descriptor_loads_allowed(q, k, v)
+    descriptors = (_descriptor_view_allowed(q, sq) and _descriptor_view_allowed(k, sk)
+                   and _descriptor_view_allowed(v, sv))
     if descriptors and has_tma(q.device):
         _ensure_descriptor_allocator()
-    flags["HAS_SINKS"] = sinks is not None
-    head_dim_pad = _head_dim_pad(head_dim)
     # Warp specialization is for the plain key loop: not for causal or windowed calls (their masked
     # diagonal blocks), nor packed sequences (with their early exit Triton 3.6 cannot compile the kernel).
-    warp_specialize = not (flags["IS_CAUSAL"] or flags["HAS_WINDOW"] or flags["IS_VARLEN"])
+    warp_specialize = not (constexprs["IS_CAUSAL"] or constexprs["HAS_WINDOW"] or constexprs["IS_VARLEN"])
     args = (q, k, v, o, lse, pointers[0], pointers[1], sinks_arg, pointers[2], pointers[3], *scalars,
-            *strides(q), *strides(k), *strides(v), *strides(o), *strides_lse_alibi, h_q, h_q // h_kv, n_q, n_k)
+            *sq, *sk, *sv, *so, *strides_lse_alibi, h_q, h_q // h_kv, n_q, n_k)
+    programs = batch * h_q  # times the query blocks of the config: a 1-D grid
     with runtime.on_device(q.device):
-        launch(CONFIGS["fwd"], _attn_fwd, lambda c: (triton.cdiv(n_q, c.kwargs["BLOCK_M"]) * batch * h_q,), args,
-               dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **flags), dtype=q.dtype, n_q=n_q, n_k=n_k,
-               switches=_switches(flags, h_q != h_kv), tma=descriptors, warp_specialize=warp_specialize,
-               deterministic=deterministic, check=lambda c: _check_hopper_options(c, flags, descriptors),
+        launch(CONFIGS["fwd"], _attn_fwd, lambda c: (-(-n_q // c.kwargs["BLOCK_M"]) * programs,), args, constexprs,
+               dtype=q.dtype, n_q=n_q, n_k=n_k, switches=switches, tma=descriptors, warp_specialize=warp_specialize,
+               deterministic=deterministic, check=lambda c: _check_hopper_options(c, constexprs, descriptors),
                scratch=lambda: (*args[:3], torch.empty_like(o), torch.empty_like(lse), *args[5:]))
     return o, lse
 
@@ -271,7 +339,7 @@ def _sm_count(device) -> int:
 
 def _gqa_splits(programs, group, device) -> int:
     """How many programs share one kv head's query heads in dK/dV: enough to fill the GPU, dividing the group."""
-    wanted = triton.cdiv(_sm_count(device), max(programs, 1))
+    wanted = -(-_sm_count(device) // max(programs, 1))
     return next((d for d in range(1, group + 1) if group % d == 0 and d >= wanted), group)
 
 
@@ -291,9 +359,9 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
     """
     batch, h_q, h_kv, n_q, n_k, strides = _layout(q, k, cu_seqlens, max_seqlens)
     head_dim = q.shape[-1]
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else dq
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format) if dk is None else dk
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format) if dv is None else dv
     if dsinks is not None:
         dsinks.zero_()
     if q.numel() == 0 or k.numel() == 0:
@@ -301,168 +369,178 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
             # No key: each row's lse is its sink, so d sink is the sum of the gradient into lse.
             dsinks.copy_(dlse.sum(dim=(0, 2) if dlse.dim() == 3 else 1))
         return dq.zero_(), dk.zero_(), dv.zero_()
-    head_dim_pad = _head_dim_pad(head_dim)
-    rows = (-2, -1) if cu_seqlens is None else (0, -1)  # the token and head-dim strides
-    _check_tile_offsets(q=(q, rows), k=(k, rows), v=(v, rows), o=(o, rows), do=(do, rows), dq=(dq, rows),
-                        dk=(dk, rows), dv=(dv, rows))
+    sq, sk, sv, so, sdo, sdq = strides(q), strides(k), strides(v), strides(o), strides(do), strides(dq)
+    sdk, sdv = strides(dk), strides(dv)
+    if max(sq[2], sq[3], sk[2], sk[3], sv[2], sv[3], so[2], so[3], sdo[2], sdo[3], sdq[2], sdq[3], sdk[2], sdk[3],
+           sdv[2], sdv[3]) > _MAX_TILE_STRIDE:
+        _check_tile_offsets((-2, -1) if cu_seqlens is None else (0, -1), q=q, k=k, v=v, o=o, do=do, dq=dq, dk=dk,
+                            dv=dv)
+    pointers, _, scalars, strides_lse_alibi, variant = _variant_arguments(
+        q, causal, sm_scale, _window_bounds(window_size, causal), softcap, alibi_slopes, sinks, dropout_p, seed,
+        cu_seqlens, lse)
+    group = h_q // h_kv
+    fused_dq = not deterministic
+    constexprs, switches = _launch_plan("bwd_dkdv_fused" if fused_dq else "bwd_dkdv", variant, head_dim, group > 1)
 
     delta = torch.empty_like(lse)
     # delta is per row: packed sequences go through as one batch of total_q rows.
     rows, pre_batch = (n_q, batch) if cu_seqlens is None else (q.shape[0], 1)
-    lse_strides = (lse.stride(0), lse.stride(1)) if lse.dim() == 3 else (0, lse.stride(0))
     with runtime.on_device(q.device):
-        _attn_bwd_preprocess[(triton.cdiv(rows, PREPROCESS_BLOCK_M) * pre_batch * h_q,)](
-            o, do, delta, *strides(o), *strides(do), *lse_strides, h_q, rows,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=PREPROCESS_BLOCK_M,
+        _attn_bwd_preprocess[(-(-rows // PREPROCESS_BLOCK_M) * pre_batch * h_q,)](
+            o, do, delta, *so, *sdo, *strides_lse_alibi[:2], h_q, rows,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=constexprs["HEAD_DIM_PAD"], BLOCK_M=PREPROCESS_BLOCK_M,
         )
-    if dlse is not None:
-        delta -= dlse
-    if sinks is not None and dsinks is not None:
-        # d sink = -sum_i P_sink,i * delta_i, with P_sink,i = exp(sink - lse_i): one reduction, no kernel.
-        sink = sinks.to(lse.dtype)[None, :, None] if lse.dim() == 3 else sinks.to(lse.dtype)[:, None]
-        p_sink = torch.exp(sink - lse)
-        dsinks.copy_(-(p_sink * delta).sum(dim=(0, 2) if lse.dim() == 3 else 1))
+        if dlse is not None:
+            delta -= dlse
+        if sinks is not None and dsinks is not None:
+            # d sink = -sum_i P_sink,i * delta_i, with P_sink,i = exp(sink - lse_i): one reduction, no kernel.
+            sink = sinks.to(lse.dtype)[None, :, None] if lse.dim() == 3 else sinks.to(lse.dtype)[:, None]
+            p_sink = torch.exp(sink - lse)
+            dsinks.copy_(-(p_sink * delta).sum(dim=(0, 2) if lse.dim() == 3 else 1))
 
-    pointers, _, scalars, strides_lse_alibi, flags = _variant_arguments(
-        q, causal, sm_scale, _window_bounds(window_size, causal), softcap, alibi_slopes, sinks, dropout_p, seed,
-        cu_seqlens, lse)
-    group = h_q // h_kv
-    # The largest key block (128) gives the fewest programs: split whenever even that leaves SMs idle.
-    splits = _gqa_splits(triton.cdiv(n_k, 128) * batch * h_kv, group, q.device) if gqa_splits is None else gqa_splits
-    if group % splits:
-        raise ValueError(f"gqa_splits ({splits}) must divide the query heads per kv head ({group})")
-    # Split groups write fp32 partial sums, one slice per split; otherwise dK and dV go straight out.
-    dk_out, dv_out = (dk, dv) if splits == 1 else (
-        torch.empty((splits, *t.shape), dtype=lse.dtype, device=t.device) for t in (k, v))
-    stride_split = 0 if splits == 1 else dk_out.stride(0)
-    dk_view, dv_view = (dk_out, dv_out) if splits == 1 else (dk_out[0], dv_out[0])
-    fused_dq = not deterministic
-    flags["FUSED_DQ"] = fused_dq
-    dq_acc = torch.zeros(q.shape, dtype=lse.dtype, device=q.device) if fused_dq else dq
-    switches = _switches(flags, group > 1)
-    constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **flags)
-    dkdv_args = (q, k, v, do, lse, delta, dk_view, dv_view, dq_acc, *pointers, *scalars,
-                 *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk_view), *strides(dv_view),
-                 *strides(dq_acc), *strides_lse_alibi, stride_split, h_kv, group, group // splits, n_q, n_k)
+        # The largest key block (128) gives the fewest programs: split whenever even that leaves SMs idle.
+        splits = _gqa_splits(-(-n_k // 128) * batch * h_kv, group, q.device) if gqa_splits is None else gqa_splits
+        if group % splits:
+            raise ValueError(f"gqa_splits ({splits}) must divide the query heads per kv head ({group})")
+        # Split groups write fp32 partial sums, one slice per split; otherwise dK and dV go straight out.
+        if splits == 1:
+            dk_out, dv_out, dk_view, dv_view, stride_split, sdk_view, sdv_view = dk, dv, dk, dv, 0, sdk, sdv
+        else:
+            dk_out, dv_out = (torch.empty((splits, *t.shape), dtype=lse.dtype, device=t.device) for t in (k, v))
+            dk_view, dv_view, stride_split = dk_out[0], dv_out[0], dk_out.stride(0)
+            sdk_view, sdv_view = strides(dk_view), strides(dv_view)
+        dq_acc = torch.zeros(q.shape, dtype=lse.dtype, device=q.device) if fused_dq else dq
+        dkdv_args = (q, k, v, do, lse, delta, dk_view, dv_view, dq_acc, *pointers, *scalars,
+                     *sq, *sk, *sv, *sdo, *sdk_view, *sdv_view, *(strides(dq_acc) if fused_dq else sdq),
+                     *strides_lse_alibi, stride_split, h_kv, group, group // splits, n_q, n_k)
 
-    def dkdv_scratch():
-        """Fresh dK, dV (all split slices) and dQ buffers: a timing run must not add into the caller's dQ."""
-        dk_s, dv_s = (torch.empty_like(t) for t in (dk_out, dv_out))
-        return (*dkdv_args[:6], dk_s if splits == 1 else dk_s[0], dv_s if splits == 1 else dv_s[0],
-                torch.zeros_like(dq_acc), *dkdv_args[9:])
+        def dkdv_scratch():
+            """Fresh dK, dV (all split slices) and dQ buffers: a timing run must not add into the caller's dQ."""
+            dk_s, dv_s = (torch.empty_like(t) for t in (dk_out, dv_out))
+            return (*dkdv_args[:6], dk_s if splits == 1 else dk_s[0], dv_s if splits == 1 else dv_s[0],
+                    torch.zeros_like(dq_acc), *dkdv_args[9:])
 
-    with runtime.on_device(q.device):
         launch(CONFIGS["bwd_dkdv"], _attn_bwd_dkdv,
-               lambda c: (triton.cdiv(n_k, c.kwargs["BLOCK_N"]) * splits * batch * h_kv,), dkdv_args, constexprs,
+               lambda c: (-(-n_k // c.kwargs["BLOCK_N"]) * splits * batch * h_kv,), dkdv_args, constexprs,
                dtype=q.dtype, n_q=n_q, n_k=n_k, switches=switches, deterministic=deterministic, scratch=dkdv_scratch)
         if splits > 1:
             dk.copy_(dk_out.sum(0))  # a fixed order: bitwise reproducible
             dv.copy_(dv_out.sum(0))
         if fused_dq:
             return dq.copy_(dq_acc), dk, dv
-        del constexprs["FUSED_DQ"]
-        dq_args = (q, k, v, do, lse, delta, dq, *pointers, *scalars, *strides(q), *strides(k), *strides(v),
-                   *strides(do), *strides(dq), *strides_lse_alibi, h_q, h_q // h_kv, n_q, n_k)
-        launch(CONFIGS["bwd_dq"], _attn_bwd_dq, lambda c: (triton.cdiv(n_q, c.kwargs["BLOCK_M"]) * batch * h_q,),
+        constexprs, _ = _launch_plan("bwd_dq", variant, head_dim, group > 1)
+        dq_args = (q, k, v, do, lse, delta, dq, *pointers, *scalars, *sq, *sk, *sv, *sdo, *sdq, *strides_lse_alibi,
+                   h_q, group, n_q, n_k)
+        launch(CONFIGS["bwd_dq"], _attn_bwd_dq, lambda c: (-(-n_q // c.kwargs["BLOCK_M"]) * batch * h_q,),
                dq_args, constexprs, dtype=q.dtype, n_q=n_q, n_k=n_k, switches=switches, deterministic=deterministic,
                scratch=lambda: (*dq_args[:6], torch.empty_like(dq), *dq_args[7:]))
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------
-# The torch.library ops and their autograd
+# The torch.library ops and their autograd, and the eager autograd.Function
 #
 # Registering the kernels as custom ops, each with a fake (shape-only)
 # implementation, lets torch.compile trace a model that calls them without a
 # graph break; register_autograd makes the forward op differentiable through
 # the backward op (torch builds the autograd.Function from these two pieces).
-# Window bounds travel as ints with -1 for an open side, softcap as 0.0 when off.
+# The options travel packed in two lists, since the dispatcher's cost per call
+# grows with the number of arguments (its default filling above all):
+#     ints    (causal, window_left, window_right, max_seqlen_q, max_seqlen_k, deterministic), -1 for an open side
+#     floats  (sm_scale, softcap, dropout_p), softcap 0.0 when off
+# In eager mode the ops' dispatch is pure host cost, paid on every call:
+# `_attention` below goes around it.
 # ----------------------------------------------------------------------------
-def _op_options(window_left, window_right, softcap, alibi_slopes, sinks, dropout_p, seed, cu_seqlens_q,
-                cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+def _unpack(ints, floats, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k):
+    """(causal, sm_scale, the launchers' keyword options) from the ops' packed arguments."""
+    causal, window_left, window_right, max_seqlen_q, max_seqlen_k, deterministic = ints
+    sm_scale, softcap, dropout_p = floats
     varlen = cu_seqlens_q is not None
-    return dict(window_size=(window_left, window_right), softcap=softcap or None, alibi_slopes=alibi_slopes,
-                sinks=sinks, dropout_p=dropout_p, seed=seed,
-                cu_seqlens=(cu_seqlens_q, cu_seqlens_k) if varlen else None,
-                max_seqlens=(max_seqlen_q, max_seqlen_k) if varlen else None)
+    return bool(causal), sm_scale, dict(
+        window_size=(window_left, window_right), softcap=softcap or None, alibi_slopes=alibi_slopes, sinks=sinks,
+        dropout_p=dropout_p, seed=seed, cu_seqlens=(cu_seqlens_q, cu_seqlens_k) if varlen else None,
+        max_seqlens=(max_seqlen_q, max_seqlen_k) if varlen else None, deterministic=bool(deterministic))
 
 
 @torch.library.custom_op("attention_playground::flash_attn_fwd", mutates_args=())
-def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float,
-                       window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
-                       alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
-                       dropout_p: float = 0.0, seed: torch.Tensor | None = None,
-                       cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
-                       max_seqlen_q: int = 0, max_seqlen_k: int = 0,
-                       deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    return _flash_fwd(q, k, v, causal, sm_scale, deterministic=deterministic, **_op_options(
-        window_left, window_right, softcap, alibi_slopes, sinks, dropout_p, seed, cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q, max_seqlen_k))
+def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slopes: torch.Tensor | None,
+                       sinks: torch.Tensor | None, seed: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
+                       cu_seqlens_k: torch.Tensor | None, ints: list[int],
+                       floats: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    causal, sm_scale, options = _unpack(ints, floats, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k)
+    return _flash_fwd(q, k, v, causal, sm_scale, **options)
 
 
 @_flash_attn_fwd_op.register_fake
-def _(q, k, v, causal, sm_scale, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None,
-      dropout_p=0.0, seed=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
-      deterministic=True):
+def _(q, k, v, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k, ints, floats):
     lse_shape = q.shape[:3] if cu_seqlens_q is None else (q.shape[1], q.shape[0])
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=accumulator_dtype(q.dtype))
 
 
 @torch.library.custom_op("attention_playground::flash_attn_bwd", mutates_args=())
-def _flash_attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       o: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None, causal: bool, sm_scale: float,
-                       window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
-                       alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
-                       dropout_p: float = 0.0, seed: torch.Tensor | None = None,
-                       cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
-                       max_seqlen_q: int = 0, max_seqlen_k: int = 0, deterministic: bool = True,
+def _flash_attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       lse: torch.Tensor, dlse: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
+                       sinks: torch.Tensor | None, seed: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
+                       cu_seqlens_k: torch.Tensor | None, ints: list[int], floats: list[float],
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    causal, sm_scale, options = _unpack(ints, floats, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k)
     dsinks = torch.empty(sinks.shape if sinks is not None else (0,), dtype=lse.dtype, device=q.device)
-    dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=dlse, dsinks=dsinks,
-                            deterministic=deterministic, **_op_options(
-                                window_left, window_right, softcap, alibi_slopes, sinks, dropout_p, seed,
-                                cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+    dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=dlse, dsinks=dsinks, **options)
     return dq, dk, dv, dsinks
 
 
 @_flash_attn_bwd_op.register_fake
-def _(do, q, k, v, o, lse, dlse, causal, sm_scale, window_left=-1, window_right=-1, softcap=0.0,
-      alibi_slopes=None, sinks=None, dropout_p=0.0, seed=None, cu_seqlens_q=None, cu_seqlens_k=None,
-      max_seqlen_q=0, max_seqlen_k=0, deterministic=True):
+def _(do, q, k, v, o, lse, dlse, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k, ints, floats):
     dsinks = lse.new_empty(sinks.shape if sinks is not None else (0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
-_OPTION_NAMES = ("window_left", "window_right", "softcap", "alibi_slopes", "sinks", "dropout_p", "seed",
-                 "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "deterministic")
-
-
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, sm_scale, *options = inputs
+    q, k, v, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k, ints, floats = inputs
     o, lse = output
-    ctx.options = dict(zip(_OPTION_NAMES, options))
-    tensors = {name: ctx.options.pop(name) for name in ("alibi_slopes", "sinks", "seed", "cu_seqlens_q",
-                                                         "cu_seqlens_k")}
-    ctx.tensor_names = list(tensors)
-    ctx.save_for_backward(q, k, v, o, lse, *tensors.values())
-    ctx.causal = causal
-    ctx.sm_scale = sm_scale
+    ctx.save_for_backward(q, k, v, o, lse, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k)
+    ctx.ints, ctx.floats = ints, floats
     # An lse nobody uses gets no gradient: keep it None instead of a tensor of zeros.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, o, lse, *tensors = ctx.saved_tensors
-    options = dict(ctx.options, **dict(zip(ctx.tensor_names, tensors)))
+    q, k, v, o, lse, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     if do is None:  # only the lse was used
         do = torch.zeros_like(o)
-    dq, dk, dv, dsinks = _flash_attn_bwd_op(do, q, k, v, o, lse, dlse, ctx.causal, ctx.sm_scale, **options)
-    dsinks = dsinks.to(options["sinks"].dtype) if options["sinks"] is not None else None
-    grads = dict(zip(_OPTION_NAMES, [None] * len(_OPTION_NAMES)), sinks=dsinks)
-    return (dq, dk, dv, None, None, *grads.values())
+    dq, dk, dv, dsinks = _flash_attn_bwd_op(do, q, k, v, o, lse, dlse, alibi_slopes, sinks, seed, cu_seqlens_q,
+                                            cu_seqlens_k, ctx.ints, ctx.floats)
+    dsinks = dsinks.to(sinks.dtype) if sinks is not None else None
+    return dq, dk, dv, None, dsinks, None, None, None, None, None
 
 
 _flash_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _FlashAttention(torch.autograd.Function):
+    """The ops' autograd in eager mode, on the launchers directly: the same kernels, without the dispatch.
+
+    forward(q, k, v, sinks, causal, sm_scale, options) -> (o, lse), options being
+    _flash_fwd's keywords. torch.compile traces the custom ops instead (_attention).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, causal, sm_scale, options):
+        o, lse = _flash_fwd(q, k, v, causal, sm_scale, sinks=sinks, **options)
+        ctx.save_for_backward(q, k, v, o, lse, sinks)
+        ctx.causal, ctx.sm_scale, ctx.options = causal, sm_scale, options
+        ctx.set_materialize_grads(False)  # as _setup_context
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, sinks = ctx.saved_tensors
+        if do is None:  # only the lse was used
+            do = torch.zeros_like(o)
+        dsinks = None if sinks is None else torch.empty(sinks.shape, dtype=lse.dtype, device=q.device)
+        dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, dlse=dlse, sinks=sinks, dsinks=dsinks,
+                                **ctx.options)
+        return dq, dk, dv, (dsinks.to(sinks.dtype) if sinks is not None else None), None, None, None
 
 
 # ----------------------------------------------------------------------------
@@ -478,6 +556,33 @@ def _dropout_seed(dropout_p, device):
 def _op_window(window_size, causal):
     left, right = _window_bounds(window_size, causal)
     return (-1 if left >= UNLIMITED else left), (-1 if right >= UNLIMITED else right)
+
+
+def _attention(q, k, v, causal, sm_scale, window, softcap, alibi_slopes, sinks, dropout_p, deterministic,
+               cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    """One checked call down the cheapest path that serves it; window: (left, right), -1 for an open side.
+
+        torch.compile tracing, or a tensor subclass (FakeTensor, ...)  the custom op, which they dispatch
+        eager, and q, k, v or sinks require grad                       _FlashAttention (autograd)
+        eager, nothing to differentiate                                _flash_fwd, the launcher itself
+    Every path runs the same launchers on the same arguments, so they give the same bits.
+    """
+    seed = _dropout_seed(dropout_p, q.device)
+    if torch.compiler.is_compiling() or type(q) is not torch.Tensor or type(k) is not torch.Tensor or \
+            type(v) is not torch.Tensor:
+        return _flash_attn_fwd_op(q, k, v, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k,
+                                  [int(causal), window[0], window[1], max_seqlen_q, max_seqlen_k, int(deterministic)],
+                                  [sm_scale, float(softcap or 0.0), float(dropout_p)])
+    cu_seqlens = None if cu_seqlens_q is None else (cu_seqlens_q, cu_seqlens_k)
+    max_seqlens = None if cu_seqlens_q is None else (max_seqlen_q, max_seqlen_k)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or (sinks is not None and sinks.requires_grad)):
+        return _FlashAttention.apply(q, k, v, sinks, causal, sm_scale, dict(
+            window_size=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed,
+            cu_seqlens=cu_seqlens, max_seqlens=max_seqlens, deterministic=deterministic))
+    return _flash_fwd(q, k, v, causal, sm_scale, window_size=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                      sinks=sinks, dropout_p=dropout_p, seed=seed, cu_seqlens=cu_seqlens, max_seqlens=max_seqlens,
+                      deterministic=deterministic)
 
 
 def flash_attention(q, k, v, causal=False, sm_scale=None, return_lse=False, window_size=None, softcap=None,
@@ -499,21 +604,28 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, return_lse=False, wind
     Returns o (B, Hq, Nq, D) in q's dtype, and with return_lse=True also the
     natural-log log-sum-exp of each row's scores (the sink included), lse (B, Hq, Nq) in fp32
     (float64 for float64 inputs; -inf for a row with no visible key and no sink, whose output is 0).
+    Shapes only are read on the host: no host-device sync. Under torch.compile it is a custom op;
+    in eager mode it calls the launcher directly (see _attention).
     """
     check_flash_inputs(q, k, v, sm_scale)
     check_flash_options(q, q.shape[0], softcap, alibi_slopes, sinks, dropout_p)
-    causal, return_lse, deterministic = (check_flag(value, name) for value, name in (
-        (causal, "causal"), (return_lse, "return_lse"), (deterministic, "deterministic")))
+    causal = check_flag(causal, "causal")
+    return_lse = check_flag(return_lse, "return_lse")
+    deterministic = check_flag(deterministic, "deterministic")
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    window_left, window_right = _op_window(window_size, causal)
-    o, lse = _flash_attn_fwd_op(q, k, v, causal, sm_scale, window_left, window_right, float(softcap or 0.0),
-                                alibi_slopes, sinks, float(dropout_p), _dropout_seed(dropout_p, q.device),
-                                deterministic=deterministic)
+    o, lse = _attention(q, k, v, causal, sm_scale, _op_window(window_size, causal), softcap, alibi_slopes, sinks,
+                        dropout_p, deterministic)
     return (o, lse) if return_lse else o
 
 
-def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sm_scale=None):
-    """Raise a clear error, naming the argument, for packed inputs the kernels cannot take."""
+def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sm_scale=None,
+                        validate=False):
+    """Raise a clear error, naming the argument, for packed inputs the kernels cannot take.
+
+    Shapes, dtypes and devices always (no data read). validate=True also reads the offsets on the
+    host (a device-to-host sync) and checks that they start at 0, never decrease, end at the packed
+    token count and fit max_seqlen_*; skipped under torch.compile, where reading would break the graph.
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -521,10 +633,8 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
             raise ValueError(f"{name} must have rank 3 (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
     # The padded-layout checks apply to a (1, H, total, D) view of the same tensors.
     check_flash_inputs(*(t.transpose(0, 1)[None] for t in (q, k, v)), sm_scale)
-    for name, cu, total, max_name, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q",
-                                                max_seqlen_q),
-                                               ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k",
-                                                max_seqlen_k)):
+    for name, cu, max_name, max_len in (("cu_seqlens_q", cu_seqlens_q, "max_seqlen_q", max_seqlen_q),
+                                        ("cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k)):
         if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
             described = f"{cu.dtype} of shape {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
             raise TypeError(f"{name} must be a 1-D int32 tensor of B + 1 offsets, got {described}")
@@ -532,8 +642,19 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
             raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
             raise TypeError(f"{max_name} must be a non-negative int, got {max_len!r}")
-        if torch.compiler.is_compiling():
-            continue  # reading the offsets would break the graph; they are checked in eager mode
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    if validate and not torch.compiler.is_compiling():
+        validate_varlen_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+
+def validate_varlen_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """Read cu_seqlens on the host and raise, naming the argument, on offsets the kernels cannot take (a sync)."""
+    for name, cu, total, max_name, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q",
+                                                max_seqlen_q),
+                                               ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k",
+                                                max_seqlen_k)):
         offsets = cu.tolist()
         if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
             raise ValueError(f"{name} must start at 0 and never decrease, got {offsets[:8]}...")
@@ -542,14 +663,11 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         longest = max(b - a for a, b in zip(offsets, offsets[1:]))
         if max_len < longest:
             raise ValueError(f"{max_name} ({max_len}) is shorter than the longest sequence in {name} ({longest})")
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
-                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
                            sm_scale=None, return_lse=False, window_size=None, softcap=None, alibi_slopes=None,
-                           sinks=None, dropout_p=0.0, deterministic=True):
+                           sinks=None, dropout_p=0.0, deterministic=True, validate=False):
     """Attention over packed sequences of different lengths, with no compute spent on padding.
 
     q: (total_q, Hq, D) and k, v: (total_k, Hkv, D) hold B sequences one after
@@ -559,16 +677,20 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     allowed, and causal is bottom-right within each sequence. Options are
     `flash_attention`'s (alibi_slopes may be (B, Hq)). Returns o (total_q, Hq, D),
     and with return_lse=True also lse (Hq, total_q).
+    validate: read cu_seqlens on the host and check them first (one device-to-host sync; clear
+    errors). Without it nothing is read on the host and the offsets are trusted, as FlashAttention's
+    flash_attn_varlen_func trusts them: offsets that decrease or pass the packed tokens make the
+    kernels read and write outside the sequences.
     """
-    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sm_scale)
-    check_flash_options(q, cu_seqlens_q.numel() - 1, softcap, alibi_slopes, sinks, dropout_p)
-    causal, return_lse, deterministic = (check_flag(value, name) for value, name in (
-        (causal, "causal"), (return_lse, "return_lse"), (deterministic, "deterministic")))
+    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sm_scale,
+                        check_flag(validate, "validate"))
+    check_flash_options(q, cu_seqlens_q.shape[0] - 1, softcap, alibi_slopes, sinks, dropout_p)
+    causal = check_flag(causal, "causal")
+    return_lse = check_flag(return_lse, "return_lse")
+    deterministic = check_flag(deterministic, "deterministic")
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    window_left, window_right = _op_window(window_size, causal)
-    o, lse = _flash_attn_fwd_op(q, k, v, causal, sm_scale, window_left, window_right, float(softcap or 0.0),
-                                alibi_slopes, sinks, float(dropout_p), _dropout_seed(dropout_p, q.device),
-                                cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), deterministic)
+    o, lse = _attention(q, k, v, causal, sm_scale, _op_window(window_size, causal), softcap, alibi_slopes, sinks,
+                        dropout_p, deterministic, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
     return (o, lse) if return_lse else o
 
 

@@ -30,8 +30,12 @@ MAX_HEAD_DIM = 256
 
 
 def _head_dim_pad(head_dim: int) -> int:
-    """Tiles are powers of two and tl.dot needs K >= 16: pad D inside the kernel, with masked loads."""
-    return max(16, triton.next_power_of_2(head_dim))
+    """Tiles are powers of two and tl.dot needs K >= 16: pad D inside the kernel, with masked loads.
+
+    Plain integer arithmetic: it runs on every launch, and triton.next_power_of_2 (a constexpr
+    function) costs microseconds on the host.
+    """
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 @triton.jit

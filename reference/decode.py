@@ -130,31 +130,18 @@ def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table=None):
 # ----------------------------------------------------------------------------
 # Writing into the cache, reading a sequence back out
 # ----------------------------------------------------------------------------
-def _positions_and_blocks(cache_seqlens, n_new, block_table, block_size):
-    """Where the n_new rows of each sequence go: (row index tensors into the cache's dims 0 and 2)."""
-    # (B, 1) + (1, n_new) -> (B, n_new): logical positions n_b, n_b + 1, ...
-    positions = cache_seqlens.to(torch.int64)[:, None] + torch.arange(n_new, device=cache_seqlens.device)
-    if block_table is None:
-        seqs = torch.arange(cache_seqlens.shape[0], device=cache_seqlens.device)[:, None].expand_as(positions)
-        return seqs, positions
-    blocks = block_table.to(torch.int64).gather(1, positions // block_size)  # (B, n_new) physical blocks
-    return blocks, positions % block_size
-
-
-def append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=None):
-    """Write k_new, v_new (B, Hkv, Nnew, D) into the cache after each sequence's cache_seqlens[b] keys.
-
-    Works in place on either layout, through any strides (a permuted view of
-    a (num_blocks, block_size, Hkv, D) pool included). Returns the new
-    lengths, cache_seqlens + Nnew, in cache_seqlens's dtype.
-    """
-    batch, h_kv, capacity, head_dim, block_size = check_cache(k_cache, v_cache, cache_seqlens, block_table)
+def _check_new_rows(k_new, v_new, k_cache, batch, h_kv, head_dim, cu_seqlens_new):
+    """Shapes, dtypes and devices of the new keys and values, dense or packed (no data read)."""
+    packed = cu_seqlens_new is not None
     for name, t in (("k_new", k_new), ("v_new", v_new)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (batch, h_kv, head_dim):
-            raise ValueError(f"{name} must have shape ({batch}, {h_kv}, Nnew, {head_dim}) to match the cache, "
+        if packed and (t.dim() != 3 or (t.shape[1], t.shape[2]) != (h_kv, head_dim)):
+            raise ValueError(f"{name} must have shape (total_new, {h_kv}, {head_dim}) with cu_seqlens_new, "
                              f"got {tuple(t.shape)}")
+        if not packed and (t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (batch, h_kv, head_dim)):
+            raise ValueError(f"{name} must have shape ({batch}, {h_kv}, Nnew, {head_dim}) to match the cache "
+                             f"(or (total_new, {h_kv}, {head_dim}) with cu_seqlens_new), got {tuple(t.shape)}")
         if t.device != k_cache.device:
             raise ValueError(f"{name} is on {t.device} but k_cache is on {k_cache.device}")
         if t.dtype != k_cache.dtype:
@@ -162,18 +149,114 @@ def append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=None):
     if k_new.shape != v_new.shape:
         raise ValueError(f"k_new and v_new must have the same shape, got {tuple(k_new.shape)} and "
                          f"{tuple(v_new.shape)}")
-    n_new = k_new.shape[2]
-    for b, n in enumerate(cache_seqlens.tolist()):
+    if packed:
+        _index_tensor(cu_seqlens_new, "cu_seqlens_new", 1)
+        if cu_seqlens_new.shape[0] != batch + 1:
+            raise ValueError(f"cu_seqlens_new must have {batch + 1} offsets (batch + 1), got {cu_seqlens_new.shape[0]}")
+        if cu_seqlens_new.device != k_cache.device:
+            raise ValueError(f"cu_seqlens_new is on {cu_seqlens_new.device} but k_cache is on {k_cache.device}")
+
+
+def _validate_append(cache_seqlens, counts, capacity, block_table, num_blocks, block_size):
+    """append_kv's host checks (validate=True): every sequence fits, every block it will use is in the pool."""
+    for b, (n, n_new) in enumerate(zip(cache_seqlens.tolist(), counts)):
         if not 0 <= n <= capacity - n_new:
             raise ValueError(f"cache_seqlens[{b}] = {n}: appending {n_new} token(s) passes the cache's capacity "
                              f"of {capacity}" if n >= 0 else f"cache_seqlens[{b}] = {n} is negative")
-    new_seqlens = cache_seqlens + n_new
-    check_lengths(new_seqlens, capacity, 0, block_table, k_cache.shape[0], block_size)
-    rows, slots = _positions_and_blocks(cache_seqlens, n_new, block_table, block_size)
-    # Two index tensors around a slice: the indexed view is (B, Nnew, Hkv, D).
-    # (B, Hkv, Nnew, D) -> (B, Nnew, Hkv, D)
-    k_cache[rows, :, slots] = k_new.transpose(1, 2)
-    v_cache[rows, :, slots] = v_new.transpose(1, 2)
+    new_seqlens = cache_seqlens.to(torch.int64) + torch.tensor(counts, dtype=torch.int64,
+                                                               device=cache_seqlens.device)
+    check_lengths(new_seqlens, capacity, 0, block_table, num_blocks, block_size)
+
+
+def _validate_offsets(cu_seqlens_new, total):
+    """The packed form's offsets, read on the host (validate=True). Returns the tokens per sequence."""
+    offsets = cu_seqlens_new.tolist()
+    if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])) or offsets[-1] != total:
+        raise ValueError(f"cu_seqlens_new must start at 0, never decrease and end at the {total} new tokens, "
+                         f"got {offsets[:8]}{'...' if len(offsets) > 8 else ''}")
+    return [b - a for a, b in zip(offsets, offsets[1:])]
+
+
+def append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=None, *, cu_seqlens_new=None,
+              validate=False):
+    """Write each sequence's new keys and values into the cache after its cache_seqlens[b] keys. In place.
+
+    New tokens come dense, k_new and v_new (B, Hkv, Nnew, D) (the same count for every sequence:
+    a decode step), or packed, (total_new, Hkv, D) with cu_seqlens_new (B + 1,) prefix sums from 0
+    (sequence b's new tokens are rows cu_seqlens_new[b]:cu_seqlens_new[b + 1], any count each: a
+    chunked-prefill step). Either cache layout, through any strides (a permuted view of a
+    (num_blocks, block_size, Hkv, D) pool included). Returns the new lengths, cache_seqlens plus
+    each sequence's new tokens, a tensor on the cache's device in cache_seqlens's dtype.
+
+    Nothing is read on the host (no sync: a decode loop can be captured in a CUDA graph), so bad
+    data cannot raise; instead a new token whose position would be negative or pass the cache's
+    capacity, or land in a block outside the pool (a block-table entry < 0 or >= the pool's
+    blocks), is not written: never out of bounds, never into another sequence's rows (every
+    index is computed and masked on the device; see the end of the function). Its sequence's
+    returned length still counts it, so paged attention then sees a length past the capacity,
+    or the bad block, and gives that sequence NaN rows instead of a silently wrong answer.
+    Packed offsets that do not count up are not checked either: a token outside every
+    sequence's range is not written. validate=True reads the lengths, offsets and block table on
+    the host first (a device-to-host sync) and raises an error that names the argument.
+    """
+    batch, h_kv, capacity, head_dim, block_size = check_cache(k_cache, v_cache, cache_seqlens, block_table)
+    _check_new_rows(k_new, v_new, k_cache, batch, h_kv, head_dim, cu_seqlens_new)
+    packed = cu_seqlens_new is not None
+    device = k_cache.device
+    if validate:
+        counts = (_validate_offsets(cu_seqlens_new, k_new.shape[0]) if packed
+                  else [k_new.shape[2]] * batch)
+        _validate_append(cache_seqlens, counts, capacity, block_table, k_cache.shape[0], block_size)
+    if packed:
+        offsets = cu_seqlens_new.to(torch.int64)
+        new_seqlens = cache_seqlens + (offsets[1:] - offsets[:-1]).to(cache_seqlens.dtype)
+    else:
+        new_seqlens = cache_seqlens + k_new.shape[2]
+    if k_new.shape[0] == 0 or (not packed and k_new.shape[2] == 0) or batch == 0 or capacity == 0 \
+            or k_cache.shape[0] == 0:
+        return new_seqlens  # nothing to write, or nowhere to write it
+    lengths = cache_seqlens.to(torch.int64)
+    if packed:
+        k_rows, v_rows = k_new, v_new  # (total_new, Hkv, D)
+        token = torch.arange(k_new.shape[0], device=device)
+        # Each token's sequence: the last b with cu_seqlens_new[b] <= token (searchsorted, on the device).
+        seq = torch.searchsorted(offsets[1:], token, right=True).clamp_(max=max(batch - 1, 0))
+        start = offsets[seq]
+        positions = lengths[seq] + (token - start)
+        # Offsets that do not count up place some tokens in no sequence's range: those are not written.
+        valid = (token >= start) & (token < offsets[seq + 1])
+    else:
+        n_new = k_new.shape[2]
+        # (B, Hkv, Nnew, D) -> (B, Nnew, Hkv, D) -> (B * Nnew, Hkv, D): token (b, i) is row b * Nnew + i
+        k_rows = k_new.transpose(1, 2).reshape(-1, h_kv, head_dim)
+        v_rows = v_new.transpose(1, 2).reshape(-1, h_kv, head_dim)
+        seq = torch.arange(batch, device=device).repeat_interleave(n_new)
+        # (B, 1) + (1, Nnew) -> (B, Nnew) -> (B * Nnew,): logical positions n_b, n_b + 1, ...
+        positions = (lengths[:, None] + torch.arange(n_new, device=device)).reshape(-1)
+        valid = None
+    in_range = (positions >= 0) & (positions < capacity)
+    valid = in_range if valid is None else valid & in_range
+    if block_table is None:
+        rows, slots = seq, positions.clamp(0, capacity - 1)
+    else:
+        num_blocks = k_cache.shape[0]
+        column = positions.clamp(0, capacity - 1) // block_size
+        blocks = block_table[seq, column].to(torch.int64)  # (T,) physical blocks
+        valid &= (blocks >= 0) & (blocks < num_blocks)
+        rows, slots = blocks.clamp(0, num_blocks - 1), positions.remainder(block_size)
+    # A row that must not be written is sent where the first valid row goes, with that row's values
+    # (or, when no row is valid, to row 0 of block 0 with the values already there): every write to
+    # one place then carries the same bits, so the duplicates are harmless. No data is read on the host.
+    first = valid.to(torch.int32).argmax().view(1)  # the first valid row, 0 when there is none
+    any_valid = valid.any()
+    spare_row = torch.where(any_valid, rows.index_select(0, first)[0], 0)
+    spare_slot = torch.where(any_valid, slots.index_select(0, first)[0], 0)
+    rows, slots = torch.where(valid, rows, spare_row), torch.where(valid, slots, spare_slot)
+    keep = valid[:, None, None]
+    for cache, new in ((k_cache, k_rows), (v_cache, v_rows)):
+        spare = torch.where(any_valid, new.index_select(0, first)[0], cache[0, :, 0])  # (Hkv, D)
+        # Two index tensors around a slice: the indexed view is (T, Hkv, D).
+        cache[rows, :, slots] = torch.where(keep, new, spare)
     return new_seqlens
 
 

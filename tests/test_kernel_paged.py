@@ -262,15 +262,93 @@ def test_append_kv_writes_each_sequence_at_its_length(paged, device):
 
 
 def test_append_kv_checks_capacity_and_blocks(device):
+    """validate=True reads the lengths, offsets and block table on the host and names what is wrong."""
     k = v = torch.zeros(2, 1, 8, 4, device=device)
     new = torch.zeros(2, 1, 3, 4, device=device)
     with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 7: appending 3 token\(s\) passes .* capacity of 8"):
-        append_kv(k, v, new, new, torch.tensor([0, 7], device=device))
+        append_kv(k, v, new, new, torch.tensor([0, 7], device=device), validate=True)
     pool = torch.zeros(4, 1, 16, 4, device=device)
     table = torch.tensor([[0, 1], [2, 9]], dtype=torch.int32, device=device)  # 9 is not a block of 4
     with pytest.raises(ValueError, match=r"block_table\[1, 1\] = 9 is not a block of the pool"):
-        append_kv(pool, pool, new, new, torch.tensor([0, 15], device=device), table)
+        append_kv(pool, pool, new, new, torch.tensor([0, 15], device=device), table, validate=True)
+    packed = torch.zeros(5, 1, 4, device=device)
+    with pytest.raises(ValueError, match=r"cu_seqlens_new must start at 0, never decrease and end at the 5"):
+        append_kv(k, v, packed, packed, torch.tensor([0, 0], device=device),
+                  cu_seqlens_new=torch.tensor([0, 3, 4], device=device), validate=True)
+    with pytest.raises(ValueError, match=r"cache_seqlens\[0\] = 6: appending 3 token\(s\)"):
+        append_kv(k, v, packed, packed, torch.tensor([6, 0], device=device),
+                  cu_seqlens_new=torch.tensor([0, 3, 5], device=device), validate=True)
+    # Shapes, dtypes and devices are checked always (no data read).
     with pytest.raises(ValueError, match="k_new must have shape"):
         append_kv(k, v, new[:, :, :, :2], new, torch.tensor([0, 0], device=device))
     with pytest.raises(TypeError, match="v_new has dtype torch.float16 but the cache has torch.float32"):
         append_kv(k, v, new, new.half(), torch.tensor([0, 0], device=device))
+    with pytest.raises(ValueError, match=r"k_new must have shape \(total_new, 1, 4\) with cu_seqlens_new"):
+        append_kv(k, v, new, new, torch.tensor([0, 0], device=device), cu_seqlens_new=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"cu_seqlens_new must have 3 offsets"):
+        append_kv(k, v, packed, packed, torch.tensor([0, 0], device=device), cu_seqlens_new=torch.tensor([0, 5]))
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged-vllm-view"])
+def test_append_kv_packed_writes_each_sequences_own_count(paged, device):
+    """A chunked-prefill step: 3, 0 and 6 new tokens, packed back to back, land as the dense form would put them."""
+    h_kv, d, counts, lengths = 2, 8, [3, 0, 6], [5, 9, 14]
+    if paged:
+        case = PagedCase(seqlens=(16, 16, 32), h_q=2, h_kv=h_kv, new=1, head_dim=d, causal=True, num_splits=1,
+                         block_size=4, vllm_pool=True)
+        inputs = case.make_inputs(torch.float32, device)
+        k, v, table = inputs["k_cache"], inputs["v_cache"], inputs["block_table"]
+    else:
+        k, v, table = torch.randn(3, h_kv, 24, d, device=device), torch.randn(3, h_kv, 24, d, device=device), None
+    k_before = k.clone()
+    cu = torch.tensor([0, 3, 3, 9], dtype=torch.int32, device=device)
+    k_new, v_new = torch.randn(2, sum(counts), h_kv, d, device=device)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    new = append_kv(k, v, k_new, v_new, seqlens, table, cu_seqlens_new=cu)
+    assert new.tolist() == [n + c for n, c in zip(lengths, counts)] and new.dtype == torch.int32
+    for b, (n, c) in enumerate(zip(lengths, counts)):
+        rows = slice(cu[b].item(), cu[b + 1].item())
+        got_k = ref_decode.gather_cache(k, b, n + c, table)
+        got_v = ref_decode.gather_cache(v, b, n + c, table)
+        # (c, Hkv, D) -> (Hkv, c, D)
+        assert torch.equal(got_k[:, n:], k_new[rows].transpose(0, 1))
+        assert torch.equal(got_v[:, n:], v_new[rows].transpose(0, 1))
+        assert torch.equal(got_k[:, :n], ref_decode.gather_cache(k_before, b, n, table)), "earlier rows must be kept"
+
+
+def test_append_kv_without_validate_drops_what_does_not_fit(device):
+    """No host check: a row past the capacity, or in a block outside the pool, is not written, and nothing else is.
+
+    Sequence 1 of the contiguous cache has room for 1 of its 3 new rows; sequence 0 of the paged one
+    reaches a block-table entry of -1 (unallocated) and one of 9 (no such block); a negative length
+    writes only the rows that land at positions >= 0.
+    """
+    k, v = torch.randn(2, 2, 1, 8, 4, device=device)
+    expected_k, expected_v = k.clone(), v.clone()
+    k_new, v_new = torch.randn(2, 2, 1, 3, 4, device=device)
+    new = append_kv(k, v, k_new, v_new, torch.tensor([2, 7], dtype=torch.int32, device=device))
+    expected_k[0, :, 2:5], expected_v[0, :, 2:5] = k_new[0], v_new[0]
+    expected_k[1, :, 7:8], expected_v[1, :, 7:8] = k_new[1, :, :1], v_new[1, :, :1]
+    assert torch.equal(k, expected_k) and torch.equal(v, expected_v)
+    assert new.tolist() == [5, 10], "the lengths still count every new row: attention then flags sequence 1"
+
+    k, v = torch.randn(2, 2, 1, 8, 4, device=device)
+    expected_k, expected_v = k.clone(), v.clone()
+    append_kv(k, v, k_new, v_new, torch.tensor([-2, 8], dtype=torch.int32, device=device))
+    expected_k[0, :, 0:1], expected_v[0, :, 0:1] = k_new[0, :, 2:], v_new[0, :, 2:]
+    assert torch.equal(k, expected_k) and torch.equal(v, expected_v)
+
+    pool_k, pool_v = torch.randn(2, 4, 1, 2, 4, device=device)  # 4 blocks of 2 rows
+    expected_k, expected_v = pool_k.clone(), pool_v.clone()
+    table = torch.tensor([[3, -1, 9], [0, 1, 2]], dtype=torch.int32, device=device)
+    new_k, new_v = torch.randn(2, 2, 1, 3, 4, device=device)
+    append_kv(pool_k, pool_v, new_k, new_v, torch.tensor([1, 2], dtype=torch.int32, device=device), table)
+    expected_k[3, :, 1], expected_v[3, :, 1] = new_k[0, :, 0], new_v[0, :, 0]  # position 1: block 3, row 1
+    expected_k[1, :, 0:2], expected_v[1, :, 0:2] = new_k[1, :, :2], new_v[1, :, :2]  # positions 2, 3: block 1
+    expected_k[2, :, 0], expected_v[2, :, 0] = new_k[1, :, 2], new_v[1, :, 2]  # position 4: block 2
+    assert torch.equal(pool_k, expected_k) and torch.equal(pool_v, expected_v)
+
+    k, v = torch.randn(2, 2, 1, 8, 4, device=device)
+    before = k.clone(), v.clone()
+    append_kv(k, v, k_new, v_new, torch.tensor([8, 100], dtype=torch.int32, device=device))  # nothing fits
+    assert torch.equal(k, before[0]) and torch.equal(v, before[1])

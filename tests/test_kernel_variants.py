@@ -309,17 +309,23 @@ def test_bad_options_name_the_argument(device):
 
 def test_bad_cu_seqlens_name_the_argument(device):
     q, k, v, cu_q, cu_k = packed([5, 3], [5, 3], 2, 1, 16, torch.float32, device)
+    # The offsets' values are read on the host only with validate=True (a sync); shapes and dtypes always.
     with pytest.raises(ValueError, match="cu_seqlens_q must start at 0 and never decrease"):
         flash_attention_varlen(q, k, v, torch.tensor([0, 6, 5, 8], dtype=torch.int32, device=device)[[0, 1, 3]]
-                               .flip(0), cu_k, 5, 5)
+                               .flip(0), cu_k, 5, 5, validate=True)
     with pytest.raises(ValueError, match="cu_seqlens_k must end at the number of packed tokens"):
-        flash_attention_varlen(q, k, v, cu_q, torch.tensor([0, 5, 7], dtype=torch.int32, device=device), 5, 5)
+        flash_attention_varlen(q, k, v, cu_q, torch.tensor([0, 5, 7], dtype=torch.int32, device=device), 5, 5,
+                               validate=True)
     with pytest.raises(TypeError, match="cu_seqlens_q must be a 1-D int32 tensor"):
         flash_attention_varlen(q, k, v, cu_q.long(), cu_k, 5, 5)
     with pytest.raises(ValueError, match=r"max_seqlen_q \(4\) is shorter than the longest sequence"):
-        flash_attention_varlen(q, k, v, cu_q, cu_k, 4, 5)
+        flash_attention_varlen(q, k, v, cu_q, cu_k, 4, 5, validate=True)
     with pytest.raises(ValueError, match="q must have rank 3"):
         flash_attention_varlen(q[None], k, v, cu_q, cu_k, 5, 5)
+    with pytest.raises(ValueError, match="cu_seqlens_q and cu_seqlens_k must describe the same number"):
+        flash_attention_varlen(q, k, v, cu_q, cu_k[:2], 5, 5)
+    with pytest.raises(TypeError, match="validate must be a bool"):
+        flash_attention_varlen(q, k, v, cu_q, cu_k, 5, 5, validate=1)
 
 
 def test_strided_option_tensors_read_as_their_values(device):
