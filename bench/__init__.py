@@ -7,7 +7,7 @@
     decode_suite.py  one query against a KV cache: cases, providers (copy, SDPA, flex, ours), plot
     sweep.py      runs the jobs; failures become statuses
     report.py     terminal table, CSV, markdown, plots
-    overhead.py   the host cost of one flash_attention call at a tiny shape
+    overhead.py   the host cost of one call at a tiny shape (flash, decode), as a ratio to a bare custom op
     precompile.py warms Triton's and Inductor's caches in parallel before a GPU sweep
     tune.py       python -m bench.tune: every config of every tuned kernel, timed on the standard shapes
     gpu_check.sh  the GPU check in one command, sized for a 15-minute lease (and its `tune` run)

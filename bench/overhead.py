@@ -1,30 +1,47 @@
-"""The host cost of one flash_attention call, at a shape so small that launching dominates.
+"""The host cost of one call, at a shape so small that launching dominates, as a ratio to a bare custom op.
 
     python -m bench --suite overhead
 
-A tiny call (B1 H2 N128 D64) does microseconds of GPU work; what it costs
-is the host's: the input checks, the torch.library op and its autograd, the
-output buffers, the autotuner's lookup and Triton's launch of each kernel.
+A tiny call does microseconds of GPU work; what it costs is the host's: the
+input checks, the config choice, the torch.library op and its autograd when
+they are on the path, the output buffers, and Triton's launch of each kernel.
 That cost is paid on every call, and in a decode loop it is most of the call.
 
-    GPU  provider "triton": flash_attention itself. Wall time per call of
-         many calls in a row, the GPU synchronized once per round: with
-         microseconds of GPU work per call, that is the host's cost.
-    CPU  provider "triton-noop": the same loop with every Triton kernel of
-         the `kernels` package replaced by a no-op recorder (the interpreter
-         would spend milliseconds per launch). What is left is the Python
-         above the launches: input checks, the op and its autograd, the
-         buffers. Triton's launch path and the autotuner's lookup are not in
-         it: read it as a lower bound of the GPU figure.
-    both provider "sdpa": F.scaled_dot_product_attention on the same inputs,
-         PyTorch's own dispatch for scale (on the CPU it also computes).
-         On the CPU every row runs on one torch thread.
+The calls (the job's mode):
 
-Each figure is the median of 7 rounds of back-to-back calls (0.05 s each).
-Modes: "fwd" (no autograd, under no_grad) and "fwd+bwd" (inputs that require
-grad, the output's backward, the .grad fields reset to None before each call
-so nothing accumulates). The row's `launches` column counts the kernels one
-call launched (CPU, from the recorders); the GPU leaves it empty.
+    fwd           flash_attention(q, k, v), inputs that do not require grad   B1 H2 N128 D64
+    fwd+bwd       flash_attention(q, k, v).backward(dout), inputs that require grad, .grad reset each call
+    decode        decode_attention(q, k_cache, v_cache, cache_seqlens): one new token per sequence
+                  against a contiguous cache                                 B4 H8:2, 256 cached keys, D64
+    decode-paged  the same over a pool of 16-key pages with a block table
+
+The yardstick is a bare 5-argument torch.library.custom_op (BARE_OP: q, k, v,
+a bool, a float; it allocates its output and does nothing else), timed in the
+same process, in rounds interleaved with the call's: each round times the bare
+op, then the call, and `ratio` is the median over the rounds of call / bare op.
+Both drift together when other work shares the machine, so the ratio is far
+steadier than either time. The issue-17 floors: decode (contiguous and paged)
+<= 1.5x, fwd <= 2x, fwd+bwd <= 10x.
+
+    GPU  provider "triton": the real calls. Wall time per call of many calls
+         in a row, the GPU synchronized once per round: with microseconds of
+         GPU work per call, that is the host's cost.
+    CPU  provider "triton-noop": the same loop with every Triton kernel of the
+         `kernels` package stubbed at its launch (`kernel[grid](...)` counts a
+         launch and returns; the interpreter would spend milliseconds per
+         launch). Everything above the launch is in: the checks, the config
+         choice, the op and autograd where the call takes them, the buffers.
+         Triton's own launcher (argument binding, the compiled kernel's
+         lookup, the driver call) is out: read it as a lower bound of the GPU
+         figure.
+    both provider "sdpa": F.scaled_dot_product_attention on the same inputs (for
+         decode, one query against the whole cache), PyTorch's own dispatch for
+         scale (on the CPU it also computes). On the CPU every row runs on one
+         torch thread.
+
+Each time is the median of ROUNDS rounds of ROUND_SECONDS of back-to-back
+calls. The row's `launches` column counts the kernels one call launched (CPU,
+from the stubs); the GPU leaves it empty.
 """
 import contextlib
 import statistics
@@ -36,9 +53,12 @@ import torch.nn.functional as F
 
 from .providers import Unsupported
 
-ROUNDS = 7
-ROUND_SECONDS = 0.05
+ROUNDS = 15
+ROUND_SECONDS = 0.02
 WARMUP_CALLS = 3
+MODES = ("fwd", "fwd+bwd", "decode", "decode-paged")
+FLOORS = {"fwd": 2.0, "fwd+bwd": 10.0, "decode": 1.5, "decode-paged": 1.5}  # issue 17's, against BARE_OP
+PAGE_SIZE = 16
 
 
 class NoopKernel:
@@ -77,50 +97,102 @@ def noop_kernels():
             setattr(module, attr, value)
 
 
+_bare_op = None
+
+
+def bare_op():
+    """BARE_OP, registered on first use: the custom op every call's host cost is divided by."""
+    global _bare_op
+    if _bare_op is None:
+        @torch.library.custom_op("bench_overhead::bare_op", mutates_args=())
+        def bare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float) -> torch.Tensor:
+            return torch.empty_like(q)
+
+        @bare.register_fake
+        def _(q, k, v, causal, sm_scale):
+            return torch.empty_like(q)
+
+        _bare_op = bare
+    return _bare_op
+
+
+def _decode_inputs(case, device, paged):
+    """q (B, Hq, 1, D), the cache (contiguous, or a pool of pages with a block table) and the lengths."""
+    h_kv = case.heads_kv
+    q = torch.randn(case.batch, case.heads, 1, case.head_dim, device=device, dtype=case.dtype)
+    lengths = torch.full((case.batch,), case.n, dtype=torch.int32, device=device)
+    if not paged:
+        k, v = (torch.randn(case.batch, h_kv, case.n, case.head_dim, device=device, dtype=case.dtype)
+                for _ in range(2))
+        return q, k, v, lengths, None
+    pages = -(-case.n // PAGE_SIZE)
+    k, v = (torch.randn(case.batch * pages, h_kv, PAGE_SIZE, case.head_dim, device=device, dtype=case.dtype)
+            for _ in range(2))
+    table = torch.randperm(case.batch * pages, device=device).to(torch.int32).view(case.batch, pages)
+    return q, k, v, lengths, table
+
+
 def _call(provider, mode, case, device):
-    """The callable to time and the leaves whose .grad it fills."""
-    from kernels import flash_attention
+    """The callable to time for this provider and mode."""
+    from kernels import decode_attention, flash_attention
+
+    if mode.startswith("decode"):
+        q, k, v, lengths, table = _decode_inputs(case, device, mode == "decode-paged")
+        if provider == "sdpa":
+            if table is not None:
+                raise Unsupported("SDPA has no paged cache")
+            return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return lambda: decode_attention(q, k, v, lengths, table)
 
     grad = mode == "fwd+bwd"
 
-    def rand():
-        return torch.randn(case.batch, case.heads, case.n, case.head_dim, device=device, dtype=case.dtype,
+    def rand(heads):
+        return torch.randn(case.batch, heads, case.n, case.head_dim, device=device, dtype=case.dtype,
                            requires_grad=grad)
 
-    q, k, v = rand(), rand(), rand()
-    attend = (lambda: F.scaled_dot_product_attention(q, k, v)) if provider == "sdpa" else (
-        lambda: flash_attention(q, k, v))
+    q, k, v = rand(case.heads), rand(case.heads_kv), rand(case.heads_kv)
+    attend = (lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=case.heads != case.heads_kv)) \
+        if provider == "sdpa" else (lambda: flash_attention(q, k, v))
     if not grad:
-        def forward():
-            with torch.no_grad():
-                attend()
-        return forward, []
+        return attend  # the inputs do not require grad: no autograd, and no no_grad() block to pay for
     dout = torch.randn(q.shape, device=device, dtype=case.dtype)
 
     def forward_backward():
         q.grad = k.grad = v.grad = None
         attend().backward(dout)
-    return forward_backward, [q, k, v]
+    return forward_backward
 
 
-def _per_call_seconds(call, device):
-    """Median over ROUNDS rounds of (wall time of a round) / (calls in it).
+def _bare_call(device):
+    op = bare_op()
+    q, k, v = (torch.randn(1, 2, 128, 64, device=device) for _ in range(3))
+    return lambda: op(q, k, v, False, 0.125)
 
-    A round calls back to back until ROUND_SECONDS have passed, then waits for the GPU: the GPU's queue
-    is drained inside the round, so a call whose GPU work outlasts its host work is timed by the GPU.
-    """
-    def one_round(seconds):
-        calls, start = 0, time.perf_counter()
-        while calls == 0 or time.perf_counter() - start < seconds:
-            call()
-            calls += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) / calls
 
-    for _ in range(WARMUP_CALLS):
+def _round(call, seconds, device):
+    """Seconds per call of back-to-back calls for `seconds`, the GPU's queue drained inside the round."""
+    calls, start = 0, time.perf_counter()
+    while calls == 0 or time.perf_counter() - start < seconds:
         call()
-    return statistics.median(one_round(ROUND_SECONDS) for _ in range(ROUNDS))
+        calls += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
+def interleaved(call, baseline, device, rounds=ROUNDS, seconds=ROUND_SECONDS):
+    """(median seconds per call, median seconds per baseline call, median per-round ratio call / baseline)."""
+    for _ in range(WARMUP_CALLS):
+        baseline()
+        call()
+    times, bases, ratios = [], [], []
+    for _ in range(rounds):
+        base = _round(baseline, seconds, device)
+        took = _round(call, seconds, device)
+        times.append(took)
+        bases.append(base)
+        ratios.append(took / base)
+    return statistics.median(times), statistics.median(bases), statistics.median(ratios)
 
 
 @contextlib.contextmanager
@@ -136,7 +208,7 @@ def _one_cpu_thread(device):
 
 
 def measure(job, device):
-    """(ms per call, kernel launches per call or None) for one overhead job."""
+    """(ms per call, kernel launches per call or None, host cost / bare op) for one overhead job."""
     with _one_cpu_thread(device):
         return _measure(job, device)
 
@@ -147,14 +219,14 @@ def _measure(job, device):
         if device.type == "cuda":
             raise Unsupported("triton-noop measures the CPU path; on a GPU the provider is 'triton'")
         with noop_kernels() as counter:
-            call, _ = _call(provider, job.mode, case, device)
+            call = _call(provider, job.mode, case, device)
             call()
             before = counter[0]
             call()
             launches = counter[0] - before
-            seconds = _per_call_seconds(call, device)
-        return 1e3 * seconds, launches
+            seconds, _, ratio = interleaved(call, _bare_call(device), device)
+        return 1e3 * seconds, launches, ratio
     if provider == "triton" and device.type != "cuda":
         raise Unsupported("'triton' times the real kernels: GPU only (on the CPU: triton-noop)")
-    call, _ = _call(provider, job.mode, case, device)
-    return 1e3 * _per_call_seconds(call, device), None
+    seconds, _, ratio = interleaved(_call(provider, job.mode, case, device), _bare_call(device), device)
+    return 1e3 * seconds, None, ratio

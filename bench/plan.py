@@ -9,7 +9,8 @@ float64 reference, no time). Suites:
     softmax    rows of length N: torch.softmax, the naive reference, Triton
     modules    the seed's MultiHeadAttentionWrapper vs EfficientMHA, and the
                Triton-backed modules.MultiHeadAttention
-    overhead   the host cost of one flash_attention call at a tiny shape (bench/overhead.py)
+    overhead   the host cost of one call at a tiny shape, as a ratio to a bare custom op: flash_attention
+               forward and forward + backward, decode_attention contiguous and paged (bench/overhead.py)
     decode     one query against a KV cache: us per step, GB/s (bench/decode_suite.py)
 
 Order of a run: attention correctness rows, timed attention (Triton and the
@@ -93,18 +94,25 @@ class ModuleCase:
 
 @dataclass(frozen=True)
 class OverheadCase:
+    """A tiny call's shape. For the decode modes, n is the cached keys of each sequence (one new token)."""
     batch: int
     heads: int
     n: int
     head_dim: int
     dtype: torch.dtype
+    kv_heads: int | None = None  # None: as many as the query heads
+
+    @property
+    def heads_kv(self):
+        return self.kv_heads or self.heads
 
     @property
     def shape(self):
-        return f"B{self.batch} H{self.heads} N{self.n} D{self.head_dim}"
+        heads = self.heads if self.heads_kv == self.heads else f"{self.heads}:{self.heads_kv}"
+        return f"B{self.batch} H{heads} N{self.n} D{self.head_dim}"
 
     def columns(self):
-        return dict(dtype=dtype_name(self.dtype), batch=self.batch, heads_q=self.heads, heads_kv=self.heads,
+        return dict(dtype=dtype_name(self.dtype), batch=self.batch, heads_q=self.heads, heads_kv=self.heads_kv,
                     n=self.n, head_dim=self.head_dim, causal=False)
 
 
@@ -137,6 +145,7 @@ class Preset:
     check_n: int | None = None  # None: the smallest N of the sweep
     check_shrink_heads: bool = False  # the interpreter's cost grows with heads: check with fewer
     overhead: tuple = (1, 2, 128, 64)  # (batch, heads, N, head dim): tiny, so launching dominates
+    decode_overhead: tuple = (4, 8, 256, 64, 2)  # (batch, query heads, cached keys, head dim, kv heads)
 
 
 KIB = 1024
@@ -265,8 +274,13 @@ def build_jobs(args, device_type):
 
     if "overhead" in suites:
         ours = "triton" if device_type == "cuda" else "triton-noop"
-        case = OverheadCase(*preset.overhead, dtype)
-        overhead += [Job("overhead", "time", p, mode, case) for mode in ("fwd", "fwd+bwd") for p in (ours, "sdpa")]
+        flash = OverheadCase(*preset.overhead, dtype)
+        batch, heads, n, head_dim, kv_heads = preset.decode_overhead
+        decode = OverheadCase(batch, heads, n, head_dim, dtype, kv_heads)
+        for mode in ("fwd", "fwd+bwd", "decode", "decode-paged"):
+            case = decode if mode.startswith("decode") else flash
+            overhead += [Job("overhead", "time", p, mode, case)
+                         for p in ((ours,) if mode == "decode-paged" else (ours, "sdpa"))]  # SDPA has no pages
 
     if "memory" in suites and device_type == "cuda":
         memory_providers = [p for p in preset.memory_providers if p in available]

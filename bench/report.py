@@ -115,11 +115,18 @@ def file_name(ctx, kind, ext):
 # ----------------------------------------------------------------------------
 # Records: flat dicts, one per result row
 # ----------------------------------------------------------------------------
+# Suites whose rows carry their own ratio: the overhead suite's is host cost / a bare custom op's, measured
+# interleaved with the call (bench/overhead.py), not a provider's time over another's.
+OWN_RATIO = {"overhead"}
+
+
 def add_ratios(records):
     """ratio = baseline time / this time, within one suite, mode and shape (> 1: faster than the baseline)."""
     base = {(r["suite"], r["mode"], r["shape"], r["dtype"]): r["time_ms"] for r in records
             if r["kind"] == "time" and r["provider"] == BASELINE.get(r["suite"]) and r["time_ms"]}
     for r in records:
+        if r["suite"] in OWN_RATIO:
+            continue
         b = base.get((r["suite"], r["mode"], r["shape"], r["dtype"]))
         r["ratio"] = b / r["time_ms"] if b and r.get("time_ms") else None
     return records
@@ -190,9 +197,10 @@ def _columns(suite):
     first = [("provider", "provider", str), ("mode", "mode", str), ("shape", "shape", str),
              ("status", "status", str), ("ms", "time_ms", _num(".3f"))]
     base = BASELINE[suite]
-    if suite == "overhead":  # the ratio would set no-op kernels against real work on the CPU: none
+    if suite == "overhead":  # no ratio to SDPA (stubbed kernels against real work on the CPU): to the bare op
         us = lambda v: "" if v is None else f"{1e3 * v:.1f}"  # noqa: E731
-        return first[:4] + [("us per call", "time_ms", us), ("launches", "launches", _num(".0f"))]
+        return first[:4] + [("us per call", "time_ms", us), ("x bare op", "ratio", _ratio),
+                            ("bare op us", _bare_op_ms, us), ("launches", "launches", _num(".0f"))]
     memory = [("extra MiB", "extra_mib", _num(".0f")), ("max err", "max_err", _num(".2e"))]
     if suite == "softmax":
         return first + [("GB/s", "gbps", _num(".1f")), (f"vs {base}", "ratio", _ratio)] + memory
@@ -209,8 +217,14 @@ def _suites(records):
     return [s for s in BASELINE if any(r["suite"] == s for r in records)]
 
 
+def _bare_op_ms(r):
+    """The bare custom op's ms per call, measured beside an overhead row: its time over its ratio."""
+    return r["time_ms"] / r["ratio"] if r.get("time_ms") and r.get("ratio") else None
+
+
 def _cells(records, columns):
-    return [[fmt(r.get(key)) for _, key, fmt in columns] for r in records]
+    """key: a record's field, or a function of the record."""
+    return [[fmt(key(r) if callable(key) else r.get(key)) for _, key, fmt in columns] for r in records]
 
 
 def text_table(headers, rows):
@@ -301,12 +315,17 @@ CPU_SOFTMAX_NOTE = ("On the CPU, GB/s is the bytes a softmax must move over the 
                     "then stay flat across N, and GB/s grows with N whatever the code does. The plot shows the "
                     "times.")
 OVERHEAD_NOTE = ("The host cost of one call at a tiny shape (bench/overhead.py): wall time per call of many calls in "
-                 "a row, the median of 7 rounds. `triton` (GPU) is flash_attention itself. `triton-noop` (CPU) is "
-                 "flash_attention with every Triton kernel replaced by a no-op recorder: the Python above the "
-                 "launches (input checks, the custom op, autograd, buffers), without Triton's launch path and the "
-                 "autotuner's lookup; `launches` counts the kernels one call launched. `sdpa` is "
-                 "F.scaled_dot_product_attention on the same inputs, for scale (on the CPU it also computes). On the CPU "
-                 "every row runs on one torch thread.")
+                 "a row, the median of 15 rounds. fwd and fwd+bwd are flash_attention (inputs without and with "
+                 "grad), decode and decode-paged decode_attention of one new token per sequence over a contiguous "
+                 "cache or 16-key pages (N: cached keys). `triton` (GPU) is the call itself. `triton-noop` (CPU) is "
+                 "the call with every Triton kernel stubbed at its launch by a no-op recorder: everything above "
+                 "the launch (input checks, the config choice, the custom op and autograd where taken, buffers), "
+                 "without Triton's own launcher; `launches` counts the kernels one call launched. `x bare op` is "
+                 "the call's time over a bare 5-argument torch.library custom op's (which only allocates its "
+                 "output), the two timed in alternating rounds in one process, the median of the rounds' ratios "
+                 "(issue 17's floors: decode 1.5x, fwd 2x, fwd+bwd 10x); `bare op us` is that op's time beside the "
+                 "row. `sdpa` is F.scaled_dot_product_attention on the same inputs, for scale (on the CPU it also "
+                 "computes). On the CPU every row runs on one torch thread.")
 
 
 # ----------------------------------------------------------------------------

@@ -57,6 +57,7 @@ class Result:
     max_err: float | None = None
     setup_s: float | None = None
     launches: int | None = None  # overhead suite on the CPU: kernel launches per call
+    ratio: float | None = None  # overhead suite: host cost / the bare custom op's (other suites: set by the report)
 
     def record(self):
         """A flat dict: one CSV row."""
@@ -64,7 +65,7 @@ class Result:
         return dict(suite=job.suite, kind=job.kind, provider=job.provider, mode=job.mode, shape=job.case.shape,
                     **job.case.columns(), status=self.status, time_ms=self.time_ms, tflops=self.tflops,
                     gbps=self.gbps, extra_mib=self.extra_mib, max_err=self.max_err, setup_s=self.setup_s,
-                    launches=self.launches)
+                    launches=self.launches, ratio=self.ratio)
 
 
 # ----------------------------------------------------------------------------
@@ -260,7 +261,7 @@ def _measure(job, device, timer, result):
     if isinstance(job.case, OverheadCase):
         from .overhead import measure
 
-        result.time_ms, result.launches = measure(job, device)  # warms up by itself: no setup_s
+        result.time_ms, result.launches, result.ratio = measure(job, device)  # warms up by itself: no setup_s
         return
     started = time.perf_counter()
     call, leaves = BUILDERS[type(job.case)](job, device)
@@ -281,7 +282,7 @@ def run_job(job, device, timer):
             _measure(job, device, timer, result)
         except Exception as exc:  # noqa: BLE001 - every failure is a row, the sweep goes on
             result.status = status_of(exc, caught)
-            result.time_ms = result.tflops = result.gbps = result.extra_mib = None
+            result.time_ms = result.tflops = result.gbps = result.extra_mib = result.ratio = None
     _report_warnings(job, caught)
     try:
         free_memory(device, collect=result.status not in ("ok", CORRECTNESS_ONLY))
@@ -308,7 +309,7 @@ def describe(result):
     parts = [f"{job.suite:9} {job.kind:5} {job.provider:14} {job.mode:7} {job.case.shape:28}"]
     if result.time_ms is not None and isinstance(job.case, OverheadCase):
         launches = "" if result.launches is None else f", {result.launches} kernel launches"
-        parts.append(f"{1e3 * result.time_ms:9.1f} us per call{launches}")
+        parts.append(f"{1e3 * result.time_ms:9.1f} us per call, {result.ratio:.2f}x the bare op{launches}")
     elif result.time_ms is not None:
         parts.append(f"{result.time_ms:9.3f} ms")
         if result.tflops is not None:

@@ -44,18 +44,20 @@ def _tl_dtype(dtype: torch.dtype):
 def check_flash_inputs(q, k, v, sm_scale=None):
     """Raise a clear error, naming the argument, for anything the kernels cannot take."""
     check_attention_inputs(q, k, v)
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share one dtype")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; q, k and v must share one device")
+    dtype, device = q.dtype, q.device
+    if k.dtype != dtype or v.dtype != dtype or k.device != device or v.device != device:
+        for name, t in (("k", k), ("v", v)):
+            if t.dtype != dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but q has {dtype}; q, k and v must share one dtype")
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but q is on {device}; q, k and v must share one device")
     head_dim = q.shape[-1]
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim (q.shape[-1]) must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
     if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale)):
         raise TypeError(f"sm_scale must be a finite float or None, got {sm_scale!r}")
     check_runnable(q, "q")
-    if q.dtype == torch.float64 and head_dim > 128 and q.device.type == "cuda":
+    if dtype == torch.float64 and head_dim > 128 and device.type == "cuda":
         # Even the smallest float64 tiles of D > 128 exceed an H100's shared memory.
         raise ValueError(f"float64 inputs support head_dim up to 128 on a GPU, got {head_dim}")
 
@@ -276,7 +278,8 @@ def _descriptor_view_allowed(t, strides):
 
 
 def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None, softcap=None, alibi_slopes=None,
-               sinks=None, dropout_p=0.0, seed=None, cu_seqlens=None, max_seqlens=None, deterministic=True):
+               sinks=None, dropout_p=0.0, seed=None, cu_seqlens=None, max_seqlens=None, deterministic=True,
+               _prepared=None):
     """Run the forward kernel. Returns o in q's layout and dtype, and lse in fp32 (float64 for float64).
 
     Padded: q (B, Hq, Nq, D) -> lse (B, Hq, Nq). Packed: q (total_q, Hq, D) with
@@ -285,6 +288,8 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
     seed is a one-element int64 tensor, needed when dropout_p > 0. deterministic=False lets opt-in
     autotuning (kernels/configs.py) time the candidates for a new shape.
     Reads shapes and strides only, never data: no host-device sync.
+    _prepared: a list that receives the kernel arguments worked out from the options
+    (_variant_arguments' result), which _flash_bwd(_prepared=...) then reuses.
     """
     batch, h_q, h_kv, n_q, n_k, strides = _layout(q, k, cu_seqlens, max_seqlens)
     o = torch.empty_like(q, memory_format=torch.contiguous_format) if o is None else o
@@ -304,9 +309,11 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
     sq, sk, sv, so = strides(q), strides(k), strides(v), strides(o)
     if max(sq[2], sq[3], sk[2], sk[3], sv[2], sv[3], so[2], so[3]) > _MAX_TILE_STRIDE:
         _check_tile_offsets((-2, -1) if cu_seqlens is None else (0, -1), q=q, k=k, v=v, o=o)
-    pointers, sinks_arg, scalars, strides_lse_alibi, variant = _variant_arguments(
-        q, causal, sm_scale, _window_bounds(window_size, causal), softcap, alibi_slopes, sinks, dropout_p, seed,
-        cu_seqlens, lse)
+    prepared = _variant_arguments(q, causal, sm_scale, _window_bounds(window_size, causal), softcap, alibi_slopes,
+                                  sinks, dropout_p, seed, cu_seqlens, lse)
+    if _prepared is not None:
+        _prepared.append(prepared)
+    pointers, sinks_arg, scalars, strides_lse_alibi, variant = prepared
     head_dim = q.shape[-1]
     constexprs, switches = _launch_plan("fwd", variant, head_dim, h_q != h_kv)
 
@@ -339,13 +346,15 @@ def _sm_count(device) -> int:
 
 def _gqa_splits(programs, group, device) -> int:
     """How many programs share one kv head's query heads in dK/dV: enough to fill the GPU, dividing the group."""
+    if device.type != "cuda":
+        return 1  # the interpreter's one "SM" is always full
     wanted = -(-_sm_count(device) // max(programs, 1))
     return next((d for d in range(1, group + 1) if group % d == 0 and d >= wanted), group)
 
 
 def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=None, dv=None, *, window_size=None,
                softcap=None, alibi_slopes=None, sinks=None, dsinks=None, dropout_p=0.0, seed=None,
-               cu_seqlens=None, max_seqlens=None, deterministic=True, gqa_splits=None):
+               cu_seqlens=None, max_seqlens=None, deterministic=True, gqa_splits=None, _prepared=None):
     """Run the backward kernels. Returns dq, dk, dv in the dtypes of q, k, v.
 
     dlse, the gradient flowing into the returned lse (if any), enters through
@@ -355,7 +364,8 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
     deterministic=False fuses dQ into the dK/dV kernel with atomic adds (faster,
     not bitwise reproducible). gqa_splits: how many programs share a GQA group's
     query heads in dK/dV (None: enough to fill the GPU); their fp32 partial sums
-    are added in a fixed order.
+    are added in a fixed order. _prepared: what _flash_fwd(_prepared=[]) worked out for the
+    same call (the options' kernel arguments), not worked out again.
     """
     batch, h_q, h_kv, n_q, n_k, strides = _layout(q, k, cu_seqlens, max_seqlens)
     head_dim = q.shape[-1]
@@ -375,9 +385,10 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
            sdv[2], sdv[3]) > _MAX_TILE_STRIDE:
         _check_tile_offsets((-2, -1) if cu_seqlens is None else (0, -1), q=q, k=k, v=v, o=o, do=do, dq=dq, dk=dk,
                             dv=dv)
-    pointers, _, scalars, strides_lse_alibi, variant = _variant_arguments(
-        q, causal, sm_scale, _window_bounds(window_size, causal), softcap, alibi_slopes, sinks, dropout_p, seed,
-        cu_seqlens, lse)
+    if _prepared is None:
+        _prepared = _variant_arguments(q, causal, sm_scale, _window_bounds(window_size, causal), softcap, alibi_slopes,
+                                       sinks, dropout_p, seed, cu_seqlens, lse)
+    pointers, _, scalars, strides_lse_alibi, variant = _prepared
     group = h_q // h_kv
     fused_dq = not deterministic
     constexprs, switches = _launch_plan("bwd_dkdv_fused" if fused_dq else "bwd_dkdv", variant, head_dim, group > 1)
@@ -526,9 +537,11 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, causal, sm_scale, options):
-        o, lse = _flash_fwd(q, k, v, causal, sm_scale, sinks=sinks, **options)
+        prepared = []  # the options' kernel arguments, worked out once for both passes
+        o, lse = _flash_fwd(q, k, v, causal, sm_scale, sinks=sinks, _prepared=prepared, **options)
         ctx.save_for_backward(q, k, v, o, lse, sinks)
         ctx.causal, ctx.sm_scale, ctx.options = causal, sm_scale, options
+        ctx.prepared = prepared[0] if prepared else None
         ctx.set_materialize_grads(False)  # as _setup_context
         return o, lse
 
@@ -539,7 +552,7 @@ class _FlashAttention(torch.autograd.Function):
             do = torch.zeros_like(o)
         dsinks = None if sinks is None else torch.empty(sinks.shape, dtype=lse.dtype, device=q.device)
         dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, dlse=dlse, sinks=sinks, dsinks=dsinks,
-                                **ctx.options)
+                                _prepared=ctx.prepared, **ctx.options)
         return dq, dk, dv, (dsinks.to(sinks.dtype) if sinks is not None else None), None, None, None
 
 
@@ -575,6 +588,8 @@ def _attention(q, k, v, causal, sm_scale, window, softcap, alibi_slopes, sinks, 
                                   [sm_scale, float(softcap or 0.0), float(dropout_p)])
     cu_seqlens = None if cu_seqlens_q is None else (cu_seqlens_q, cu_seqlens_k)
     max_seqlens = None if cu_seqlens_q is None else (max_seqlen_q, max_seqlen_k)
+    if window[0] == -1 and (window[1] == -1 or causal):
+        window = None  # no window (causal's right bound comes from causal): no bounds to read again
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                     or (sinks is not None and sinks.requires_grad)):
         return _FlashAttention.apply(q, k, v, sinks, causal, sm_scale, dict(

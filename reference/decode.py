@@ -57,28 +57,30 @@ def check_cache(k_cache, v_cache, cache_seqlens, block_table=None, lengths_name=
         if t.dim() != 4:
             what = "(num_blocks, Hkv, block_size, D)" if block_table is not None else "(B, Hkv, N_max, D)"
             raise ValueError(f"{name} must have rank 4 {what}, got shape {tuple(t.shape)}")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
+    shape, device = k_cache.shape, k_cache.device  # read once: this runs on every decode step
+    if shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(shape)} "
                          f"and {tuple(v_cache.shape)}")
     if v_cache.dtype != k_cache.dtype:
         raise TypeError(f"v_cache has dtype {v_cache.dtype} but k_cache has {k_cache.dtype}")
     _index_tensor(cache_seqlens, lengths_name, 1)
     for name, t in (("v_cache", v_cache), (lengths_name, cache_seqlens)):
-        if t.device != k_cache.device:
-            raise ValueError(f"{name} is on {t.device} but k_cache is on {k_cache.device}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but k_cache is on {device}")
     batch = cache_seqlens.shape[0]
-    h_kv, head_dim = k_cache.shape[1], k_cache.shape[3]
+    h_kv, head_dim = shape[1], shape[3]
     if block_table is None:
-        if k_cache.shape[0] != batch:
-            raise ValueError(f"k_cache holds {k_cache.shape[0]} sequences but {lengths_name} has {batch}")
-        return batch, h_kv, k_cache.shape[2], head_dim, None
+        if shape[0] != batch:
+            raise ValueError(f"k_cache holds {shape[0]} sequences but {lengths_name} has {batch}")
+        return batch, h_kv, shape[2], head_dim, None
     _index_tensor(block_table, "block_table", 2)
-    if block_table.device != k_cache.device:
-        raise ValueError(f"block_table is on {block_table.device} but k_cache is on {k_cache.device}")
-    if block_table.shape[0] != batch:
-        raise ValueError(f"block_table has {block_table.shape[0]} rows but {lengths_name} has {batch} sequences")
-    block_size = k_cache.shape[2]
-    return batch, h_kv, block_table.shape[1] * block_size, head_dim, block_size
+    if block_table.device != device:
+        raise ValueError(f"block_table is on {block_table.device} but k_cache is on {device}")
+    table_shape = block_table.shape
+    if table_shape[0] != batch:
+        raise ValueError(f"block_table has {table_shape[0]} rows but {lengths_name} has {batch} sequences")
+    block_size = shape[2]
+    return batch, h_kv, table_shape[1] * block_size, head_dim, block_size
 
 
 def check_lengths(cache_seqlens, capacity, least=0, block_table=None, num_blocks=None, block_size=None):

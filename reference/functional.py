@@ -22,15 +22,16 @@ def check_attention_inputs(q, k, v):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have rank 4 (batch, heads, tokens, head_dim), got shape {tuple(t.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
-    if q.shape[3] != k.shape[3]:
-        raise ValueError(f"q and k must have the same head_dim, got {q.shape[3]} and {k.shape[3]}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+    q_shape, k_shape = q.shape, k.shape
+    if k_shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k_shape)} and v {tuple(v.shape)}")
+    if q_shape[0] != k_shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got {q_shape[0]} and {k_shape[0]}")
+    if q_shape[3] != k_shape[3]:
+        raise ValueError(f"q and k must have the same head_dim, got {q_shape[3]} and {k_shape[3]}")
+    if k_shape[1] == 0 or q_shape[1] % k_shape[1] != 0:
         raise ValueError(
-            f"the number of query heads ({q.shape[1]}) must be a multiple of the number of kv heads ({k.shape[1]})"
+            f"the number of query heads ({q_shape[1]}) must be a multiple of the number of kv heads ({k_shape[1]})"
         )
 
 

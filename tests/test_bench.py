@@ -162,7 +162,7 @@ def test_gpu_plan_runs_what_matters_first():
     assert flex and ours_and_sdpa and overhead
     assert max(ours_and_sdpa) < min(overhead) < max(overhead) < min(flex), "Triton and SDPA, then overhead, then flex"
     assert {(j.provider, j.mode) for j in jobs if j.suite == "overhead"} == {
-        (p, m) for p in ("triton", "sdpa") for m in ("fwd", "fwd+bwd")}
+        (p, m) for p in ("triton", "sdpa") for m in ("fwd", "fwd+bwd", "decode")} | {("triton", "decode-paged")}
 
 
 def test_heads_spec():
@@ -331,12 +331,19 @@ def test_report_prints_the_summary_of_a_csv(cpu_run, capsys):
 def test_overhead_rows_are_labelled_and_count_launches(cpu_run):
     out, files, rows = cpu_run
     overhead = {(r["provider"], r["mode"]): r for r in rows if r["suite"] == "overhead"}
-    assert set(overhead) == {(p, m) for p in ("triton-noop", "sdpa") for m in ("fwd", "fwd+bwd")}
+    modes = ("fwd", "fwd+bwd", "decode")
+    assert set(overhead) == {(p, m) for p in ("triton-noop", "sdpa") for m in modes} | {("triton-noop", "decode-paged")}
     assert all(r["status"] == "ok" and float(r["time_ms"]) > 0 for r in overhead.values())
     fwd, both = int(overhead["triton-noop", "fwd"]["launches"]), int(overhead["triton-noop", "fwd+bwd"]["launches"])
     assert 1 <= fwd < both, (fwd, both)
+    assert int(overhead["triton-noop", "decode-paged"]["launches"]) >= 1
+    # Each row's host cost as a ratio to the bare custom op, kept through the report (not SDPA's ratio).
+    assert all(float(r["ratio"]) > 0 for r in overhead.values())
+    ours = overhead["triton-noop", "fwd+bwd"]
+    assert float(ours["ratio"]) > float(overhead["triton-noop", "fwd"]["ratio"]), "a backward costs more than none"
     text = (out / next(f for f in files if f.endswith(".md"))).read_text()
-    assert "## overhead" in text and "no-op recorder" in text
+    assert "## overhead" in text and "no-op recorder" in text and "x bare op" in text
+    assert f"{float(ours['ratio']):.2f}x" in text
 
 
 def test_noop_kernels_put_every_kernel_back():
