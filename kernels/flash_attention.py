@@ -25,7 +25,7 @@ from reference.functional import check_attention_inputs
 
 from . import runtime
 from .configs import KERNELS as CONFIGS
-from .configs import launch
+from .configs import autotune_enabled, launch
 from .flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .flash_fwd import _attn_fwd
 from .runtime import accumulator_dtype, check_flag, check_runnable, dot_precision, has_tma, upcast_tiles
@@ -92,6 +92,9 @@ def _window_bounds(window_size, causal):
 
 def check_flash_options(q, batch, softcap=None, alibi_slopes=None, sinks=None, dropout_p=0.0):
     """Raise a clear error, naming the argument, for an option the kernels cannot take."""
+    if softcap is None and alibi_slopes is None and sinks is None and type(dropout_p) in (float, int) \
+            and dropout_p == 0:
+        return  # no option: nothing to check (a bool dropout_p goes on to be refused)
     h_q = q.shape[-3] if q.dim() == 4 else q.shape[-2]
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap):
@@ -242,6 +245,36 @@ def _launch_plan(kernel, variant, head_dim, gqa):
     return plan
 
 
+_launch_kwargs = {}
+
+
+def _launch(kernel_configs, kernel, grid, args, constexprs, *, n_q, n_k, switches, tma=False, warp_specialize=False,
+            deterministic=True, scratch=None, check=None):
+    """configs.launch for a launch plan's constexprs, its keyword arguments merged once per (plan, config).
+
+    The choice is configs.launch's own (KernelConfigs.choose, its memo, forced configs, checks);
+    only the dict of compile-time and config keywords a launch passes on is kept instead of
+    rebuilt on every call. A timed choice (opt-in autotuning, deterministic=False) goes
+    through configs.launch itself. Returns the config.
+    """
+    if not deterministic and autotune_enabled():
+        return launch(kernel_configs, kernel, grid, args, constexprs, dtype=args[0].dtype, n_q=n_q, n_k=n_k,
+                      switches=switches, tma=tma, warp_specialize=warp_specialize, deterministic=deterministic,
+                      scratch=scratch, check=check)
+    config = kernel_configs.choose(args[0].device, args[0].dtype, constexprs["HEAD_DIM_PAD"], n_q, n_k, switches,
+                                   tma=tma, warp_specialize=warp_specialize, deterministic=deterministic)
+    if check is not None and kernel_configs.forced is not None:
+        check(config)
+    kernel_configs.last_config = config
+    # By identity (a Config hashes by rebuilding its keywords): a plan's constexprs live as long as the
+    # process, and the entry holds the config, so neither id can be reused while the entry stands.
+    entry = _launch_kwargs.get((id(constexprs), id(config)))
+    if entry is None or entry[0] is not config:
+        entry = _launch_kwargs[id(constexprs), id(config)] = (config, {**constexprs, **config.all_kwargs()})
+    kernel[grid(config)](*args, **entry[1])
+    return config
+
+
 def _check_hopper_options(config, flags, descriptors):
     """Refuse, with the reason, a forced config (only_config) whose Hopper options cannot run this call."""
     if config.kwargs.get("USE_TMA", False) and not descriptors:
@@ -261,6 +294,11 @@ def _layout(q, k, cu_seqlens, max_seqlens):
     return (cu_seqlens[0].shape[0] - 1, q.shape[1], k.shape[1], *max_seqlens, _packed_strides)
 
 
+def _empty_contiguous(t):
+    """A contiguous tensor of t's shape, dtype and device (empty_like is the cheapest call when t is contiguous)."""
+    return torch.empty_like(t) if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def _padded_strides(t):
     return t.stride()
 
@@ -270,11 +308,16 @@ def _packed_strides(t):
     return 0, strides[1], strides[0], strides[2]
 
 
-def _descriptor_view_allowed(t, strides):
-    """_descriptor_loads_allowed for one tensor, from the strides of its 4-D view (a packed view's 0 is aligned)."""
-    size = t.element_size()
-    return strides[3] == 1 and not (t.data_ptr() % TMA_ALIGNMENT or strides[0] * size % TMA_ALIGNMENT
-                                    or strides[1] * size % TMA_ALIGNMENT or strides[2] * size % TMA_ALIGNMENT)
+def _descriptor_views_allowed(q, k, v, sq, sk, sv):
+    """_descriptor_loads_allowed(q, k, v) from the strides of their 4-D views (a packed view's 0 is aligned).
+
+    Element sizes are powers of two, so stride * size is a multiple of 16 for every stride exactly
+    when the bitwise or of the strides, times the size, is: one test instead of nine.
+    """
+    return (sq[3] == 1 and sk[3] == 1 and sv[3] == 1
+            and not (q.data_ptr() | k.data_ptr() | v.data_ptr()) % TMA_ALIGNMENT
+            and not (sq[0] | sq[1] | sq[2] | sk[0] | sk[1] | sk[2] | sv[0] | sv[1] | sv[2]) * q.element_size()
+            % TMA_ALIGNMENT)
 
 
 def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None, softcap=None, alibi_slopes=None,
@@ -292,7 +335,7 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
     (_variant_arguments' result), which _flash_bwd(_prepared=...) then reuses.
     """
     batch, h_q, h_kv, n_q, n_k, strides = _layout(q, k, cu_seqlens, max_seqlens)
-    o = torch.empty_like(q, memory_format=torch.contiguous_format) if o is None else o
+    o = _empty_contiguous(q) if o is None else o
     if lse is None:
         lse = q.new_empty((batch, h_q, n_q) if cu_seqlens is None else (h_q, q.shape[0]),
                           dtype=accumulator_dtype(q.dtype))
@@ -318,9 +361,9 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
     constexprs, switches = _launch_plan("fwd", variant, head_dim, h_q != h_kv)
 
     # Descriptor (TMA) loads of q, k, v are a config option when their layout allows them.
-    descriptors = (_descriptor_view_allowed(q, sq) and _descriptor_view_allowed(k, sk)
-                   and _descriptor_view_allowed(v, sv))
-    if descriptors and has_tma(q.device):
+    device = q.device
+    descriptors = _descriptor_views_allowed(q, k, v, sq, sk, sv)
+    if descriptors and has_tma(device):
         _ensure_descriptor_allocator()
     # Warp specialization is for the plain key loop: not for causal or windowed calls (their masked
     # diagonal blocks), nor packed sequences (with their early exit Triton 3.6 cannot compile the kernel).
@@ -328,11 +371,11 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
     args = (q, k, v, o, lse, pointers[0], pointers[1], sinks_arg, pointers[2], pointers[3], *scalars,
             *sq, *sk, *sv, *so, *strides_lse_alibi, h_q, h_q // h_kv, n_q, n_k)
     programs = batch * h_q  # times the query blocks of the config: a 1-D grid
-    with runtime.on_device(q.device):
-        launch(CONFIGS["fwd"], _attn_fwd, lambda c: (-(-n_q // c.kwargs["BLOCK_M"]) * programs,), args, constexprs,
-               dtype=q.dtype, n_q=n_q, n_k=n_k, switches=switches, tma=descriptors, warp_specialize=warp_specialize,
-               deterministic=deterministic, check=lambda c: _check_hopper_options(c, constexprs, descriptors),
-               scratch=lambda: (*args[:3], torch.empty_like(o), torch.empty_like(lse), *args[5:]))
+    with runtime.on_device(device):
+        _launch(CONFIGS["fwd"], _attn_fwd, lambda c: (-(-n_q // c.kwargs["BLOCK_M"]) * programs,), args, constexprs,
+                n_q=n_q, n_k=n_k, switches=switches, tma=descriptors, warp_specialize=warp_specialize,
+                deterministic=deterministic, check=lambda c: _check_hopper_options(c, constexprs, descriptors),
+                scratch=lambda: (*args[:3], torch.empty_like(o), torch.empty_like(lse), *args[5:]))
     return o, lse
 
 
@@ -369,9 +412,9 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
     """
     batch, h_q, h_kv, n_q, n_k, strides = _layout(q, k, cu_seqlens, max_seqlens)
     head_dim = q.shape[-1]
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else dq
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format) if dk is None else dk
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format) if dv is None else dv
+    dq = _empty_contiguous(q) if dq is None else dq
+    dk = _empty_contiguous(k) if dk is None else dk
+    dv = _empty_contiguous(v) if dv is None else dv
     if dsinks is not None:
         dsinks.zero_()
     if q.numel() == 0 or k.numel() == 0:
@@ -431,9 +474,9 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
             return (*dkdv_args[:6], dk_s if splits == 1 else dk_s[0], dv_s if splits == 1 else dv_s[0],
                     torch.zeros_like(dq_acc), *dkdv_args[9:])
 
-        launch(CONFIGS["bwd_dkdv"], _attn_bwd_dkdv,
-               lambda c: (-(-n_k // c.kwargs["BLOCK_N"]) * splits * batch * h_kv,), dkdv_args, constexprs,
-               dtype=q.dtype, n_q=n_q, n_k=n_k, switches=switches, deterministic=deterministic, scratch=dkdv_scratch)
+        _launch(CONFIGS["bwd_dkdv"], _attn_bwd_dkdv,
+                lambda c: (-(-n_k // c.kwargs["BLOCK_N"]) * splits * batch * h_kv,), dkdv_args, constexprs,
+                n_q=n_q, n_k=n_k, switches=switches, deterministic=deterministic, scratch=dkdv_scratch)
         if splits > 1:
             dk.copy_(dk_out.sum(0))  # a fixed order: bitwise reproducible
             dv.copy_(dv_out.sum(0))
@@ -442,9 +485,9 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
         constexprs, _ = _launch_plan("bwd_dq", variant, head_dim, group > 1)
         dq_args = (q, k, v, do, lse, delta, dq, *pointers, *scalars, *sq, *sk, *sv, *sdo, *sdq, *strides_lse_alibi,
                    h_q, group, n_q, n_k)
-        launch(CONFIGS["bwd_dq"], _attn_bwd_dq, lambda c: (-(-n_q // c.kwargs["BLOCK_M"]) * batch * h_q,),
-               dq_args, constexprs, dtype=q.dtype, n_q=n_q, n_k=n_k, switches=switches, deterministic=deterministic,
-               scratch=lambda: (*dq_args[:6], torch.empty_like(dq), *dq_args[7:]))
+        _launch(CONFIGS["bwd_dq"], _attn_bwd_dq, lambda c: (-(-n_q // c.kwargs["BLOCK_M"]) * batch * h_q,),
+                dq_args, constexprs, n_q=n_q, n_k=n_k, switches=switches, deterministic=deterministic,
+                scratch=lambda: (*dq_args[:6], torch.empty_like(dq), *dq_args[7:]))
     return dq, dk, dv
 
 
@@ -531,14 +574,17 @@ _flash_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 class _FlashAttention(torch.autograd.Function):
     """The ops' autograd in eager mode, on the launchers directly: the same kernels, without the dispatch.
 
-    forward(q, k, v, sinks, causal, sm_scale, options) -> (o, lse), options being
-    _flash_fwd's keywords. torch.compile traces the custom ops instead (_attention).
+    forward(q, k, v, sinks, causal, sm_scale, return_lse, options) -> (o, lse), options being
+    _flash_fwd's keywords; lse is differentiable only when the caller returns it. torch.compile
+    traces the custom ops instead (_attention).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, causal, sm_scale, options):
+    def forward(ctx, q, k, v, sinks, causal, sm_scale, return_lse, options):
         prepared = []  # the options' kernel arguments, worked out once for both passes
         o, lse = _flash_fwd(q, k, v, causal, sm_scale, sinks=sinks, _prepared=prepared, **options)
+        if not return_lse:
+            ctx.mark_non_differentiable(lse)  # nobody can use it: one output less for autograd to track
         ctx.save_for_backward(q, k, v, o, lse, sinks)
         ctx.causal, ctx.sm_scale, ctx.options = causal, sm_scale, options
         ctx.prepared = prepared[0] if prepared else None
@@ -553,7 +599,7 @@ class _FlashAttention(torch.autograd.Function):
         dsinks = None if sinks is None else torch.empty(sinks.shape, dtype=lse.dtype, device=q.device)
         dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, dlse=dlse, sinks=sinks, dsinks=dsinks,
                                 _prepared=ctx.prepared, **ctx.options)
-        return dq, dk, dv, (dsinks.to(sinks.dtype) if sinks is not None else None), None, None, None
+        return dq, dk, dv, (dsinks.to(sinks.dtype) if sinks is not None else None), None, None, None, None
 
 
 # ----------------------------------------------------------------------------
@@ -572,7 +618,7 @@ def _op_window(window_size, causal):
 
 
 def _attention(q, k, v, causal, sm_scale, window, softcap, alibi_slopes, sinks, dropout_p, deterministic,
-               cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+               return_lse, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     """One checked call down the cheapest path that serves it; window: (left, right), -1 for an open side.
 
         torch.compile tracing, or a tensor subclass (FakeTensor, ...)  the custom op, which they dispatch
@@ -592,7 +638,7 @@ def _attention(q, k, v, causal, sm_scale, window, softcap, alibi_slopes, sinks, 
         window = None  # no window (causal's right bound comes from causal): no bounds to read again
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                     or (sinks is not None and sinks.requires_grad)):
-        return _FlashAttention.apply(q, k, v, sinks, causal, sm_scale, dict(
+        return _FlashAttention.apply(q, k, v, sinks, causal, sm_scale, return_lse, dict(
             window_size=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed,
             cu_seqlens=cu_seqlens, max_seqlens=max_seqlens, deterministic=deterministic))
     return _flash_fwd(q, k, v, causal, sm_scale, window_size=window, softcap=softcap, alibi_slopes=alibi_slopes,
@@ -629,7 +675,7 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, return_lse=False, wind
     deterministic = check_flag(deterministic, "deterministic")
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     o, lse = _attention(q, k, v, causal, sm_scale, _op_window(window_size, causal), softcap, alibi_slopes, sinks,
-                        dropout_p, deterministic)
+                        dropout_p, deterministic, return_lse)
     return (o, lse) if return_lse else o
 
 
@@ -705,7 +751,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     deterministic = check_flag(deterministic, "deterministic")
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     o, lse = _attention(q, k, v, causal, sm_scale, _op_window(window_size, causal), softcap, alibi_slopes, sinks,
-                        dropout_p, deterministic, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
+                        dropout_p, deterministic, return_lse, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                        int(max_seqlen_k))
     return (o, lse) if return_lse else o
 
 

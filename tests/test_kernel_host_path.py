@@ -205,3 +205,21 @@ def test_the_eager_autograd_function_and_the_ops_give_the_same_bits(device):
         results.append([o, lse, q.grad, k.grad, v.grad, sinks.grad])
     for name, eager, op in zip(("o", "lse", "dq", "dk", "dv", "dsinks"), *results):
         assert torch.equal(eager, op), f"{name} differs between the eager Function and the op"
+
+
+def test_the_launchers_descriptor_test_is_the_full_one():
+    """_flash_fwd tests TMA alignment on the strides it already read, in one expression: same answers."""
+    base = torch.randn(2, 3, 40, 66, dtype=torch.float16)
+    layouts = {"contiguous": base[..., :64].contiguous(), "head dim 64 of 66": base[..., :64],
+               "transposed": base[..., :64].contiguous().transpose(1, 2),
+               "start 2 bytes off": torch.randn(2 * 3 * 40 * 64 + 1, dtype=torch.float16)[1:].view(2, 3, 40, 64),
+               "strided last": base[..., ::2], "head dim 8": base[..., :8].contiguous()}
+    for name, t in layouts.items():
+        for others in ((t, t), (layouts["contiguous"][..., :t.shape[-1]], t)):
+            q, k, v = t, *others
+            expected = fa._descriptor_loads_allowed(q, k, v)
+            assert fa._descriptor_views_allowed(q, k, v, q.stride(), k.stride(), v.stride()) == expected, name
+    packed = base[0, :, :, :64].transpose(0, 1)  # (40, 3, 64) strided
+    strides = fa._packed_strides(packed)
+    assert fa._descriptor_views_allowed(packed, packed, packed, strides, strides, strides) == \
+        fa._descriptor_loads_allowed(packed, packed, packed)
