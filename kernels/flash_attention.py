@@ -25,6 +25,7 @@ from reference.functional import check_attention_inputs
 
 from . import runtime
 from .configs import KERNELS as CONFIGS
+from .block_mask import DEFAULT_BLOCK_SIZE, NO_MODS
 from .configs import launch
 from .flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .flash_fwd import _attn_fwd
@@ -186,8 +187,19 @@ def _variant_arguments(q, causal, sm_scale, window, softcap, alibi_slopes, sinks
 _SWITCHES = ("IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_SINKS", "HAS_DROPOUT", "IS_VARLEN", "FUSED_DQ")
 
 
-def _switches(flags, gqa):
-    return (*((name, flags[name]) for name in _SWITCHES if name in flags), ("IS_GQA", gqa))
+def _switches(flags, gqa, mods=NO_MODS):
+    return (*((name, flags[name]) for name in _SWITCHES if name in flags), ("IS_GQA", gqa), ("HAS_MODS", bool(mods)))
+
+
+def _fits_block_mask(config, block_mask, kernel):
+    """A block mask's blocks must hold whole tiles: refuse, naming both, a config whose tiles are larger."""
+    if block_mask is None:
+        return
+    block_m, block_n = block_mask.block_size
+    if config.kwargs["BLOCK_M"] > block_m or config.kwargs["BLOCK_N"] > block_n:
+        raise ValueError(f"block_mask's blocks ({block_m} x {block_n}) are smaller than the {kernel} kernel's tiles "
+                         f"here ({config.kwargs['BLOCK_M']} x {config.kwargs['BLOCK_N']}): build it with a larger "
+                         f"BLOCK_SIZE (the default, {DEFAULT_BLOCK_SIZE}, fits every chip)")
 
 
 def _check_hopper_options(config, flags, descriptors):
@@ -211,14 +223,16 @@ def _layout(q, k, cu_seqlens, max_seqlens):
 
 
 def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None, softcap=None, alibi_slopes=None,
-               sinks=None, dropout_p=0.0, seed=None, cu_seqlens=None, max_seqlens=None, deterministic=True):
+               sinks=None, dropout_p=0.0, seed=None, cu_seqlens=None, max_seqlens=None, deterministic=True,
+               mods=NO_MODS):
     """Run the forward kernel. Returns o in q's layout and dtype, and lse in fp32 (float64 for float64).
 
     Padded: q (B, Hq, Nq, D) -> lse (B, Hq, Nq). Packed: q (total_q, Hq, D) with
     cu_seqlens = (cu_seqlens_q, cu_seqlens_k) and max_seqlens = (max_q, max_k) -> lse (Hq, total_q).
     o and lse may be passed in (tests pass NaN-filled buffers to catch unwritten elements).
     seed is a one-element int64 tensor, needed when dropout_p > 0. deterministic=False lets opt-in
-    autotuning (kernels/configs.py) time the candidates for a new shape.
+    autotuning (kernels/configs.py) time the candidates for a new shape. mods: the call's
+    score_mod, mask_mod and block_mask (kernels/block_mask.py).
     """
     batch, h_q, h_kv, n_q, n_k, strides = _layout(q, k, cu_seqlens, max_seqlens)
     head_dim = q.shape[-1]
@@ -248,16 +262,23 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
     flags["HAS_SINKS"] = sinks is not None
     head_dim_pad = _head_dim_pad(head_dim)
     # Warp specialization is for the plain key loop: not for causal or windowed calls (their masked
-    # diagonal blocks), nor packed sequences (with their early exit Triton 3.6 cannot compile the kernel).
-    warp_specialize = not (flags["IS_CAUSAL"] or flags["HAS_WINDOW"] or flags["IS_VARLEN"])
-    args = (q, k, v, o, lse, pointers[0], pointers[1], sinks_arg, pointers[2], pointers[3], *scalars,
-            *strides(q), *strides(k), *strides(v), *strides(o), *strides_lse_alibi, h_q, h_q // h_kv, n_q, n_k)
+    # diagonal blocks), nor packed sequences (with their early exit Triton 3.6 cannot compile the
+    # kernel), nor mods (their block lists are more loops).
+    warp_specialize = not (flags["IS_CAUSAL"] or flags["HAS_WINDOW"] or flags["IS_VARLEN"] or mods)
+    block_mask, bm_strides, score_args, mask_args, mod_constexprs = mods.kernel_arguments(lse)
+    args = (q, k, v, o, lse, pointers[0], pointers[1], sinks_arg, pointers[2], pointers[3], block_mask, *scalars,
+            *strides(q), *strides(k), *strides(v), *strides(o), *strides_lse_alibi, *bm_strides,
+            h_q, h_q // h_kv, n_q, n_k, score_args, mask_args)
+    tiles_limit = mods.block_mask.block_size if mods.block_mask is not None else (n_q, n_k)
     with runtime.on_device(q.device):
-        launch(CONFIGS["fwd"], _attn_fwd, lambda c: (triton.cdiv(n_q, c.kwargs["BLOCK_M"]) * batch * h_q,), args,
-               dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **flags), dtype=q.dtype, n_q=n_q, n_k=n_k,
-               switches=_switches(flags, h_q != h_kv), tma=descriptors, warp_specialize=warp_specialize,
-               deterministic=deterministic, check=lambda c: _check_hopper_options(c, flags, descriptors),
-               scratch=lambda: (*args[:3], torch.empty_like(o), torch.empty_like(lse), *args[5:]))
+        config = launch(CONFIGS["fwd"], _attn_fwd, lambda c: (triton.cdiv(n_q, c.kwargs["BLOCK_M"]) * batch * h_q,),
+                        args, dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **flags, **mod_constexprs),
+                        dtype=q.dtype, n_q=min(n_q, tiles_limit[0]), n_k=min(n_k, tiles_limit[1]),
+                        switches=_switches(flags, h_q != h_kv, mods), tma=descriptors,
+                        warp_specialize=warp_specialize, deterministic=deterministic,
+                        check=lambda c: _check_hopper_options(c, flags, descriptors),
+                        scratch=lambda: (*args[:3], torch.empty_like(o), torch.empty_like(lse), *args[5:]),
+                        fits=lambda c: _fits_block_mask(c, mods.block_mask, "forward"))
     return o, lse
 
 
@@ -277,7 +298,7 @@ def _gqa_splits(programs, group, device) -> int:
 
 def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=None, dv=None, *, window_size=None,
                softcap=None, alibi_slopes=None, sinks=None, dsinks=None, dropout_p=0.0, seed=None,
-               cu_seqlens=None, max_seqlens=None, deterministic=True, gqa_splits=None):
+               cu_seqlens=None, max_seqlens=None, deterministic=True, gqa_splits=None, mods=NO_MODS, grad_args=()):
     """Run the backward kernels. Returns dq, dk, dv in the dtypes of q, k, v.
 
     dlse, the gradient flowing into the returned lse (if any), enters through
@@ -287,7 +308,8 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
     deterministic=False fuses dQ into the dK/dV kernel with atomic adds (faster,
     not bitwise reproducible). gqa_splits: how many programs share a GQA group's
     query heads in dK/dV (None: enough to fill the GPU); their fp32 partial sums
-    are added in a fixed order.
+    are added in a fixed order. mods: the forward's; grad_args: zeroed fp32 buffers, one per
+    tensor of the score_mod's args that requires grad, into which its derivative adds.
     """
     batch, h_q, h_kv, n_q, n_k, strides = _layout(q, k, cu_seqlens, max_seqlens)
     head_dim = q.shape[-1]
@@ -339,33 +361,44 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
     fused_dq = not deterministic
     flags["FUSED_DQ"] = fused_dq
     dq_acc = torch.zeros(q.shape, dtype=lse.dtype, device=q.device) if fused_dq else dq
-    switches = _switches(flags, group > 1)
-    constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **flags)
-    dkdv_args = (q, k, v, do, lse, delta, dk_view, dv_view, dq_acc, *pointers, *scalars,
+    switches = _switches(flags, group > 1, mods)
+    grad_args = tuple(grad_args)
+    lists_t, bm_strides_t, score_args, mask_args, mod_constexprs = mods.kernel_arguments(lse, transposed=True,
+                                                                                          backward=True)
+    constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **flags, **mod_constexprs)
+    dkdv_constexprs = dict(constexprs, MOD_GRADS=bool(grad_args)) if grad_args else constexprs
+    dkdv_args = (q, k, v, do, lse, delta, dk_view, dv_view, dq_acc, *pointers, lists_t, *scalars,
                  *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk_view), *strides(dv_view),
-                 *strides(dq_acc), *strides_lse_alibi, stride_split, h_kv, group, group // splits, n_q, n_k)
+                 *strides(dq_acc), *strides_lse_alibi, stride_split, *bm_strides_t, h_kv, group, group // splits,
+                 n_q, n_k, score_args, mask_args, grad_args)
 
     def dkdv_scratch():
-        """Fresh dK, dV (all split slices) and dQ buffers: a timing run must not add into the caller's dQ."""
+        """Fresh dK, dV (all split slices), dQ and mod-gradient buffers: a timing run must not add into the caller's."""
         dk_s, dv_s = (torch.empty_like(t) for t in (dk_out, dv_out))
         return (*dkdv_args[:6], dk_s if splits == 1 else dk_s[0], dv_s if splits == 1 else dv_s[0],
-                torch.zeros_like(dq_acc), *dkdv_args[9:])
+                torch.zeros_like(dq_acc), *dkdv_args[9:-1], tuple(torch.zeros_like(g) for g in grad_args))
 
+    tiles_limit = mods.block_mask.block_size if mods.block_mask is not None else (n_q, n_k)
+    limits = dict(n_q=min(n_q, tiles_limit[0]), n_k=min(n_k, tiles_limit[1]))
     with runtime.on_device(q.device):
         launch(CONFIGS["bwd_dkdv"], _attn_bwd_dkdv,
-               lambda c: (triton.cdiv(n_k, c.kwargs["BLOCK_N"]) * splits * batch * h_kv,), dkdv_args, constexprs,
-               dtype=q.dtype, n_q=n_q, n_k=n_k, switches=switches, deterministic=deterministic, scratch=dkdv_scratch)
+               lambda c: (triton.cdiv(n_k, c.kwargs["BLOCK_N"]) * splits * batch * h_kv,), dkdv_args, dkdv_constexprs,
+               dtype=q.dtype, switches=switches, deterministic=deterministic, scratch=dkdv_scratch,
+               fits=lambda c: _fits_block_mask(c, mods.block_mask, "dK/dV"), **limits)
         if splits > 1:
             dk.copy_(dk_out.sum(0))  # a fixed order: bitwise reproducible
             dv.copy_(dv_out.sum(0))
         if fused_dq:
             return dq.copy_(dq_acc), dk, dv
         del constexprs["FUSED_DQ"]
-        dq_args = (q, k, v, do, lse, delta, dq, *pointers, *scalars, *strides(q), *strides(k), *strides(v),
-                   *strides(do), *strides(dq), *strides_lse_alibi, h_q, h_q // h_kv, n_q, n_k)
+        lists, bm_strides, _, _, _ = mods.kernel_arguments(lse)
+        dq_args = (q, k, v, do, lse, delta, dq, *pointers, lists, *scalars, *strides(q), *strides(k), *strides(v),
+                   *strides(do), *strides(dq), *strides_lse_alibi, *bm_strides, h_q, h_q // h_kv, n_q, n_k,
+                   score_args, mask_args)
         launch(CONFIGS["bwd_dq"], _attn_bwd_dq, lambda c: (triton.cdiv(n_q, c.kwargs["BLOCK_M"]) * batch * h_q,),
-               dq_args, constexprs, dtype=q.dtype, n_q=n_q, n_k=n_k, switches=switches, deterministic=deterministic,
-               scratch=lambda: (*dq_args[:6], torch.empty_like(dq), *dq_args[7:]))
+               dq_args, constexprs, dtype=q.dtype, switches=switches, deterministic=deterministic,
+               scratch=lambda: (*dq_args[:6], torch.empty_like(dq), *dq_args[7:]),
+               fits=lambda c: _fits_block_mask(c, mods.block_mask, "dQ"), **limits)
     return dq, dk, dv
 
 

@@ -28,8 +28,8 @@ in plain PyTorch, without the variants.
 import triton
 import triton.language as tl
 
-from .tiles import (LOG2E, _cast_for_store, _dropout_keep, _key_range, _load_tile, _query_range, _scores,
-                    _sequence_bounds, _visible)
+from .tiles import (LOG2E, _cast_for_store, _dropout_keep, _key_range, _load_tile, _mask_mod_visible, _query_range,
+                    _score_grad, _scores, _sequence_bounds, _visible)
 
 
 @triton.jit
@@ -67,18 +67,34 @@ def _attn_bwd_preprocess(O, DO, DELTA,
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_row, stride_qm, stride_dom,
                          stride_dqm, offs_n, offs_m, offs_d, lo, hi, N_Q, N_K, offset, sm_scale, softcap,
                          alibi_slope, window_left, window_right, seed, stream, dropout_row0, dropout_p,
+                         off_z, off_h, score_args, mask_args, grad_args, Q_LIST,
                          HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
                          MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr,
-                         MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Walk query blocks [lo, hi) for one key block, accumulating dK and dV (transposed: keys are rows).
+                         MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         SCORE_MOD: tl.constexpr, SCORE_MOD_BWD: tl.constexpr, MASK_MOD: tl.constexpr,
+                         SPARSE_BLOCK_M: tl.constexpr, MOD_GRADS: tl.constexpr):
+    """Walk query blocks for one key block, accumulating dK and dV (transposed: keys are rows).
 
+    The blocks are [lo, hi) in steps of BLOCK_M, or with a block mask (SPARSE_BLOCK_M > 0) the
+    sub-tiles lo..hi-1 of the mask's query blocks listed at Q_LIST (see _attn_fwd_inner).
     FUSED_DQ: also add this key block's share of dQ = dS K * sm_scale into an
     fp32 buffer with atomic adds (FlashAttention-2's single-kernel backward: five
     matrix products per tile instead of the seven the separate dQ kernel needs,
     at the price of a summation order that varies from run to run).
+    This kernel accumulates the gradients of the tensors a score_mod reads (grad_args, when
+    MOD_GRADS): it sees every (query, key) pair once, in the fused backward and the two-kernel one alike.
     """
-    for start_m in range(lo, hi, BLOCK_M):
+    if SPARSE_BLOCK_M > 0:
+        STEP: tl.constexpr = 1
+    else:
+        STEP: tl.constexpr = BLOCK_M
+    for it in range(lo, hi, STEP):
+        if SPARSE_BLOCK_M > 0:
+            SUB: tl.constexpr = SPARSE_BLOCK_M // BLOCK_M
+            start_m = tl.load(Q_LIST + it // SUB) * SPARSE_BLOCK_M + (it % SUB) * BLOCK_M
+        else:
+            start_m = it
         start_m = tl.multiple_of(start_m, BLOCK_M)
         cur_m = start_m + offs_m
         q = _load_tile(q_ptrs + start_m.to(tl.int64) * stride_qm, cur_m, N_Q, offs_d, HEAD_DIM, MASKED, PAD_D,
@@ -94,14 +110,15 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_
             delta = tl.load(DELTA_row + cur_m)
         # P^T recomputed from the saved lse.                       (BLOCK_N, BLOCK_M)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        s_t, tanh_t = _scores(qk_t, cur_m[None, :], offs_n[:, None], offset, sm_scale, softcap, alibi_slope,
-                              HAS_SOFTCAP, HAS_ALIBI)
+        s_t, tanh_t, s_in_t = _scores(qk_t, cur_m[None, :], offs_n[:, None], offset, sm_scale, softcap, alibi_slope,
+                                      off_z, off_h, score_args, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD)
         p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)
         if MASKED:
             # tl.where drops the unselected branch, so the inf of a row that sees no key
             # (lse = -inf) and of a padding key never reaches the sums.
             visible = _visible(cur_m[None, :], offs_n[:, None], N_K, offset, window_left, window_right,
                                MASK_LEFT, MASK_RIGHT)
+            visible = _mask_mod_visible(visible, cur_m[None, :], offs_n[:, None], off_z, off_h, mask_args, MASK_MOD)
             p_t = tl.where(visible, p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
@@ -113,8 +130,11 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_
         else:
             dv = tl.dot(p_t.to(do.dtype), do, acc=dv, input_precision=DOT_PRECISION, out_dtype=dv.dtype)
         ds_t = p_t * (dp_t - delta[None, :])
-        if HAS_SOFTCAP:
-            ds_t = ds_t * (1.0 - tanh_t * tanh_t)
+        ds_t = _score_grad(ds_t, tanh_t, s_in_t, cur_m[None, :], offs_n[:, None], off_z, off_h, score_args,
+                           grad_args, HAS_SOFTCAP, SCORE_MOD_BWD, MOD_GRADS)
+        if SCORE_MOD_BWD is not None and MASKED:
+            # A masked score has no gradient, whatever a score_mod's derivative says there (inf * 0 = NaN).
+            ds_t = tl.where(visible, ds_t, 0.0)
         dk = tl.dot(ds_t.to(q.dtype), q, acc=dk, input_precision=DOT_PRECISION, out_dtype=dk.dtype)
         if FUSED_DQ:
             dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=DOT_PRECISION) * sm_scale  # (BLOCK_M, D)
@@ -129,7 +149,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_SLOPES, SEED,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_SLOPES, SEED, BLOCK_MASK,
                    sm_scale, softcap, dropout_p, window_left, window_right,
                    stride_qz, stride_qh, stride_qm, stride_qk,
                    stride_kz, stride_kh, stride_kn, stride_kk,
@@ -139,13 +159,19 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS
                    stride_dvz, stride_dvh, stride_dvn, stride_dvk,
                    stride_dqz, stride_dqh, stride_dqm, stride_dqk,
                    stride_lz, stride_lh, stride_az, stride_ah, stride_split,
-                   H_KV, GROUP_SIZE, HEADS_PER_PROGRAM, N_Q, N_K,
+                   stride_bmk, stride_bmz, stride_bmh, stride_bmr,
+                   H_KV, GROUP_SIZE, HEADS_PER_PROGRAM, N_Q, N_K, score_args, mask_args, grad_args,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
                    FUSED_DQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   ACC_DTYPE: tl.constexpr):
+                   ACC_DTYPE: tl.constexpr, SCORE_MOD: tl.constexpr = None, SCORE_MOD_BWD: tl.constexpr = None,
+                   MASK_MOD: tl.constexpr = None, MASK_BLOCK_M: tl.constexpr = 0, MASK_BLOCK_N: tl.constexpr = 0,
+                   MOD_GRADS: tl.constexpr = False):
     """One program: BLOCK_N keys of one (batch, kv head), summing over HEADS_PER_PROGRAM query heads.
+
+    With a block mask, BLOCK_MASK is its transpose: per key block of MASK_BLOCK_N keys, the
+    query blocks that see it partly and wholly (kernels/block_mask.py).
 
     Normally one program takes the whole GQA group. When batch * kv heads * key
     blocks is small against the GPU (MQA at batch 1: 64 programs on 132 SMs), the
@@ -205,20 +231,39 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS
             stream = off_h
         else:
             stream = off_z * (H_KV * GROUP_SIZE) + off_h
-        for stage in tl.static_range(3):
-            # Stages 0 and 2 hold the partly visible query blocks (masked), stage 1 the wholly visible ones.
-            if stage == 0:
-                stage_lo, stage_hi = lo, full_lo
-            elif stage == 1:
-                stage_lo, stage_hi = full_lo, full_hi
-            else:
-                stage_lo, stage_hi = full_hi, hi
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_row, stride_qm,
-                                          stride_dom, stride_dqm, offs_n, offs_m, offs_d, stage_lo, stage_hi,
-                                          seqlen_q, seqlen_k, offset, sm_scale, softcap, alibi_slope,
-                                          window_left, window_right, seed, stream, q_start, dropout_p,
-                                          HEAD_DIM, PAD_D, BLOCK_M, HAS_WINDOW, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                          HAS_DROPOUT, FUSED_DQ, stage != 1, UPCAST, DOT_PRECISION)
+        if MASK_BLOCK_M > 0:
+            # The block mask's query blocks that see this key block: partly (masked), then wholly.
+            SUB: tl.constexpr = MASK_BLOCK_M // BLOCK_M
+            column = (BLOCK_MASK + off_z * stride_bmz + off_h * stride_bmh
+                      + (start_n // MASK_BLOCK_N) * stride_bmr)
+            for kind in tl.static_range(2):
+                q_list = column + kind * stride_bmk
+                dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_row, stride_qm,
+                                              stride_dom, stride_dqm, offs_n, offs_m, offs_d, 0,
+                                              tl.load(q_list) * SUB, seqlen_q, seqlen_k, offset, sm_scale, softcap,
+                                              alibi_slope, window_left, window_right, seed, stream, q_start,
+                                              dropout_p, off_z, off_h, score_args, mask_args, grad_args, q_list + 1,
+                                              HEAD_DIM, PAD_D, BLOCK_M, False, False, HAS_SOFTCAP, HAS_ALIBI,
+                                              HAS_DROPOUT, FUSED_DQ, kind == 0, UPCAST, DOT_PRECISION, SCORE_MOD,
+                                              SCORE_MOD_BWD, MASK_MOD, MASK_BLOCK_M, MOD_GRADS)
+        else:
+            for stage in tl.static_range(3):
+                # Stages 0 and 2 hold the partly visible query blocks (masked), stage 1 the wholly visible
+                # ones (masked too where a mask_mod may hide any of them).
+                if stage == 0:
+                    stage_lo, stage_hi = lo, full_lo
+                elif stage == 1:
+                    stage_lo, stage_hi = full_lo, full_hi
+                else:
+                    stage_lo, stage_hi = full_hi, hi
+                dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_row, stride_qm,
+                                              stride_dom, stride_dqm, offs_n, offs_m, offs_d, stage_lo, stage_hi,
+                                              seqlen_q, seqlen_k, offset, sm_scale, softcap, alibi_slope,
+                                              window_left, window_right, seed, stream, q_start, dropout_p,
+                                              off_z, off_h, score_args, mask_args, grad_args, BLOCK_MASK,
+                                              HEAD_DIM, PAD_D, BLOCK_M, HAS_WINDOW, MASK_RIGHT, HAS_SOFTCAP,
+                                              HAS_ALIBI, HAS_DROPOUT, FUSED_DQ, stage != 1 or MASK_MOD is not None,
+                                              UPCAST, DOT_PRECISION, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, 0, MOD_GRADS)
 
     dk = dk * sm_scale  # S = QK^T * sm_scale, so dK picks up the scale once, here
     store_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
@@ -233,13 +278,26 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                        lo, hi, N_K, offset, sm_scale, softcap, alibi_slope, window_left, window_right,
-                       seed, stream, dropout_row0, dropout_p,
+                       seed, stream, dropout_row0, dropout_p, off_z, off_h, score_args, mask_args, KV_LIST,
                        HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
                        MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                        HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
-                       UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Walk key blocks [lo, hi) for one query block, accumulating dQ."""
-    for start_n in range(lo, hi, BLOCK_N):
+                       UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, SCORE_MOD: tl.constexpr,
+                       SCORE_MOD_BWD: tl.constexpr, MASK_MOD: tl.constexpr, SPARSE_BLOCK_N: tl.constexpr):
+    """Walk key blocks for one query block, accumulating dQ: [lo, hi), or a block mask's list (see _attn_fwd_inner).
+
+    The score_mod's derivative is taken without accumulating its tensors' gradients (the dK/dV kernel does).
+    """
+    if SPARSE_BLOCK_N > 0:
+        STEP: tl.constexpr = 1
+    else:
+        STEP: tl.constexpr = BLOCK_N
+    for it in range(lo, hi, STEP):
+        if SPARSE_BLOCK_N > 0:
+            SUB: tl.constexpr = SPARSE_BLOCK_N // BLOCK_N
+            start_n = tl.load(KV_LIST + it // SUB) * SPARSE_BLOCK_N + (it % SUB) * BLOCK_N
+        else:
+            start_n = it
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cur_n = start_n + offs_n
         k = _load_tile(k_ptrs + start_n.to(tl.int64) * stride_kn, cur_n, N_K, offs_d, HEAD_DIM, MASKED, PAD_D,
@@ -247,26 +305,29 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_
         v = _load_tile(v_ptrs + start_n.to(tl.int64) * stride_vn, cur_n, N_K, offs_d, HEAD_DIM, MASKED, PAD_D,
                        UPCAST)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        s, tanh_s = _scores(qk, offs_m[:, None], cur_n[None, :], offset, sm_scale, softcap, alibi_slope,
-                            HAS_SOFTCAP, HAS_ALIBI)
+        s, tanh_s, s_in = _scores(qk, offs_m[:, None], cur_n[None, :], offset, sm_scale, softcap, alibi_slope,
+                                  off_z, off_h, score_args, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD)
         p = tl.math.exp2(s - lse[:, None])  # lse is in base-2 units here
         if MASKED:
             visible = _visible(offs_m[:, None], cur_n[None, :], N_K, offset, window_left, window_right,
                                MASK_LEFT, MASK_RIGHT)
+            visible = _mask_mod_visible(visible, offs_m[:, None], cur_n[None, :], off_z, off_h, mask_args, MASK_MOD)
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, stream, offs_m[:, None] + dropout_row0, cur_n[None, :], dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
-        if HAS_SOFTCAP:
-            ds = ds * (1.0 - tanh_s * tanh_s)
+        ds = _score_grad(ds, tanh_s, s_in, offs_m[:, None], cur_n[None, :], off_z, off_h, score_args, (),
+                         HAS_SOFTCAP, SCORE_MOD_BWD, False)
+        if SCORE_MOD_BWD is not None and MASKED:
+            ds = tl.where(visible, ds, 0.0)
         dq = tl.dot(ds.to(k.dtype), k, acc=dq, input_precision=DOT_PRECISION, out_dtype=dq.dtype)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_SLOPES, SEED,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_SLOPES, SEED, BLOCK_MASK,
                  sm_scale, softcap, dropout_p, window_left, window_right,
                  stride_qz, stride_qh, stride_qm, stride_qk,
                  stride_kz, stride_kh, stride_kn, stride_kk,
@@ -274,11 +335,14 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_
                  stride_doz, stride_doh, stride_dom, stride_dok,
                  stride_dqz, stride_dqh, stride_dqm, stride_dqk,
                  stride_lz, stride_lh, stride_az, stride_ah,
-                 H_Q, GROUP_SIZE, N_Q, N_K,
+                 stride_bmk, stride_bmz, stride_bmh, stride_bmr,
+                 H_Q, GROUP_SIZE, N_Q, N_K, score_args, mask_args,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                  HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
-                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                 SCORE_MOD: tl.constexpr = None, SCORE_MOD_BWD: tl.constexpr = None, MASK_MOD: tl.constexpr = None,
+                 MASK_BLOCK_M: tl.constexpr = 0, MASK_BLOCK_N: tl.constexpr = 0):
     """One program: BLOCK_M query rows of one (batch, query head); the forward's loop, differentiated."""
     num_m_blocks = tl.cdiv(N_Q, BLOCK_M)
     off_zh = tl.program_id(0) // num_m_blocks
@@ -324,21 +388,37 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_
         seed = tl.load(SEED)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=ACC_DTYPE)
 
-    lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                                          BLOCK_M, BLOCK_N, HAS_WINDOW, MASK_RIGHT)
-    for stage in tl.static_range(3):
-        # The forward's three stages: masked left edge, unmasked middle, masked diagonal and ragged end.
-        if stage == 0:
-            stage_lo, stage_hi = lo, full_lo
-        elif stage == 1:
-            stage_lo, stage_hi = full_lo, full_hi
-        else:
-            stage_lo, stage_hi = full_hi, hi
-        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                                stage_lo, stage_hi, seqlen_k, offset, sm_scale, softcap, alibi_slope,
-                                window_left, window_right, seed, stream, q_start, dropout_p,
-                                HEAD_DIM, PAD_D, BLOCK_N, HAS_WINDOW, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                HAS_DROPOUT, stage != 1, UPCAST, DOT_PRECISION)
+    if MASK_BLOCK_N > 0:
+        # The block mask's key blocks for this query block: partly visible (masked), then wholly.
+        SUB: tl.constexpr = MASK_BLOCK_N // BLOCK_N
+        mask_row = BLOCK_MASK + off_z * stride_bmz + off_h * stride_bmh + (start_m // MASK_BLOCK_M) * stride_bmr
+        for kind in tl.static_range(2):
+            kv_list = mask_row + kind * stride_bmk
+            dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
+                                    offs_d, 0, tl.load(kv_list) * SUB, seqlen_k, offset, sm_scale, softcap,
+                                    alibi_slope, window_left, window_right, seed, stream, q_start, dropout_p,
+                                    off_z, off_h, score_args, mask_args, kv_list + 1, HEAD_DIM, PAD_D, BLOCK_N,
+                                    False, False, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, kind == 0, UPCAST,
+                                    DOT_PRECISION, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, MASK_BLOCK_N)
+    else:
+        lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                              BLOCK_M, BLOCK_N, HAS_WINDOW, MASK_RIGHT)
+        for stage in tl.static_range(3):
+            # The forward's three stages: masked left edge, unmasked middle (masked too with a mask_mod),
+            # masked diagonal and ragged end.
+            if stage == 0:
+                stage_lo, stage_hi = lo, full_lo
+            elif stage == 1:
+                stage_lo, stage_hi = full_lo, full_hi
+            else:
+                stage_lo, stage_hi = full_hi, hi
+            dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
+                                    offs_d, stage_lo, stage_hi, seqlen_k, offset, sm_scale, softcap, alibi_slope,
+                                    window_left, window_right, seed, stream, q_start, dropout_p, off_z, off_h,
+                                    score_args, mask_args, BLOCK_MASK, HEAD_DIM, PAD_D, BLOCK_N, HAS_WINDOW,
+                                    MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                                    stage != 1 or MASK_MOD is not None, UPCAST, DOT_PRECISION, SCORE_MOD,
+                                    SCORE_MOD_BWD, MASK_MOD, 0)
     dq = dq * sm_scale
     tl.store(DQ + off_z * stride_dqz + off_h * stride_dqh + q_row0 * stride_dqm + rows[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqk, _cast_for_store(dq, DQ.dtype.element_ty, UPCAST),

@@ -72,42 +72,57 @@ and builds the grid.
 import triton
 import triton.language as tl
 
-from .tiles import (LN2, LOG2E, _cast_for_store, _dropout_keep, _key_range, _load_rows, _row_descriptor, _scores,
-                    _sequence_bounds, _visible)
+from .tiles import (LN2, LOG2E, _cast_for_store, _dropout_keep, _key_range, _load_rows, _mask_mod_visible,
+                    _row_descriptor, _scores, _sequence_bounds, _visible)
 
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d, lo, hi,
                     N_K, offset, sm_scale, softcap, alibi_slope, window_left, window_right,
-                    seed, stream, dropout_row0, dropout_p,
+                    seed, stream, dropout_row0, dropout_p, off_z, off_h, score_args, mask_args, KV_LIST,
                     HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-                    WARP_SPECIALIZE: tl.constexpr):
-    """Walk key blocks [lo, hi), updating the online-softmax state (the inner loop of reference/tiled.py).
+                    WARP_SPECIALIZE: tl.constexpr, SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr,
+                    SPARSE_BLOCK_N: tl.constexpr):
+    """Walk key blocks, updating the online-softmax state (the inner loop of reference/tiled.py).
 
+    The blocks are [lo, hi) in steps of BLOCK_N, or with a block mask (SPARSE_BLOCK_N, its
+    block size, > 0) the sub-tiles lo..hi-1 of the mask blocks listed at KV_LIST: sub-tile i
+    is BLOCK_N keys of mask block KV_LIST[i // (SPARSE_BLOCK_N // BLOCK_N)].
     k_src and v_src are tensor descriptors (USE_TMA) or pointer tiles of the first key block: see _load_rows.
+    MASKED applies the element mask (the band, the sequence's end, and the user's MASK_MOD).
     """
+    if SPARSE_BLOCK_N > 0:
+        STEP: tl.constexpr = 1
+    else:
+        STEP: tl.constexpr = BLOCK_N
     # warp_specialize (Hopper, with descriptor loads): the compiler gives the TMA
     # copies to a producer warp group and the math to two consumer warp groups,
     # so loads and math overlap without waiting on each other.
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for it in tl.range(lo, hi, STEP, warp_specialize=WARP_SPECIALIZE):
+        if SPARSE_BLOCK_N > 0:
+            SUB: tl.constexpr = SPARSE_BLOCK_N // BLOCK_N
+            start_n = tl.load(KV_LIST + it // SUB) * SPARSE_BLOCK_N + (it % SUB) * BLOCK_N
+        else:
+            start_n = it
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cur_n = start_n + offs_n
         k = _load_rows(k_src, start_n, stride_kn, cur_n, N_K, offs_d, HEAD_DIM, MASKED, PAD_D, UPCAST, USE_TMA)
         # s = modified (q @ k.T) * sm_scale, in base-2 units.      (BLOCK_M, BLOCK_N)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s, _ = _scores(qk, offs_m[:, None], cur_n[None, :], offset, sm_scale, softcap, alibi_slope,
-                       HAS_SOFTCAP, HAS_ALIBI)
+        s, _, _ = _scores(qk, offs_m[:, None], cur_n[None, :], offset, sm_scale, softcap, alibi_slope, off_z, off_h,
+                          score_args, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD)
         if MASKED:
             visible = _visible(offs_m[:, None], cur_n[None, :], N_K, offset, window_left, window_right,
                                MASK_LEFT, MASK_RIGHT)
+            visible = _mask_mod_visible(visible, offs_m[:, None], cur_n[None, :], off_z, off_h, mask_args, MASK_MOD)
             s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:
-            # A row that has seen no visible key keeps m = -inf; subtracting 0
-            # instead keeps exp2(-inf - -inf) = NaN out of p and alpha.
+        if MASKED or SCORE_MOD is not None:
+            # A row that has seen no visible key keeps m = -inf (a score_mod may give -inf too);
+            # subtracting 0 instead keeps exp2(-inf - -inf) = NaN out of p and alpha.
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_new_safe = m_new  # every score here is finite, so m_new is too
@@ -127,22 +142,30 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, SEED,
+def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, SEED, BLOCK_MASK,
               sm_scale, softcap, dropout_p, window_left, window_right,
               stride_qz, stride_qh, stride_qm, stride_qk,
               stride_kz, stride_kh, stride_kn, stride_kk,
               stride_vz, stride_vh, stride_vn, stride_vk,
               stride_oz, stride_oh, stride_om, stride_ok,
               stride_lz, stride_lh, stride_az, stride_ah,
-              H_Q, GROUP_SIZE, N_Q, N_K,
+              stride_bmk, stride_bmz, stride_bmh, stride_bmr,
+              H_Q, GROUP_SIZE, N_Q, N_K, score_args, mask_args,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
               HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              ACC_DTYPE: tl.constexpr, USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False):
+              ACC_DTYPE: tl.constexpr, SCORE_MOD: tl.constexpr = None, MASK_MOD: tl.constexpr = None,
+              MASK_BLOCK_M: tl.constexpr = 0, MASK_BLOCK_N: tl.constexpr = 0,
+              USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False):
     """One program: BLOCK_M query rows of one (batch, query head). Writes O and the natural-log LSE.
 
     N_Q and N_K are the lengths, or for packed sequences (IS_VARLEN) the longest ones.
+    SCORE_MOD and MASK_MOD are a user's @triton.jit functions (or None), reading the
+    tuples score_args and mask_args. A block mask (MASK_BLOCK_M, MASK_BLOCK_N > 0) lists,
+    per query block of MASK_BLOCK_M rows, the key blocks partly visible (MASK_MOD applied)
+    and wholly visible (no mask): BLOCK_MASK[kind, z, h, row] = count, then block indices
+    (kernels/block_mask.py); no other key block is loaded.
     USE_TMA and WARP_SPECIALIZE are Hopper options of the launch configs
     (kernels/configs.py): Q, K and V through tensor descriptors, and the key loop
     split into producer and consumer warps.
@@ -211,33 +234,57 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
         l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
 
-    lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                                          BLOCK_M, BLOCK_N, HAS_WINDOW, MASK_RIGHT)
-    if WARP_SPECIALIZE:
-        # Hopper's warp specialization (Triton 3.6) rebuilds the kernel around a
-        # single loop: with a second loop the kernel fails to compile. So stage 3
-        # alone walks every key block, each masked (for the non-causal calls
-        # without a window that the chooser gives it, the mask is keys >= N_K).
-        full_hi = lo
+    if MASK_BLOCK_N > 0:
+        # A block mask: its partly visible key blocks (masked by MASK_MOD) and its wholly visible
+        # ones (no mask at all, and in bounds: a block past a sequence's end is never listed full).
+        SUB: tl.constexpr = MASK_BLOCK_N // BLOCK_N
+        mask_row = BLOCK_MASK + off_z * stride_bmz + off_h * stride_bmh + (start_m // MASK_BLOCK_M) * stride_bmr
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                                        0, tl.load(mask_row) * SUB, seqlen_k, offset, sm_scale, softcap, alibi_slope,
+                                        window_left, window_right, seed, stream, q_start, dropout_p, off_z, off_h,
+                                        score_args, mask_args, mask_row + 1, HEAD_DIM, PAD_D, BLOCK_N, False, False,
+                                        HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, UPCAST, DOT_PRECISION, USE_TMA,
+                                        False, SCORE_MOD, MASK_MOD, MASK_BLOCK_N)
+        full_row = mask_row + stride_bmk
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                                        0, tl.load(full_row) * SUB, seqlen_k, offset, sm_scale, softcap, alibi_slope,
+                                        window_left, window_right, seed, stream, q_start, dropout_p, off_z, off_h,
+                                        score_args, mask_args, full_row + 1, HEAD_DIM, PAD_D, BLOCK_N, False, False,
+                                        HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, UPCAST, DOT_PRECISION, USE_TMA,
+                                        False, SCORE_MOD, None, MASK_BLOCK_N)
     else:
-        # Stage 1: key blocks on the window's left edge, masked element by element (none without a window).
+        lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                              BLOCK_M, BLOCK_N, HAS_WINDOW, MASK_RIGHT)
+        # A mask_mod without a block mask can hide any key: no block is wholly visible then.
+        MIDDLE_MASKED: tl.constexpr = MASK_MOD is not None
+        if WARP_SPECIALIZE:
+            # Hopper's warp specialization (Triton 3.6) rebuilds the kernel around a
+            # single loop: with a second loop the kernel fails to compile. So stage 3
+            # alone walks every key block, each masked (for the non-causal calls
+            # without a window that the chooser gives it, the mask is keys >= N_K).
+            full_hi = lo
+        else:
+            # Stage 1: key blocks on the window's left edge, masked element by element (none without a window).
+            acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n,
+                                            offs_d, lo, full_lo, seqlen_k, offset, sm_scale, softcap, alibi_slope,
+                                            window_left, window_right, seed, stream, q_start, dropout_p, off_z, off_h,
+                                            score_args, mask_args, BLOCK_MASK, HEAD_DIM, PAD_D, BLOCK_N, HAS_WINDOW,
+                                            MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, UPCAST,
+                                            DOT_PRECISION, USE_TMA, False, SCORE_MOD, MASK_MOD, 0)
+            # Stage 2: full key blocks wholly visible to every row, with no mask at all.
+            acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n,
+                                            offs_d, full_lo, full_hi, seqlen_k, offset, sm_scale, softcap, alibi_slope,
+                                            window_left, window_right, seed, stream, q_start, dropout_p, off_z, off_h,
+                                            score_args, mask_args, BLOCK_MASK, HEAD_DIM, PAD_D, BLOCK_N, HAS_WINDOW,
+                                            MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, MIDDLE_MASKED, UPCAST,
+                                            DOT_PRECISION, USE_TMA, False, SCORE_MOD, MASK_MOD, 0)
+        # Stage 3: blocks on the diagonal (or the window's right edge) and the ragged last block, masked.
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                                        lo, full_lo, seqlen_k, offset, sm_scale, softcap, alibi_slope,
-                                        window_left, window_right, seed, stream, q_start, dropout_p,
-                                        HEAD_DIM, PAD_D, BLOCK_N, HAS_WINDOW, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                        HAS_DROPOUT, True, UPCAST, DOT_PRECISION, USE_TMA, False)
-        # Stage 2: full key blocks wholly visible to every row, with no mask at all.
-        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                                        full_lo, full_hi, seqlen_k, offset, sm_scale, softcap, alibi_slope,
-                                        window_left, window_right, seed, stream, q_start, dropout_p,
-                                        HEAD_DIM, PAD_D, BLOCK_N, HAS_WINDOW, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                        HAS_DROPOUT, False, UPCAST, DOT_PRECISION, USE_TMA, False)
-    # Stage 3: blocks on the diagonal (or the window's right edge) and the ragged last block, masked.
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                                    full_hi, hi, seqlen_k, offset, sm_scale, softcap, alibi_slope,
-                                    window_left, window_right, seed, stream, q_start, dropout_p,
-                                    HEAD_DIM, PAD_D, BLOCK_N, HAS_WINDOW, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                    HAS_DROPOUT, True, UPCAST, DOT_PRECISION, USE_TMA, WARP_SPECIALIZE)
+                                        full_hi, hi, seqlen_k, offset, sm_scale, softcap, alibi_slope,
+                                        window_left, window_right, seed, stream, q_start, dropout_p, off_z, off_h,
+                                        score_args, mask_args, BLOCK_MASK, HEAD_DIM, PAD_D, BLOCK_N, HAS_WINDOW,
+                                        MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, UPCAST, DOT_PRECISION,
+                                        USE_TMA, WARP_SPECIALIZE, SCORE_MOD, MASK_MOD, 0)
 
     # Normalise once, at the end. A row that saw no key (and has no sink) has
     # l_i == 0 and acc == 0: its output is 0 and its lse is -inf, never NaN.
