@@ -175,7 +175,8 @@ def _classify_blocks(KIND, NUM_HEADS, N_Q, N_K, NUM_Q_BLOCKS, NUM_KV_BLOCKS, mas
     q_idx = row * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     kv_idx = col * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     inside = (q_idx < N_Q) & (kv_idx < N_K)
-    visible = MASK_MOD(off_b, off_h, q_idx, kv_idx, mask_args) & inside
+    # Indices clamped to the sequences, as the attention kernels give them (kernels/tiles.py: _scores).
+    visible = MASK_MOD(off_b, off_h, tl.minimum(q_idx, N_Q - 1), tl.minimum(kv_idx, N_K - 1), mask_args) & inside
     total = tl.sum(tl.sum(visible.to(tl.int32), axis=1), axis=0)
     kind = tl.where(total == 0, 0, tl.where(total == BLOCK_M * BLOCK_N, 2, 1))
     tl.store(KIND + (bh.to(tl.int64) * NUM_Q_BLOCKS + row) * NUM_KV_BLOCKS + col, kind.to(tl.int8))

@@ -470,7 +470,9 @@ def launch(configs, kernel, grid, args, constexprs, *, dtype, n_q, n_k, switches
         def timing(config):
             scratch_args = scratch()
             return TIMER(lambda: kernel[grid(config)](*scratch_args, **constexprs, **config.all_kwargs()))
-    config = configs.choose(args[0].device, dtype, constexprs["HEAD_DIM_PAD"], n_q, n_k, switches, tma=tma,
+    # The wider of the query/key and value tiles decides what fits (MLA's values are narrower).
+    head_dim_pad = max(constexprs["HEAD_DIM_PAD"], constexprs.get("HEAD_DIM_V_PAD", 0))
+    config = configs.choose(args[0].device, dtype, head_dim_pad, n_q, n_k, switches, tma=tma,
                             warp_specialize=warp_specialize, deterministic=deterministic, timing=timing)
     if check is not None and configs.forced is not None:
         check(config)

@@ -191,6 +191,11 @@ def _switches(flags, gqa, mods=NO_MODS):
     return (*((name, flags[name]) for name in _SWITCHES if name in flags), ("IS_GQA", gqa), ("HAS_MODS", bool(mods)))
 
 
+def _value_dims(v):
+    """The value head dim, and its padded tile width: MLA's values are narrower than its queries and keys."""
+    return dict(HEAD_DIM_V=v.shape[-1], HEAD_DIM_V_PAD=_head_dim_pad(v.shape[-1]))
+
+
 def _fits_block_mask(config, block_mask, kernel):
     """A block mask's blocks must hold whole tiles: refuse, naming both, a config whose tiles are larger."""
     if block_mask is None:
@@ -237,7 +242,7 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
     batch, h_q, h_kv, n_q, n_k, strides = _layout(q, k, cu_seqlens, max_seqlens)
     head_dim = q.shape[-1]
     lse_shape = (batch, h_q, n_q) if cu_seqlens is None else (h_q, q.shape[0])
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device) if o is None else o
+    o = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device) if o is None else o
     lse = torch.empty(lse_shape, dtype=accumulator_dtype(q.dtype), device=q.device) if lse is None else lse
     if q.numel() == 0:
         return o, lse
@@ -272,7 +277,8 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
     tiles_limit = mods.block_mask.block_size if mods.block_mask is not None else (n_q, n_k)
     with runtime.on_device(q.device):
         config = launch(CONFIGS["fwd"], _attn_fwd, lambda c: (triton.cdiv(n_q, c.kwargs["BLOCK_M"]) * batch * h_q,),
-                        args, dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **flags, **mod_constexprs),
+                        args, dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **_value_dims(v), **flags,
+                                   **mod_constexprs),
                         dtype=q.dtype, n_q=min(n_q, tiles_limit[0]), n_k=min(n_k, tiles_limit[1]),
                         switches=_switches(flags, h_q != h_kv, mods), tma=descriptors,
                         warp_specialize=warp_specialize, deterministic=deterministic,
@@ -335,7 +341,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
     with runtime.on_device(q.device):
         _attn_bwd_preprocess[(triton.cdiv(rows, PREPROCESS_BLOCK_M) * pre_batch * h_q,)](
             o, do, delta, *strides(o), *strides(do), *lse_strides, h_q, rows,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=PREPROCESS_BLOCK_M,
+            HEAD_DIM=v.shape[-1], HEAD_DIM_PAD=_head_dim_pad(v.shape[-1]), BLOCK_M=PREPROCESS_BLOCK_M,
         )
     if dlse is not None:
         delta -= dlse
@@ -365,7 +371,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
     grad_args = tuple(grad_args)
     lists_t, bm_strides_t, score_args, mask_args, mod_constexprs = mods.kernel_arguments(lse, transposed=True,
                                                                                           backward=True)
-    constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **flags, **mod_constexprs)
+    constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **_value_dims(v), **flags, **mod_constexprs)
     dkdv_constexprs = dict(constexprs, MOD_GRADS=bool(grad_args)) if grad_args else constexprs
     dkdv_args = (q, k, v, do, lse, delta, dk_view, dv_view, dq_acc, *pointers, lists_t, *scalars,
                  *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk_view), *strides(dv_view),
@@ -438,7 +444,7 @@ def _(q, k, v, causal, sm_scale, window_left=-1, window_right=-1, softcap=0.0, a
       dropout_p=0.0, seed=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
       deterministic=True):
     lse_shape = q.shape[:3] if cu_seqlens_q is None else (q.shape[1], q.shape[0])
-    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=accumulator_dtype(q.dtype))
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(lse_shape, dtype=accumulator_dtype(q.dtype))
 
 
 @torch.library.custom_op("attention_playground::flash_attn_bwd", mutates_args=())

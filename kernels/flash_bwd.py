@@ -65,10 +65,11 @@ def _attn_bwd_preprocess(O, DO, DELTA,
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_row, stride_qm, stride_dom,
-                         stride_dqm, offs_n, offs_m, offs_d, lo, hi, N_Q, N_K, offset, sm_scale, softcap,
+                         stride_dqm, offs_n, offs_m, offs_d, offs_dv, lo, hi, N_Q, N_K, offset, sm_scale, softcap,
                          alibi_slope, window_left, window_right, seed, stream, dropout_row0, dropout_p,
                          off_z, off_h, score_args, mask_args, grad_args, Q_LIST,
-                         HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, PAD_D: tl.constexpr,
+                         PAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                          MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr,
                          MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -77,7 +78,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_
     """Walk query blocks for one key block, accumulating dK and dV (transposed: keys are rows).
 
     The blocks are [lo, hi) in steps of BLOCK_M, or with a block mask (SPARSE_BLOCK_M > 0) the
-    sub-tiles lo..hi-1 of the mask's query blocks listed at Q_LIST (see _attn_fwd_inner).
+    sub-tiles lo..hi-1 of the mask's query blocks listed after the count at Q_LIST (see _attn_fwd_inner).
     FUSED_DQ: also add this key block's share of dQ = dS K * sm_scale into an
     fp32 buffer with atomic adds (FlashAttention-2's single-kernel backward: five
     matrix products per tile instead of the seven the separate dQ kernel needs,
@@ -92,15 +93,15 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_
     for it in range(lo, hi, STEP):
         if SPARSE_BLOCK_M > 0:
             SUB: tl.constexpr = SPARSE_BLOCK_M // BLOCK_M
-            start_m = tl.load(Q_LIST + it // SUB) * SPARSE_BLOCK_M + (it % SUB) * BLOCK_M
+            start_m = tl.load(Q_LIST + 1 + it // SUB) * SPARSE_BLOCK_M + (it % SUB) * BLOCK_M
         else:
             start_m = it
         start_m = tl.multiple_of(start_m, BLOCK_M)
         cur_m = start_m + offs_m
         q = _load_tile(q_ptrs + start_m.to(tl.int64) * stride_qm, cur_m, N_Q, offs_d, HEAD_DIM, MASKED, PAD_D,
                        UPCAST)
-        do = _load_tile(do_ptrs + start_m.to(tl.int64) * stride_dom, cur_m, N_Q, offs_d, HEAD_DIM, MASKED, PAD_D,
-                        UPCAST)
+        do = _load_tile(do_ptrs + start_m.to(tl.int64) * stride_dom, cur_m, N_Q, offs_dv, HEAD_DIM_V, MASKED,
+                        PAD_DV, UPCAST)
         if MASKED:
             # A query row past N_Q gets lse = +inf, so its recomputed P is exp2(-inf) = 0.
             lse = tl.load(LSE_row + cur_m, mask=cur_m < N_Q, other=float("inf"))
@@ -111,14 +112,15 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_
         # P^T recomputed from the saved lse.                       (BLOCK_N, BLOCK_M)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         s_t, tanh_t, s_in_t = _scores(qk_t, cur_m[None, :], offs_n[:, None], offset, sm_scale, softcap, alibi_slope,
-                                      off_z, off_h, score_args, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD)
+                                      off_z, off_h, score_args, N_Q, N_K, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD)
         p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)
         if MASKED:
             # tl.where drops the unselected branch, so the inf of a row that sees no key
             # (lse = -inf) and of a padding key never reaches the sums.
             visible = _visible(cur_m[None, :], offs_n[:, None], N_K, offset, window_left, window_right,
                                MASK_LEFT, MASK_RIGHT)
-            visible = _mask_mod_visible(visible, cur_m[None, :], offs_n[:, None], off_z, off_h, mask_args, MASK_MOD)
+            visible = _mask_mod_visible(visible, cur_m[None, :], offs_n[:, None], off_z, off_h, mask_args, N_Q, N_K,
+                                        MASK_MOD)
             p_t = tl.where(visible, p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
@@ -131,7 +133,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_
             dv = tl.dot(p_t.to(do.dtype), do, acc=dv, input_precision=DOT_PRECISION, out_dtype=dv.dtype)
         ds_t = p_t * (dp_t - delta[None, :])
         ds_t = _score_grad(ds_t, tanh_t, s_in_t, cur_m[None, :], offs_n[:, None], off_z, off_h, score_args,
-                           grad_args, HAS_SOFTCAP, SCORE_MOD_BWD, MOD_GRADS)
+                           grad_args, N_Q, N_K, HAS_SOFTCAP, SCORE_MOD_BWD, MOD_GRADS)
         if SCORE_MOD_BWD is not None and MASKED:
             # A masked score has no gradient, whatever a score_mod's derivative says there (inf * 0 = NaN).
             ds_t = tl.where(visible, ds_t, 0.0)
@@ -161,7 +163,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS
                    stride_lz, stride_lh, stride_az, stride_ah, stride_split,
                    stride_bmk, stride_bmz, stride_bmh, stride_bmr,
                    H_KV, GROUP_SIZE, HEADS_PER_PROGRAM, N_Q, N_K, score_args, mask_args, grad_args,
-                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                   HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
                    FUSED_DQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -191,27 +194,34 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS
         if start_n >= seqlen_k:  # this sequence is shorter than the longest
             return
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
+    PAD_DV: tl.constexpr = HEAD_DIM_V != HEAD_DIM_V_PAD
     MASK_RIGHT: tl.constexpr = IS_CAUSAL or HAS_WINDOW
     offset = seqlen_k - seqlen_q
 
     cols = tl.arange(0, BLOCK_N)
     offs_n = start_n + cols
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)  # q and k's head dim
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)  # v, o and their gradients
     k_row0 = k_start + start_n.to(tl.int64)  # 64-bit block start, 32-bit offsets within the block
     k = _load_tile(K + off_z * stride_kz + off_kvh * stride_kh + k_row0 * stride_kn + cols[:, None] * stride_kn
                    + offs_d[None, :] * stride_kk, offs_n, seqlen_k, offs_d, HEAD_DIM, True, PAD_D, UPCAST)
     v = _load_tile(V + off_z * stride_vz + off_kvh * stride_vh + k_row0 * stride_vn + cols[:, None] * stride_vn
-                   + offs_d[None, :] * stride_vk, offs_n, seqlen_k, offs_d, HEAD_DIM, True, PAD_D, UPCAST)
+                   + offs_dv[None, :] * stride_vk, offs_n, seqlen_k, offs_dv, HEAD_DIM_V, True, PAD_DV, UPCAST)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=ACC_DTYPE)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
 
-    # Which query blocks see this key block: [lo, full_lo) and [full_hi, hi) partly, [full_lo, full_hi) wholly.
-    lo, full_lo, full_hi, hi = _query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
-                                            BLOCK_M, BLOCK_N, HAS_WINDOW, MASK_RIGHT)
+    # Which query blocks see this key block: [lo, full_lo) and [full_hi, hi) partly, [full_lo, full_hi) wholly;
+    # or, with a block mask, the query blocks its (transposed) lists give for each query head.
+    if MASK_BLOCK_M > 0:
+        NUM_STAGES: tl.constexpr = 2
+    else:
+        lo, full_lo, full_hi, hi = _query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                                                BLOCK_M, BLOCK_N, HAS_WINDOW, MASK_RIGHT)
+        NUM_STAGES: tl.constexpr = 3
 
     # GQA: the query heads of this kv head are adjacent; visit them in order, no atomics.
     for g in range(split * HEADS_PER_PROGRAM, (split + 1) * HEADS_PER_PROGRAM):
@@ -219,7 +229,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS
         q_ptrs = (Q + off_z * stride_qz + off_h * stride_qh + q_start * stride_qm
                   + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk)
         do_ptrs = (DO + off_z * stride_doz + off_h * stride_doh + q_start * stride_dom
-                   + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok)
+                   + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok)
         dq_ptrs = (DQ + off_z * stride_dqz + off_h * stride_dqh + q_start * stride_dqm
                    + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqk)
         LSE_row = LSE + off_z * stride_lz + off_h * stride_lh + q_start
@@ -232,54 +242,50 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS
         else:
             stream = off_z * (H_KV * GROUP_SIZE) + off_h
         if MASK_BLOCK_M > 0:
-            # The block mask's query blocks that see this key block: partly (masked), then wholly.
-            SUB: tl.constexpr = MASK_BLOCK_M // BLOCK_M
-            column = (BLOCK_MASK + off_z * stride_bmz + off_h * stride_bmh
-                      + (start_n // MASK_BLOCK_N) * stride_bmr)
-            for kind in tl.static_range(2):
-                q_list = column + kind * stride_bmk
-                dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_row, stride_qm,
-                                              stride_dom, stride_dqm, offs_n, offs_m, offs_d, 0,
-                                              tl.load(q_list) * SUB, seqlen_q, seqlen_k, offset, sm_scale, softcap,
-                                              alibi_slope, window_left, window_right, seed, stream, q_start,
-                                              dropout_p, off_z, off_h, score_args, mask_args, grad_args, q_list + 1,
-                                              HEAD_DIM, PAD_D, BLOCK_M, False, False, HAS_SOFTCAP, HAS_ALIBI,
-                                              HAS_DROPOUT, FUSED_DQ, kind == 0, UPCAST, DOT_PRECISION, SCORE_MOD,
-                                              SCORE_MOD_BWD, MASK_MOD, MASK_BLOCK_M, MOD_GRADS)
-        else:
-            for stage in tl.static_range(3):
-                # Stages 0 and 2 hold the partly visible query blocks (masked), stage 1 the wholly visible
-                # ones (masked too where a mask_mod may hide any of them).
+            column = BLOCK_MASK + off_z * stride_bmz + off_h * stride_bmh + (start_n // MASK_BLOCK_N) * stride_bmr
+        # Stages, as in the forward: a block mask's query blocks that see this key block partly (masked),
+        # then wholly; or the partly visible query blocks (masked) around the wholly visible ones
+        # (masked too where a mask_mod may hide any of them).
+        for stage in tl.static_range(NUM_STAGES):
+            if MASK_BLOCK_M > 0:
+                q_list = column + stage * stride_bmk
+                stage_lo, stage_hi = 0, tl.load(q_list) * (MASK_BLOCK_M // BLOCK_M)
+                MASKED: tl.constexpr = stage == 0
+            else:
+                q_list = BLOCK_MASK
                 if stage == 0:
                     stage_lo, stage_hi = lo, full_lo
                 elif stage == 1:
                     stage_lo, stage_hi = full_lo, full_hi
                 else:
                     stage_lo, stage_hi = full_hi, hi
-                dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_row, stride_qm,
-                                              stride_dom, stride_dqm, offs_n, offs_m, offs_d, stage_lo, stage_hi,
-                                              seqlen_q, seqlen_k, offset, sm_scale, softcap, alibi_slope,
-                                              window_left, window_right, seed, stream, q_start, dropout_p,
-                                              off_z, off_h, score_args, mask_args, grad_args, BLOCK_MASK,
-                                              HEAD_DIM, PAD_D, BLOCK_M, HAS_WINDOW, MASK_RIGHT, HAS_SOFTCAP,
-                                              HAS_ALIBI, HAS_DROPOUT, FUSED_DQ, stage != 1 or MASK_MOD is not None,
-                                              UPCAST, DOT_PRECISION, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, 0, MOD_GRADS)
+                MASKED: tl.constexpr = stage != 1 or MASK_MOD is not None
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_row, stride_qm,
+                                          stride_dom, stride_dqm, offs_n, offs_m, offs_d, offs_dv, stage_lo, stage_hi,
+                                          seqlen_q, seqlen_k, offset, sm_scale, softcap, alibi_slope, window_left,
+                                          window_right, seed, stream, q_start, dropout_p, off_z, off_h, score_args,
+                                          mask_args, grad_args, q_list, HEAD_DIM, HEAD_DIM_V, PAD_D, PAD_DV, BLOCK_M,
+                                          HAS_WINDOW and MASK_BLOCK_M == 0, MASK_RIGHT and MASK_BLOCK_M == 0,
+                                          HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, FUSED_DQ, MASKED, UPCAST, DOT_PRECISION,
+                                          SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, MASK_BLOCK_M, MOD_GRADS)
 
     dk = dk * sm_scale  # S = QK^T * sm_scale, so dK picks up the scale once, here
     store_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    store_mask_v = (offs_n[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V)
     DK += split.to(tl.int64) * stride_split  # 0 unless the group is split into partial sums
     DV += split.to(tl.int64) * stride_split
     tl.store(DK + off_z * stride_dkz + off_kvh * stride_dkh + k_row0 * stride_dkn + cols[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkk, _cast_for_store(dk, DK.dtype.element_ty, UPCAST), mask=store_mask)
     tl.store(DV + off_z * stride_dvz + off_kvh * stride_dvh + k_row0 * stride_dvn + cols[:, None] * stride_dvn
-             + offs_d[None, :] * stride_dvk, _cast_for_store(dv, DV.dtype.element_ty, UPCAST), mask=store_mask)
+             + offs_dv[None, :] * stride_dvk, _cast_for_store(dv, DV.dtype.element_ty, UPCAST), mask=store_mask_v)
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                       lo, hi, N_K, offset, sm_scale, softcap, alibi_slope, window_left, window_right,
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d, offs_dv,
+                       lo, hi, N_Q, N_K, offset, sm_scale, softcap, alibi_slope, window_left, window_right,
                        seed, stream, dropout_row0, dropout_p, off_z, off_h, score_args, mask_args, KV_LIST,
-                       HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, PAD_D: tl.constexpr,
+                       PAD_DV: tl.constexpr, BLOCK_N: tl.constexpr,
                        MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                        HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, SCORE_MOD: tl.constexpr,
@@ -295,30 +301,31 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_
     for it in range(lo, hi, STEP):
         if SPARSE_BLOCK_N > 0:
             SUB: tl.constexpr = SPARSE_BLOCK_N // BLOCK_N
-            start_n = tl.load(KV_LIST + it // SUB) * SPARSE_BLOCK_N + (it % SUB) * BLOCK_N
+            start_n = tl.load(KV_LIST + 1 + it // SUB) * SPARSE_BLOCK_N + (it % SUB) * BLOCK_N
         else:
             start_n = it
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cur_n = start_n + offs_n
         k = _load_tile(k_ptrs + start_n.to(tl.int64) * stride_kn, cur_n, N_K, offs_d, HEAD_DIM, MASKED, PAD_D,
                        UPCAST)
-        v = _load_tile(v_ptrs + start_n.to(tl.int64) * stride_vn, cur_n, N_K, offs_d, HEAD_DIM, MASKED, PAD_D,
+        v = _load_tile(v_ptrs + start_n.to(tl.int64) * stride_vn, cur_n, N_K, offs_dv, HEAD_DIM_V, MASKED, PAD_DV,
                        UPCAST)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         s, tanh_s, s_in = _scores(qk, offs_m[:, None], cur_n[None, :], offset, sm_scale, softcap, alibi_slope,
-                                  off_z, off_h, score_args, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD)
+                                  off_z, off_h, score_args, N_Q, N_K, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD)
         p = tl.math.exp2(s - lse[:, None])  # lse is in base-2 units here
         if MASKED:
             visible = _visible(offs_m[:, None], cur_n[None, :], N_K, offset, window_left, window_right,
                                MASK_LEFT, MASK_RIGHT)
-            visible = _mask_mod_visible(visible, offs_m[:, None], cur_n[None, :], off_z, off_h, mask_args, MASK_MOD)
+            visible = _mask_mod_visible(visible, offs_m[:, None], cur_n[None, :], off_z, off_h, mask_args, N_Q, N_K,
+                                        MASK_MOD)
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, stream, offs_m[:, None] + dropout_row0, cur_n[None, :], dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
-        ds = _score_grad(ds, tanh_s, s_in, offs_m[:, None], cur_n[None, :], off_z, off_h, score_args, (),
+        ds = _score_grad(ds, tanh_s, s_in, offs_m[:, None], cur_n[None, :], off_z, off_h, score_args, (), N_Q, N_K,
                          HAS_SOFTCAP, SCORE_MOD_BWD, False)
         if SCORE_MOD_BWD is not None and MASKED:
             ds = tl.where(visible, ds, 0.0)
@@ -337,7 +344,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_
                  stride_lz, stride_lh, stride_az, stride_ah,
                  stride_bmk, stride_bmz, stride_bmh, stride_bmr,
                  H_Q, GROUP_SIZE, N_Q, N_K, score_args, mask_args,
-                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                 HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                  HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -360,18 +368,20 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_
             return
         stream = off_h
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
+    PAD_DV: tl.constexpr = HEAD_DIM_V != HEAD_DIM_V_PAD
     MASK_RIGHT: tl.constexpr = IS_CAUSAL or HAS_WINDOW
     offset = seqlen_k - seqlen_q
 
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)  # q and k's head dim
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)  # v and dO's
     q_row0 = q_start + start_m.to(tl.int64)  # 64-bit block start, 32-bit offsets within the block
     q = _load_tile(Q + off_z * stride_qz + off_h * stride_qh + q_row0 * stride_qm + rows[:, None] * stride_qm
                    + offs_d[None, :] * stride_qk, offs_m, seqlen_q, offs_d, HEAD_DIM, True, PAD_D, UPCAST)
     do = _load_tile(DO + off_z * stride_doz + off_h * stride_doh + q_row0 * stride_dom + rows[:, None] * stride_dom
-                    + offs_d[None, :] * stride_dok, offs_m, seqlen_q, offs_d, HEAD_DIM, True, PAD_D, UPCAST)
+                    + offs_dv[None, :] * stride_dok, offs_m, seqlen_q, offs_dv, HEAD_DIM_V, True, PAD_DV, UPCAST)
     row = off_z * stride_lz + off_h * stride_lh + q_start + offs_m
     # Rows past N_Q get lse = +inf, so their recomputed P is 0.
     lse = tl.load(LSE + row, mask=offs_m < seqlen_q, other=float("inf")) * LOG2E
@@ -379,7 +389,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_
     k_ptrs = (K + off_z * stride_kz + off_kvh * stride_kh + k_start * stride_kn
               + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk)
     v_ptrs = (V + off_z * stride_vz + off_kvh * stride_vh + k_start * stride_vn
-              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk)
+              + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vk)
     alibi_slope = 0.0
     if HAS_ALIBI:
         alibi_slope = tl.load(ALIBI_SLOPES + off_z * stride_az + off_h * stride_ah)
@@ -388,37 +398,37 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_
         seed = tl.load(SEED)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=ACC_DTYPE)
 
+    # The forward's stages (kernels/flash_fwd.py): a block mask's partly and wholly visible key
+    # blocks; or the masked left edge, the unmasked middle (masked too with a mask_mod), and the
+    # masked diagonal and ragged end.
     if MASK_BLOCK_N > 0:
-        # The block mask's key blocks for this query block: partly visible (masked), then wholly.
-        SUB: tl.constexpr = MASK_BLOCK_N // BLOCK_N
         mask_row = BLOCK_MASK + off_z * stride_bmz + off_h * stride_bmh + (start_m // MASK_BLOCK_M) * stride_bmr
-        for kind in tl.static_range(2):
-            kv_list = mask_row + kind * stride_bmk
-            dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
-                                    offs_d, 0, tl.load(kv_list) * SUB, seqlen_k, offset, sm_scale, softcap,
-                                    alibi_slope, window_left, window_right, seed, stream, q_start, dropout_p,
-                                    off_z, off_h, score_args, mask_args, kv_list + 1, HEAD_DIM, PAD_D, BLOCK_N,
-                                    False, False, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, kind == 0, UPCAST,
-                                    DOT_PRECISION, SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, MASK_BLOCK_N)
+        NUM_STAGES: tl.constexpr = 2
     else:
         lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                               BLOCK_M, BLOCK_N, HAS_WINDOW, MASK_RIGHT)
-        for stage in tl.static_range(3):
-            # The forward's three stages: masked left edge, unmasked middle (masked too with a mask_mod),
-            # masked diagonal and ragged end.
+        NUM_STAGES: tl.constexpr = 3
+    for stage in tl.static_range(NUM_STAGES):
+        if MASK_BLOCK_N > 0:
+            kv_list = mask_row + stage * stride_bmk
+            stage_lo, stage_hi = 0, tl.load(kv_list) * (MASK_BLOCK_N // BLOCK_N)
+            MASKED: tl.constexpr = stage == 0
+        else:
+            kv_list = BLOCK_MASK
             if stage == 0:
                 stage_lo, stage_hi = lo, full_lo
             elif stage == 1:
                 stage_lo, stage_hi = full_lo, full_hi
             else:
                 stage_lo, stage_hi = full_hi, hi
-            dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
-                                    offs_d, stage_lo, stage_hi, seqlen_k, offset, sm_scale, softcap, alibi_slope,
-                                    window_left, window_right, seed, stream, q_start, dropout_p, off_z, off_h,
-                                    score_args, mask_args, BLOCK_MASK, HEAD_DIM, PAD_D, BLOCK_N, HAS_WINDOW,
-                                    MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                                    stage != 1 or MASK_MOD is not None, UPCAST, DOT_PRECISION, SCORE_MOD,
-                                    SCORE_MOD_BWD, MASK_MOD, 0)
+            MASKED: tl.constexpr = stage != 1 or MASK_MOD is not None
+        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                                offs_dv, stage_lo, stage_hi, seqlen_q, seqlen_k, offset, sm_scale, softcap,
+                                alibi_slope, window_left, window_right, seed, stream, q_start, dropout_p, off_z, off_h,
+                                score_args, mask_args, kv_list, HEAD_DIM, HEAD_DIM_V, PAD_D, PAD_DV, BLOCK_N,
+                                HAS_WINDOW and MASK_BLOCK_N == 0, MASK_RIGHT and MASK_BLOCK_N == 0, HAS_SOFTCAP,
+                                HAS_ALIBI, HAS_DROPOUT, MASKED, UPCAST, DOT_PRECISION, SCORE_MOD, SCORE_MOD_BWD,
+                                MASK_MOD, MASK_BLOCK_N)
     dq = dq * sm_scale
     tl.store(DQ + off_z * stride_dqz + off_h * stride_dqh + q_row0 * stride_dqm + rows[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqk, _cast_for_store(dq, DQ.dtype.element_ty, UPCAST),

@@ -55,12 +55,15 @@ def _dense_bias(score, b, h, q_idx, kv_idx, args):
 
 @triton.jit
 def _dense_bias_bwd(grad, score, b, h, q_idx, kv_idx, args, grad_args, ACCUMULATE: tl.constexpr):
-    """d(score + bias)/d score = 1; d/d bias[b, h, q, kv] = grad, written once into the full (B, H, Nq, Nk) buffer."""
+    """d(score + bias)/d score = 1; d/d bias[b, h, q, kv] = grad, into the full (B, H, Nq, Nk) buffer.
+
+    Each (b, h, q, kv) gets its one grad, plus zeros where a padding row or key was clamped onto it:
+    adding zeros leaves the sum exact in any order, so atomics here are still bitwise reproducible.
+    """
     if ACCUMULATE:
         n_heads, n_q, n_k = args[5], args[6], args[7]
-        in_bounds = (q_idx < n_q) & (kv_idx < n_k)
         row = (b * n_heads + h) * n_q + q_idx
-        tl.store(grad_args[0] + row.to(tl.int64) * n_k + kv_idx, grad, mask=in_bounds)
+        tl.atomic_add(grad_args[0] + row.to(tl.int64) * n_k + kv_idx, grad, sem="relaxed")
     return grad
 
 

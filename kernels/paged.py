@@ -146,7 +146,7 @@ def _paged_inner(acc, l_i, m_i, bad, q, k_base, v_base, bt_row, stride_btn, stri
         # s = modified (q @ k.T) * sm_scale, in base-2 units.      (BLOCK_M, BLOCK_N)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, _, _ = _scores(qk, pos[:, None], cur_n[None, :], 0, sm_scale, softcap, alibi_slope[:, None], 0, 0, (),
-                          HAS_SOFTCAP, HAS_ALIBI, None)
+                          0, 0, HAS_SOFTCAP, HAS_ALIBI, None)
         if MASKED:
             visible = _paged_visible(pos[:, None], cur_n[None, :], seq_start, seq_end, window_left, window_right,
                                      MASK_LEFT, MASK_RIGHT, HAS_LEFTPAD)
