@@ -112,16 +112,22 @@ def _paged_visible(pos, k_idx, seq_start, seq_end, window_left, window_right,
 
 
 @triton.jit
-def _paged_inner(acc, l_i, m_i, bad, q, k_base, v_base, bt_row, stride_btn, stride_kp, stride_kn, stride_kk,
-                 stride_vp, stride_vn, stride_vk, pos, offs_n, offs_d, lo, hi, seq_start, seq_end, num_pages,
-                 sm_scale, softcap, alibi_slope, window_left, window_right,
-                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
+def _paged_inner(acc, l_i, m_i, bad, q, q_tail, k_base, v_base, bt_row, stride_btn, stride_kp, stride_kn, stride_kk,
+                 stride_vp, stride_vn, stride_vk, K_SCALE, V_SCALE, stride_sp, stride_sn, pos, offs_n, offs_d, offs_dt,
+                 offs_dv, lo, hi, seq_start, seq_end, num_pages, sm_scale, softcap, alibi_slope, window_left,
+                 window_right, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_TAIL: tl.constexpr,
+                 HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
                  MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr, SHARED_KV: tl.constexpr,
+                 KV_SCALES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Walk key tiles [lo, hi) of one sequence, updating the online-softmax state of the tile's rows.
 
     bad collects block-table entries outside the pool: those keys are never read.
+    A head dim past 256 is two tiles: the first HEAD_DIM_PAD columns (a power of two) and the
+    HEAD_DIM_TAIL after them (MLA's 576 = 512 + 64), so nothing is padded to 1024.
+    SHARED_KV: v is the first HEAD_DIM_V columns of k (MLA's latent cache): read once.
+    KV_SCALES: an fp8 cache's dequantization, 1 per tensor or 2 per (token, kv head) (vLLM's two
+    schemes): k's scale multiplies the scores, v's the probabilities, after the exact fp8 -> 16-bit cast.
     """
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -137,14 +143,23 @@ def _paged_inner(acc, l_i, m_i, bad, q, k_base, v_base, bt_row, stride_btn, stri
             page = tl.where(in_pool, page, 0).to(tl.int64)
             k_rows = page * stride_kp + (cur_n % PAGE_SIZE) * stride_kn
             v_rows = page * stride_vp + (cur_n % PAGE_SIZE) * stride_vn
+            scale_rows = page * stride_sp + (cur_n % PAGE_SIZE) * stride_sn
             readable = in_seq & in_pool
         else:
             k_rows = cur_n.to(tl.int64) * stride_kn
             v_rows = cur_n.to(tl.int64) * stride_vn
+            scale_rows = cur_n.to(tl.int64) * stride_sn
             readable = in_seq
-        k = _load_rows_where(k_base + k_rows[:, None] + offs_d[None, :] * stride_kk, readable, offs_d, HEAD_DIM, UPCAST)
+        k = _load_rows_where(k_base + k_rows[:, None] + offs_d[None, :] * stride_kk, readable, offs_d, HEAD_DIM,
+                             False).to(q.dtype)
         # s = modified (q @ k.T) * sm_scale, in base-2 units.      (BLOCK_M, BLOCK_N)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if HEAD_DIM_TAIL > 0:
+            k_tail = _load_rows_where(k_base + k_rows[:, None] + (HEAD_DIM_PAD + offs_dt[None, :]) * stride_kk,
+                                      readable, HEAD_DIM_PAD + offs_dt, HEAD_DIM, False).to(q.dtype)
+            qk = tl.dot(q_tail, tl.trans(k_tail), acc=qk, input_precision=DOT_PRECISION)
+        if KV_SCALES == 2:
+            qk = qk * tl.load(K_SCALE + scale_rows, mask=readable, other=0.0)[None, :]
         s, _, _ = _scores(qk, pos[:, None], cur_n[None, :], 0, sm_scale, softcap, alibi_slope[:, None], 0, 0, (),
                           0, 0, HAS_SOFTCAP, HAS_ALIBI, None)
         if MASKED:
@@ -158,7 +173,14 @@ def _paged_inner(acc, l_i, m_i, bad, q, k_base, v_base, bt_row, stride_btn, stri
         # alpha rescales what was accumulated under the old maximum m_i.
         alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows_where(v_base + v_rows[:, None] + offs_d[None, :] * stride_vk, readable, offs_d, HEAD_DIM, UPCAST)
+        if SHARED_KV:
+            v = k  # the latent's first HEAD_DIM_V (= HEAD_DIM_PAD) columns: already loaded
+        else:
+            v = _load_rows_where(v_base + v_rows[:, None] + offs_dv[None, :] * stride_vk, readable, offs_dv,
+                                 HEAD_DIM_V, False).to(q.dtype)
+        if KV_SCALES == 2:
+            # p @ (v * scale per key) = (p * scale per key) @ v.
+            p = p * tl.load(V_SCALE + scale_rows, mask=readable, other=0.0)[None, :]
         acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=acc.dtype)
         m_i = m_new
     return acc, l_i, m_i, bad
@@ -166,21 +188,27 @@ def _paged_inner(acc, l_i, m_i, bad, q, k_base, v_base, bt_row, stride_btn, stri
 
 @triton.jit
 def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, LEFTPAD, BLOCK_TABLE, SINKS,
-                    ALIBI_SLOPES, sm_scale, softcap, window_left, window_right,
+                    ALIBI_SLOPES, K_SCALE, V_SCALE, sm_scale, softcap, window_left, window_right,
                     stride_qz, stride_qh, stride_qm, stride_qk,
                     stride_kp, stride_kh, stride_kn, stride_kk,
                     stride_vp, stride_vh, stride_vn, stride_vk,
                     stride_oz, stride_oh, stride_om, stride_ok,
                     stride_lz, stride_lh, stride_lm, stride_btz, stride_btn, stride_az, stride_ah,
+                    stride_sp, stride_sh, stride_sn,
                     BATCH, N_Q, H_Q, GROUP, HEAD_BLOCKS, CAPACITY, NUM_PAGES, NUM_SPLITS, NUM_TOKENS, search_steps,
-                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_TAIL: tl.constexpr,
+                    HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, IS_VARLEN: tl.constexpr,
                     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
-                    SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    SPLIT: tl.constexpr, SHARED_KV: tl.constexpr, KV_SCALES: tl.constexpr, UPCAST: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     """One program: BLOCK_Q new tokens x HEADS query heads of one kv group, one split of their keys.
 
     N_Q: the dense layout's new tokens per sequence (unused when packed, IS_VARLEN).
+    q and k have HEAD_DIM columns, read as HEAD_DIM_PAD (+ HEAD_DIM_TAIL) of them; v and o HEAD_DIM_V.
+    K_SCALE, V_SCALE: an fp8 cache's scales, one each (KV_SCALES 1) or per (token, kv head) laid out
+    like the cache's rows (KV_SCALES 2, strides stride_sp/h/n); unused otherwise.
     SPLIT: write the normalised partial output and its lse to O_PART[split] / LSE_PART[split]
     ((NUM_SPLITS, NUM_TOKENS, Hq, D) and (NUM_SPLITS, NUM_TOKENS, Hq)) for the merge, else O and LSE.
     """
@@ -228,15 +256,28 @@ def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, 
     pos = seq_end - n_new + tok  # each new token's position in the cache: its causal diagonal
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dt = tl.arange(0, HEAD_DIM_TAIL if HEAD_DIM_TAIL > 0 else 16)  # MLA's rotary part
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     # 64-bit tile starts, 32-bit offsets within the tile.
     q_base = Q + off_z * stride_qz + (row0 + t0) * stride_qm + off_kvh * GROUP * stride_qh
-    q = _load_rows_where(q_base + ((rows // HEADS) * stride_qm + group_head * stride_qh)[:, None]
-                         + offs_d[None, :] * stride_qk, row_ok, offs_d, HEAD_DIM, UPCAST)
+    q_rows = q_base + ((rows // HEADS) * stride_qm + group_head * stride_qh)[:, None]
+    q = _load_rows_where(q_rows + offs_d[None, :] * stride_qk, row_ok, offs_d, HEAD_DIM, UPCAST)
+    q_tail = q
+    if HEAD_DIM_TAIL > 0:
+        q_tail = _load_rows_where(q_rows + (HEAD_DIM_PAD + offs_dt[None, :]) * stride_qk, row_ok,
+                                  HEAD_DIM_PAD + offs_dt, HEAD_DIM, UPCAST)
+    scale_base = 0  # where this kv head's (and, contiguous, this sequence's) scales start
+    if KV_SCALES == 1:  # one scale per tensor: into the score scale now, into the output at the end
+        sm_scale = sm_scale * tl.load(K_SCALE)
+    elif KV_SCALES == 2:
+        scale_base = off_kvh * stride_sh
+        if not PAGED:
+            scale_base += off_z * stride_sp
 
     alibi_slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_ALIBI:
         alibi_slope = tl.load(ALIBI_SLOPES + off_z * stride_az + head * stride_ah, mask=row_ok, other=0.0)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
     if HAS_SINKS and not SPLIT:
         # The sink is one more logit in every row with no value: exp2(sink - m_i) = 1 to start.
         # (Split, the merge adds it once instead.)
@@ -278,22 +319,23 @@ def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, 
         v_base += off_z * stride_vp
     bt_row = BLOCK_TABLE + off_z * stride_btz
     # Masked left edge, unmasked middle, masked right edge (the diagonal, the window, the ragged end).
-    acc, l_i, m_i, bad = _paged_inner(acc, l_i, m_i, bad, q, k_base, v_base, bt_row, stride_btn, stride_kp,
-                                      stride_kn, stride_kk, stride_vp, stride_vn, stride_vk, pos, offs_n, offs_d,
-                                      lo, full_lo, seq_start, seq_end, NUM_PAGES, sm_scale, softcap, alibi_slope,
-                                      window_left, window_right, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, HAS_WINDOW,
-                                      MASK_RIGHT, HAS_LEFTPAD, HAS_SOFTCAP, HAS_ALIBI, True, UPCAST, DOT_PRECISION)
-    acc, l_i, m_i, bad = _paged_inner(acc, l_i, m_i, bad, q, k_base, v_base, bt_row, stride_btn, stride_kp,
-                                      stride_kn, stride_kk, stride_vp, stride_vn, stride_vk, pos, offs_n, offs_d,
-                                      full_lo, full_hi, seq_start, seq_end, NUM_PAGES, sm_scale, softcap,
-                                      alibi_slope, window_left, window_right, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED,
-                                      HAS_WINDOW, MASK_RIGHT, HAS_LEFTPAD, HAS_SOFTCAP, HAS_ALIBI, False, UPCAST,
-                                      DOT_PRECISION)
-    acc, l_i, m_i, bad = _paged_inner(acc, l_i, m_i, bad, q, k_base, v_base, bt_row, stride_btn, stride_kp,
-                                      stride_kn, stride_kk, stride_vp, stride_vn, stride_vk, pos, offs_n, offs_d,
-                                      full_hi, hi, seq_start, seq_end, NUM_PAGES, sm_scale, softcap, alibi_slope,
-                                      window_left, window_right, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, HAS_WINDOW,
-                                      MASK_RIGHT, HAS_LEFTPAD, HAS_SOFTCAP, HAS_ALIBI, True, UPCAST, DOT_PRECISION)
+    for stage in tl.static_range(3):
+        if stage == 0:
+            stage_lo, stage_hi = lo, full_lo
+        elif stage == 1:
+            stage_lo, stage_hi = full_lo, full_hi
+        else:
+            stage_lo, stage_hi = full_hi, hi
+        acc, l_i, m_i, bad = _paged_inner(acc, l_i, m_i, bad, q, q_tail, k_base, v_base, bt_row, stride_btn,
+                                          stride_kp, stride_kn, stride_kk, stride_vp, stride_vn, stride_vk,
+                                          K_SCALE + scale_base, V_SCALE + scale_base, stride_sp, stride_sn, pos,
+                                          offs_n, offs_d, offs_dt, offs_dv, stage_lo, stage_hi, seq_start, seq_end,
+                                          NUM_PAGES, sm_scale, softcap, alibi_slope, window_left, window_right,
+                                          HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_TAIL, HEAD_DIM_V, BLOCK_N, PAGE_SIZE, PAGED,
+                                          HAS_WINDOW, MASK_RIGHT, HAS_LEFTPAD, HAS_SOFTCAP, HAS_ALIBI, stage != 1,
+                                          SHARED_KV, KV_SCALES, UPCAST, DOT_PRECISION)
+    if KV_SCALES == 1:
+        acc = acc * tl.load(V_SCALE)
 
     # A row that saw no key (and has no sink) has l_i = 0: o = 0, lse = -inf, never NaN, unless the input was bad.
     no_key = l_i == 0.0
@@ -302,16 +344,16 @@ def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, 
     lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     o = tl.where(bad, float("nan"), o)
     lse = tl.where(bad, float("nan"), lse)
-    d_ok = offs_d[None, :] < HEAD_DIM
+    d_ok = offs_dv[None, :] < HEAD_DIM_V
     if SPLIT:
         token = (token0 + tok).to(tl.int64)
         part_row = (split * NUM_TOKENS + token) * H_Q + head
         tl.store(LSE_PART + part_row, lse, mask=row_ok)
-        tl.store(O_PART + part_row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None] & d_ok)
+        tl.store(O_PART + part_row[:, None] * HEAD_DIM_V + offs_dv[None, :], o, mask=row_ok[:, None] & d_ok)
     else:
         tl.store(LSE + off_z * stride_lz + head * stride_lh + (row0 + tok) * stride_lm, lse, mask=row_ok)
         o_ptrs = (O + off_z * stride_oz + (row0 + t0) * stride_om
-                  + ((rows // HEADS) * stride_om + head * stride_oh)[:, None] + offs_d[None, :] * stride_ok)
+                  + ((rows // HEADS) * stride_om + head * stride_oh)[:, None] + offs_dv[None, :] * stride_ok)
         tl.store(o_ptrs, _cast_for_store(o, O.dtype.element_ty, UPCAST), mask=row_ok[:, None] & d_ok)
 
 
@@ -407,13 +449,23 @@ def _tile_shape(block_m, group):
     return heads, block_m // heads, -(-group // heads)
 
 
-def plan(q, k_cache, block_table, cu_seqlens_q, max_seqlen_q, switches):
-    """The launch of one call, from shapes: (config, heads, block_q, head_blocks, tiles, num_splits)."""
+def head_dim_tiles(head_dim):
+    """(HEAD_DIM_PAD, HEAD_DIM_TAIL): the query/key head dim as one power-of-two tile, or past 256 as two
+    (MLA's 576 = 512 + 64; 192 stays one 256-wide tile), so a big head dim is not padded to 1024."""
+    if head_dim <= 256:
+        return _head_dim_pad(head_dim), 0
+    main = 1 << (head_dim.bit_length() - 1)
+    return main, 0 if head_dim == main else _head_dim_pad(head_dim - main)
+
+
+def plan(q, k_cache, v_cache, block_table, cu_seqlens_q, max_seqlen_q, switches):
+    """The launch of one call, from shapes: (config, heads, block_q, head_blocks, tiles, capacity)."""
     h_q = q.shape[-2] if cu_seqlens_q is not None else q.shape[1]
     group = h_q // k_cache.shape[1]
     batch = (cu_seqlens_q.shape[0] - 1) if cu_seqlens_q is not None else q.shape[0]
-    config = CONFIGS["paged"].choose(q.device, q.dtype, _head_dim_pad(q.shape[-1]), group * max_seqlen_q, None,
-                                     switches)
+    # What fits is decided by the widest tiles: the query/key ones, or the value's.
+    width = max(sum(head_dim_tiles(q.shape[-1])), _head_dim_pad(v_cache.shape[-1]))
+    config = CONFIGS["paged"].choose(q.device, q.dtype, width, group * max_seqlen_q, None, switches)
     heads, block_q, head_blocks = _tile_shape(config.kwargs["BLOCK_M"], group)
     if cu_seqlens_q is not None:
         tiles = q.shape[0] // block_q + batch
@@ -423,19 +475,27 @@ def plan(q, k_cache, block_table, cu_seqlens_q, max_seqlen_q, switches):
     return config, heads, block_q, head_blocks, tiles, capacity
 
 
+def shares_storage(k_cache, v_cache):
+    """Whether v_cache is the first columns of k_cache (MLA's latent cache, two views of one tensor)."""
+    return (k_cache.data_ptr() == v_cache.data_ptr() and k_cache.stride() == v_cache.stride()
+            and v_cache.shape[-1] == head_dim_tiles(k_cache.shape[-1])[0])
+
+
 # ----------------------------------------------------------------------------
 # Launcher: allocate, choose, launch on the inputs' device
 # ----------------------------------------------------------------------------
 def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, causal, sm_scale,
                window=(UNLIMITED, UNLIMITED), softcap=0.0, alibi_slopes=None, sinks=None, cache_leftpad=None,
-               num_splits=None, o=None, lse=None, o_part=None, lse_part=None):
+               num_splits=None, k_scale=None, v_scale=None, o=None, lse=None, o_part=None, lse_part=None):
     """Run the paged kernel (and the merge when split). Returns o in q's layout and lse in fp32.
 
-    Packed q (total_q, Hq, D) gives lse (Hq, total_q); dense (B, Hq, Nq, D) gives (B, Hq, Nq).
-    window: (left, right) as kernel ints, UNLIMITED for an open side (causal sets right = 0).
+    Packed q (total_q, Hq, D) gives lse (Hq, total_q); dense (B, Hq, Nq, D) gives (B, Hq, Nq); o has
+    v_cache's head dim. window: (left, right) as kernel ints, UNLIMITED for an open side (causal sets
+    right = 0). k_scale, v_scale: an fp8 cache's scales, (1,) or one per cache row and kv head.
     o, lse and the fp32 partials may be passed in (tests pass NaN-filled buffers).
     """
     packed = cu_seqlens_q is not None
+    head_dim_v = v_cache.shape[-1]
     if packed:
         num_tokens, h_q, head_dim = q.shape
         batch, n_q = cu_seqlens_q.shape[0] - 1, 0
@@ -444,10 +504,72 @@ def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_se
         batch, h_q, n_q, head_dim = q.shape
         num_tokens, max_seqlen_q = batch * n_q, n_q
         lse_shape, q_strides = (batch, h_q, n_q), q.stride()
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device) if o is None else o
+    o = torch.empty((*q.shape[:-1], head_dim_v), dtype=q.dtype, device=q.device) if o is None else o
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if lse is None else lse
     if num_tokens == 0 or batch == 0:
         return o, lse
+    paged = block_table is not None
+    window_left, window_right = window
+    if causal:
+        window_right = 0
+    kv_scales = 0 if k_scale is None else (1 if k_scale.numel() == 1 else 2)
+    switches = (("PAGED", paged), ("IS_VARLEN", packed), ("IS_CAUSAL", bool(causal)),
+                ("HAS_WINDOW", window_left < UNLIMITED or (window_right < UNLIMITED and not causal)),
+                ("HAS_SOFTCAP", bool(softcap)), ("HAS_ALIBI", alibi_slopes is not None),
+                ("HAS_SINKS", sinks is not None), ("HAS_LEFTPAD", cache_leftpad is not None),
+                ("KV_SCALES", kv_scales))
+    config, heads, block_q, head_blocks, tiles, capacity = plan(q, k_cache, v_cache, block_table, cu_seqlens_q,
+                                                                max_seqlen_q, switches)
+    h_kv = k_cache.shape[1]
+    if num_splits is None:
+        num_splits = 1 if max_seqlen_q > MAX_SPLIT_QUERIES else choose_num_splits(
+            tiles * h_kv * head_blocks, capacity, sm_count(q.device))
+    split = num_splits > 1
+    if split:
+        if o_part is None:
+            o_part = torch.empty((num_splits, num_tokens, h_q, head_dim_v), dtype=torch.float32, device=q.device)
+        if lse_part is None:
+            lse_part = torch.empty((num_splits, num_tokens, h_q), dtype=torch.float32, device=q.device)
+    else:
+        o_part, lse_part = o, lse  # never read: the kernel writes o and lse itself
+    o_strides = (0, o.stride(1), o.stride(0), o.stride(2)) if packed else o.stride()
+    lse_strides = (0, lse.stride(0), lse.stride(1)) if packed else lse.stride()
+    placeholder = seqused_k  # a switched-off option's pointer is never read
+    alibi = alibi_slopes.float().contiguous() if alibi_slopes is not None else placeholder
+    alibi_strides = (0, 0) if alibi_slopes is None else (
+        (0, alibi.stride(0)) if alibi.dim() == 1 else (alibi.stride(0), alibi.stride(1)))
+    sinks_arg = sinks.float().contiguous() if sinks is not None else placeholder
+    table = block_table if paged else placeholder
+    table_strides = block_table.stride() if paged else (0, 0)
+    scale_strides = k_scale.stride() if kv_scales == 2 else (0, 0, 0)
+    flags = {name: value for name, value in switches if name != "KV_SCALES"}
+    head_dim_pad, head_dim_tail = head_dim_tiles(head_dim)
+    head_dim_v_pad = _head_dim_pad(head_dim_v)
+    with runtime.on_device(q.device):
+        CONFIGS["paged"].last_config = config
+        _paged_attn_fwd[(tiles, h_kv * head_blocks, num_splits)](
+            q, k_cache, v_cache, o, lse, o_part, lse_part,
+            cu_seqlens_q if packed else placeholder, seqused_k,
+            cache_leftpad if cache_leftpad is not None else placeholder, table, sinks_arg, alibi,
+            k_scale if k_scale is not None else placeholder, v_scale if v_scale is not None else placeholder,
+            sm_scale, float(softcap or 0.0), window_left, window_right,
+            *q_strides, *k_cache.stride(), *v_cache.stride(), *o_strides, *lse_strides, *table_strides,
+            *alibi_strides, *scale_strides, batch, n_q, h_q, h_q // h_kv, head_blocks, capacity, k_cache.shape[0],
+            num_splits, num_tokens, max(1, (batch - 1).bit_length()),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, HEAD_DIM_TAIL=head_dim_tail, HEAD_DIM_V=head_dim_v,
+            HEAD_DIM_V_PAD=head_dim_v_pad, HEADS=heads, PAGE_SIZE=k_cache.shape[2] if paged else 1, **flags,
+            SPLIT=split, SHARED_KV=shares_storage(k_cache, v_cache), KV_SCALES=kv_scales,
+            UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype), **config.all_kwargs(),
+        )
+        if split:
+            rows = num_tokens * h_q
+            _paged_merge[(triton.cdiv(rows, MERGE_BLOCK_R),)](
+                o_part, lse_part, o, lse, sinks_arg, *o_strides, *lse_strides, h_q,
+                n_q if not packed else num_tokens, rows, num_splits,
+                HEAD_DIM=head_dim_v, HEAD_DIM_PAD=head_dim_v_pad, BLOCK_R=MERGE_BLOCK_R, HAS_SINKS=sinks is not None,
+                UPCAST=upcast_tiles(q.dtype), num_warps=MERGE_WARPS,
+            )
+    return o, lse
     paged = block_table is not None
     window_left, window_right = window
     if causal:
