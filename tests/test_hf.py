@@ -6,7 +6,9 @@ comes from a hub), and the same weights run once on eager and once on
 RoPE, Mistral a sliding window shorter than the sequence, Gemma 2
 soft-capping and a window on alternate layers, gpt-oss sinks and a window.
 Each case first checks that its features change eager's logits, so a match
-proves the kernels applied them.
+proves the kernels applied them. Generation is checked token for token, with
+the kernel each step ran on and the host syncs of the attention and mask
+functions counted (HostSyncs: none in a generation step).
 """
 import inspect
 import subprocess
