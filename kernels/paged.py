@@ -68,13 +68,14 @@ from . import runtime
 from .configs import KERNELS as CONFIGS
 from .flash_attention import _window_bounds, check_flash_options
 from .runtime import check_flag, check_runnable, dot_precision, upcast_tiles
-from .tiles import (LN2, LOG2E, MAX_HEAD_DIM, UNLIMITED, _block_range, _cast_for_store, _head_dim_pad, _load_rows_where,
+from .tiles import (LN2, LOG2E, UNLIMITED, _block_range, _cast_for_store, _head_dim_pad, _load_rows_where,
                     _scores)
 
 __all__ = ["paged_attention", "decode_attention", "choose_num_splits"]
 
 PAGED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_SPLIT_QUERIES = 16  # new tokens per sequence up to which split-KV pays: decode, verification
+MAX_HEAD_DIM_QK, MAX_HEAD_DIM_V = 576, 512  # MLA's absorbed decode: 512 latent + 64 rotary dims, 512 values
 MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 256  # below this, a split's fixed costs (its Q tile, its partial) dominate its reads
 MIN_KEYS: tl.constexpr = tl.constexpr(MIN_KEYS_PER_SPLIT)
@@ -634,42 +635,48 @@ def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_se
 def _paged_attn_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqused_k: torch.Tensor,
                    block_table: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
                    cache_leftpad: torch.Tensor | None, alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None,
-                   ints: list[int], floats: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+                   k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, ints: list[int],
+                   floats: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """ints: (max_seqlen_q, causal, window_left, window_right, num_splits or 0); floats: (sm_scale, softcap)."""
     max_seqlen_q, causal, window_left, window_right, num_splits = ints
     return _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, bool(causal),
                       floats[0], (window_left, window_right), floats[1], alibi_slopes, sinks, cache_leftpad,
-                      num_splits or None)
+                      num_splits or None, k_scale, v_scale)
 
 
 @_paged_attn_op.register_fake
-def _(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, cache_leftpad, alibi_slopes, sinks, ints, floats):
+def _(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, cache_leftpad, alibi_slopes, sinks, k_scale, v_scale,
+      ints, floats):
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else q.shape[:3]
-    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+    return q.new_empty((*q.shape[:-1], v_cache.shape[-1])), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 def paged_attention(q, k_cache, v_cache, seqused_k, block_table=None, *, cu_seqlens_q=None, max_seqlen_q=None,
                     causal=True, sm_scale=None, window_size=None, softcap=None, alibi_slopes=None, sinks=None,
-                    cache_leftpad=None, return_lse=False, num_splits=None, validate=False,
-                    _lengths_name="seqused_k"):
+                    cache_leftpad=None, k_scale=None, v_scale=None, return_lse=False, num_splits=None,
+                    validate=False, _lengths_name="seqused_k"):
     """Attention of each sequence's new tokens to its cached keys, for any serving step. Inference only.
 
     q: packed (total_q, Hq, D) with cu_seqlens_q (B + 1,) int32 prefix sums from 0 and max_seqlen_q (an int
-    bound on any sequence's new tokens, which sizes the tiles), or dense (B, Hq, Nq, D).
+    bound on any sequence's new tokens, which sizes the tiles), or dense (B, Hq, Nq, D); fp32, fp16, bf16.
     k_cache, v_cache: contiguous (B, Hkv, N_max, D), or with block_table (B, max_pages) int32/int64 a pool
     of pages (num_pages, Hkv, page_size, D), any page size, any strides (vLLM's (num_pages, page_size, Hkv, D)
-    pool as a permuted view). seqused_k (B,): where each sequence's keys end, its new ones included (write
-    them first with append_kv); cache_leftpad (B,): where they start (default 0).
+    pool as a permuted view). D up to 576 for q and k, v's head dim up to 512 and at most q's (MLA's
+    absorbed decode: v_cache = k_cache[..., :512], one latent cache read once). The cache may be fp8
+    (e4m3fn, e5m2) with k_scale and v_scale: (1,) per tensor, or one per cache row and kv head, shaped like
+    the cache's first three dims (value = stored * scale). seqused_k (B,): where each sequence's keys
+    end, its new ones included (write them first with append_kv); cache_leftpad (B,): where they start.
     causal: new token i of nq_b sees keys up to seqused_k[b] - nq_b + i. window_size, softcap,
     alibi_slopes and sinks as in flash_attention, distances measured from that diagonal.
     num_splits: split-KV chunks for few new tokens per sequence (None: from shapes and the SM count).
     validate: check the lengths, offsets and block table on the host first (a sync; clear errors).
     Without it nothing is read on the host, and a sequence with bad data outputs NaN rows.
-    Returns o in q's layout and dtype, and with return_lse also lse, (Hq, total_q) packed or (B, Hq, Nq)
-    dense, natural log, fp32. (_lengths_name: what errors call seqused_k; decode_attention's cache_seqlens.)
+    Returns o in q's layout and dtype (v's head dim), and with return_lse also lse, (Hq, total_q) packed
+    or (B, Hq, Nq) dense, natural log, fp32. (_lengths_name: what errors call seqused_k.)
     """
     batch, capacity, _ = check_paged_inputs(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q,
-                                            max_seqlen_q, sm_scale, cache_leftpad, MAX_HEAD_DIM, _lengths_name)
+                                            max_seqlen_q, sm_scale, cache_leftpad, MAX_HEAD_DIM_QK, _lengths_name,
+                                            k_scale, v_scale, MAX_HEAD_DIM_V)
     if q.dtype not in PAGED_DTYPES:
         raise TypeError(f"q has dtype {q.dtype}; paged attention supports float32, float16 and bfloat16")
     check_runnable(q, "q")
@@ -688,17 +695,19 @@ def paged_attention(q, k_cache, v_cache, seqused_k, block_table=None, *, cu_seql
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if torch.compiler.is_compiling():
         o, lse = _paged_attn_op(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, cache_leftpad,
-                                alibi_slopes, sinks, [max_seqlen_q or 0, int(causal), *window, num_splits or 0],
+                                alibi_slopes, sinks, k_scale, v_scale,
+                                [max_seqlen_q or 0, int(causal), *window, num_splits or 0],
                                 [sm_scale, float(softcap or 0.0)])
     else:  # eager: the launcher itself, without the op's dispatch
         o, lse = _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, causal,
-                            sm_scale, window, softcap, alibi_slopes, sinks, cache_leftpad, num_splits)
+                            sm_scale, window, softcap, alibi_slopes, sinks, cache_leftpad, num_splits, k_scale,
+                            v_scale)
     return (o, lse) if return_lse else o
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table=None, causal=True, sm_scale=None,
                      return_lse=False, num_splits=None, *, window_size=None, softcap=None, alibi_slopes=None,
-                     sinks=None, cache_leftpad=None, validate=False):
+                     sinks=None, cache_leftpad=None, k_scale=None, v_scale=None, validate=False):
     """paged_attention with dense q (B, Hq, Nq, D): Nq new tokens per sequence, cache_seqlens its keys' end.
 
     The decode step of a generation loop (Nq = 1), or a few speculative tokens to verify. See
@@ -708,5 +717,5 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table=None, causa
         raise ValueError(f"q must have rank 4 (B, Hq, Nq, D), got shape {tuple(q.shape)}")
     return paged_attention(q, k_cache, v_cache, cache_seqlens, block_table, causal=causal, sm_scale=sm_scale,
                            window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
-                           cache_leftpad=cache_leftpad, return_lse=return_lse, num_splits=num_splits,
-                           validate=validate, _lengths_name="cache_seqlens")
+                           cache_leftpad=cache_leftpad, k_scale=k_scale, v_scale=v_scale, return_lse=return_lse,
+                           num_splits=num_splits, validate=validate, _lengths_name="cache_seqlens")

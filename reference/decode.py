@@ -57,9 +57,9 @@ def check_cache(k_cache, v_cache, cache_seqlens, block_table=None, lengths_name=
         if t.dim() != 4:
             what = "(num_blocks, Hkv, block_size, D)" if block_table is not None else "(B, Hkv, N_max, D)"
             raise ValueError(f"{name} must have rank 4 {what}, got shape {tuple(t.shape)}")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
-                         f"and {tuple(v_cache.shape)}")
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"k_cache and v_cache must have the same shape but for the head dim, got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     if v_cache.dtype != k_cache.dtype:
         raise TypeError(f"v_cache has dtype {v_cache.dtype} but k_cache has {k_cache.dtype}")
     _index_tensor(cache_seqlens, lengths_name, 1)
