@@ -6,6 +6,7 @@
     plan.py       cases, presets per device, the job list of the built-in suites
     registry.py   where every other suite registers (its jobs, case type, baseline, table, plots, summary)
     suites.py     the one list of those suites, and the jobs of a run in order
+    serving_suite.py  a serving step over a paged cache: a mixed batch, decode against copy bandwidth, prefill
     decode_suite.py   one query against a KV cache: cases, providers (copy, SDPA, flex, ours), plot
     window_suite.py, varlen_suite.py, hf_suite.py  sliding windows, packed batches, a transformers model
     sweep.py      runs the jobs; failures become statuses

@@ -5,6 +5,7 @@
     python -m bench --suite attention --n 1024 4096 --head-dim 128 --heads 16 32:8 --causal on
     python -m bench --device cuda --modes fwd bwd fwd+bwd --providers sdpa-flash flex triton
     python -m bench --suite decode           # one query against a KV cache: us/step and GB/s
+    python -m bench --suite serving          # a serving step over a paged cache: mixed batch, decode, prefill
     python -m bench --list                   # print the jobs and exit
     python -m bench --threads 0              # on the CPU, torch's own thread count instead of one
     python -m bench.report RESULTS.csv       # the short table of a finished run

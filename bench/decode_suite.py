@@ -21,7 +21,9 @@ Every sequence of a case has N keys. With one query, causal masking changes
 nothing (the last query sees every key), so every provider runs unmasked.
 On the CPU there are correctness rows only, at one small shape (the Triton
 kernels run under the interpreter); on a GPU the checks come first, then the
-timings. GPU figures: not measured yet (no session has had a GPU).
+timings. GPU figures: not measured yet (no session has had a GPU). The
+serving suite (bench/serving_suite.py) takes decoding on: ragged batches over
+a paged cache, next to prefill chunks.
 """
 from dataclasses import dataclass
 

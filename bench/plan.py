@@ -11,13 +11,13 @@ float64 reference, no time). The built-in suites, planned here:
                Triton-backed modules.MultiHeadAttention
     overhead   the host cost of one flash_attention call at a tiny shape (bench/overhead.py)
 
-The other suites (decode, window, varlen, hf) plan their own jobs in
+The other suites (serving, decode, window, varlen, hf) plan their own jobs in
 their own modules and register there (bench/registry.py); bench/suites.py
 lists them all.
 
 Order of a run: attention correctness rows, timed attention (Triton and the
 SDPA backends), the host cost of one call, FlexAttention (slow to compile), the
-registered suites that run early (decoding), then memory, softmax and
+registered suites that run early (serving, decoding), then memory, softmax and
 modules, then the other registered suites: under a time budget, what matters
 most runs first.
 

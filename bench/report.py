@@ -364,13 +364,14 @@ def _wrap(line, chars):
     return [piece for part in parts for piece in textwrap.wrap(part, chars, break_on_hyphens=False)]
 
 
-def provider_lines(ax, records, y_key):
+def provider_lines(ax, records, y_key, colors=COLORS):
+    """One line per provider of y_key against N (log2 axis); colors: provider -> matplotlib colour."""
     for name in dict.fromkeys(r["provider"] for r in records):
         points = sorted((r["n"], r[y_key]) for r in records
                         if r["provider"] == name and isinstance(r.get(y_key), float))
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", label=name, color=COLORS.get(name))
+            ax.plot(xs, ys, marker="o", label=name, color=colors.get(name))
     ax.set_xscale("log", base=2)
     ns = sorted({r["n"] for r in records})
     if ns:

@@ -202,7 +202,7 @@ def cpu_run(tmp_path_factory):
             assert main(["--device", "cpu", "--quick", "--out", str(out), "--n", "32", "64", "--head-dim", "16",
                          "--heads", "2", "--tokens", "64", "--providers", "boom", "naive", "sdpa-flash",
                          "--softmax-n", "128", "256", "--suite", *plan.SUITES, "decode"]) == 0
-            # window, varlen: tests/test_bench_variants.py; hf: tests/test_hf.py
+            # window, varlen: tests/test_bench_variants.py; serving: tests/test_bench_serving.py; hf: tests/test_hf.py
             assert torch.get_num_threads() == 2, "main() puts torch's thread count back"
         finally:
             torch.set_num_threads(threads)
