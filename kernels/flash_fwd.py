@@ -144,14 +144,14 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, SEED, BLOCK_MASK,
+def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, SEED, BLOCK_MASK, DESCALE,
               sm_scale, softcap, dropout_p, window_left, window_right,
               stride_qz, stride_qh, stride_qm, stride_qk,
               stride_kz, stride_kh, stride_kn, stride_kk,
               stride_vz, stride_vh, stride_vn, stride_vk,
               stride_oz, stride_oh, stride_om, stride_ok,
               stride_lz, stride_lh, stride_az, stride_ah,
-              stride_bmk, stride_bmz, stride_bmh, stride_bmr,
+              stride_bmk, stride_bmz, stride_bmh, stride_bmr, stride_dsk, stride_dsz, stride_dsh,
               H_Q, GROUP_SIZE, N_Q, N_K, score_args, mask_args,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
               HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -159,8 +159,8 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, 
               HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
               ACC_DTYPE: tl.constexpr, SCORE_MOD: tl.constexpr = None, MASK_MOD: tl.constexpr = None,
-              MASK_BLOCK_M: tl.constexpr = 0, MASK_BLOCK_N: tl.constexpr = 0,
-              USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False):
+              MASK_BLOCK_M: tl.constexpr = 0, MASK_BLOCK_N: tl.constexpr = 0, HAS_DESCALE: tl.constexpr = False,
+              ROUND_OUT: tl.constexpr = False, USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False):
     """One program: BLOCK_M query rows of one (batch, query head). Writes O and the natural-log LSE.
 
     N_Q and N_K are the lengths, or for packed sequences (IS_VARLEN) the longest ones.
@@ -169,6 +169,11 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, 
     per query block of MASK_BLOCK_M rows, the key blocks partly visible (MASK_MOD applied)
     and wholly visible (no mask): BLOCK_MASK[kind, z, h, row] = count, then block indices
     (kernels/block_mask.py); no other key block is loaded.
+    fp8 (HAS_DESCALE): q, k and v are e4m3/e5m2 and DESCALE[kind, z, kv head] holds their
+    dequantization factors (kind 0, 1, 2: q, k, v, FlashAttention-3's descales): q.k is taken in
+    fp8 and scaled by q's and k's, P is rounded to v's fp8 for the P.V product (as FA3 and the
+    Triton tutorial do), and v's scales the output. ROUND_OUT: round a bf16 output to nearest
+    under the interpreter (whose own cast truncates; tiles.py: _cast_for_store).
     USE_TMA and WARP_SPECIALIZE are Hopper options of the launch configs
     (kernels/configs.py): Q, K and V through tensor descriptors, and the key loop
     split into producer and consumer warps.
@@ -227,6 +232,9 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, 
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
+    descale = DESCALE + off_z * stride_dsz + off_kvh * stride_dsh
+    if HAS_DESCALE:  # the scores of fp8 q and k: q.k * q_descale * k_descale * sm_scale
+        sm_scale = sm_scale * tl.load(descale) * tl.load(descale + stride_dsk)
 
     # The Q tile is read once and stays in registers for the whole key loop.
     q = _load_rows(q_src, start_m, stride_qm, offs_m, seqlen_q, offs_d, HEAD_DIM, True, PAD_D, UPCAST, USE_TMA)
@@ -292,9 +300,11 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, 
     acc = acc / l_safe[:, None]
     if HAS_DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))  # kept probabilities are scaled up by 1 / (1 - p)
+    if HAS_DESCALE:
+        acc = acc * tl.load(descale + 2 * stride_dsk)  # v's dequantization: the output is linear in v
     lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     tl.store(LSE + off_z * stride_lz + off_h * stride_lh + q_start + offs_m, lse, mask=offs_m < seqlen_q)
     o_ptrs = (O + off_z * stride_oz + off_h * stride_oh + q_row0 * stride_om
               + rows[:, None] * stride_om + offs_dv[None, :] * stride_ok)
-    tl.store(o_ptrs, _cast_for_store(acc, O.dtype.element_ty, UPCAST),
+    tl.store(o_ptrs, _cast_for_store(acc, O.dtype.element_ty, UPCAST or ROUND_OUT),
              mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V))

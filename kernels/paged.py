@@ -79,6 +79,7 @@ MAX_HEAD_DIM_QK, MAX_HEAD_DIM_V = 576, 512  # MLA's absorbed decode: 512 latent 
 MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 256  # below this, a split's fixed costs (its Q tile, its partial) dominate its reads
 MIN_KEYS: tl.constexpr = tl.constexpr(MIN_KEYS_PER_SPLIT)
+MAX_SPLIT_Q: tl.constexpr = tl.constexpr(MAX_SPLIT_QUERIES)
 MERGE_BLOCK_R = 32  # (token, head) rows per merge program
 MERGE_WARPS = 4
 # The interpreter has no SMs: it assumes an H100 SXM's 132, so the CPU picks the splits an H100 would.
@@ -196,7 +197,8 @@ def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, 
                     stride_oz, stride_oh, stride_om, stride_ok,
                     stride_lz, stride_lh, stride_lm, stride_btz, stride_btn, stride_az, stride_ah,
                     stride_sp, stride_sh, stride_sn,
-                    BATCH, N_Q, H_Q, GROUP, HEAD_BLOCKS, CAPACITY, NUM_PAGES, NUM_SPLITS, NUM_TOKENS, search_steps,
+                    BATCH, N_Q, H_Q, GROUP, HEAD_BLOCKS, CAPACITY, NUM_PAGES, NUM_SPLITS, TILES, SPLIT_TILES,
+                    search_steps,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_TAIL: tl.constexpr,
                     HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -210,32 +212,48 @@ def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, 
     q and k have HEAD_DIM columns, read as HEAD_DIM_PAD (+ HEAD_DIM_TAIL) of them; v and o HEAD_DIM_V.
     K_SCALE, V_SCALE: an fp8 cache's scales, one each (KV_SCALES 1) or per (token, kv head) laid out
     like the cache's rows (KV_SCALES 2, strides stride_sp/h/n); unused otherwise.
-    SPLIT: write the normalised partial output and its lse to O_PART[split] / LSE_PART[split]
-    ((NUM_SPLITS, NUM_TOKENS, Hq, D) and (NUM_SPLITS, NUM_TOKENS, Hq)) for the merge, else O and LSE.
+    SPLIT (NUM_SPLITS > 1): the first TILES programs are the tiles above, doing split 0; after them
+    come SPLIT_TILES * (NUM_SPLITS - 1) programs per sequence for splits 1.. of the tiles of
+    sequences with at most MAX_SPLIT_Q new tokens (decode, verification: the others exit at once,
+    their split 0 having done all their keys). A split sequence writes each split's normalised
+    partial output and lse to slot (split, b, token, head) of O_PART (NUM_SPLITS, B, MAX_SPLIT_Q,
+    Hq, HEAD_DIM_V) / LSE_PART for the merge; every other sequence writes O and LSE directly. So
+    a mixed batch runs in one launch and a merge, and long chunks never split.
     """
     BLOCK_Q: tl.constexpr = BLOCK_M // HEADS
-    tile = tl.program_id(0)
+    pid = tl.program_id(0)
     off_kvh = (tl.program_id(1) // HEAD_BLOCKS).to(tl.int64)
     head_block = tl.program_id(1) % HEAD_BLOCKS
-    split = tl.program_id(2)
-    # row0: the sequence's first new token's row in q and o; token0: its index among all new tokens (partials).
-    if IS_VARLEN:
-        off_z = _find_sequence(CU_SEQLENS_Q, tile, BATCH, search_steps, BLOCK_Q)
+    split = 0
+    if SPLIT and pid >= TILES:  # a split program: sequence, its tile, the split
+        extra = pid - TILES
+        off_z = extra // (SPLIT_TILES * (NUM_SPLITS - 1))
+        local_tile = extra // (NUM_SPLITS - 1) % SPLIT_TILES
+        split = 1 + extra % (NUM_SPLITS - 1)
+        if IS_VARLEN:
+            row0 = tl.load(CU_SEQLENS_Q + off_z)
+            n_new = tl.load(CU_SEQLENS_Q + off_z + 1) - row0
+        else:
+            row0 = 0
+            n_new = N_Q
+        t0 = local_tile * BLOCK_Q
+    elif IS_VARLEN:
+        off_z = _find_sequence(CU_SEQLENS_Q, pid, BATCH, search_steps, BLOCK_Q)
         row0 = tl.load(CU_SEQLENS_Q + off_z)
         n_new = tl.load(CU_SEQLENS_Q + off_z + 1) - row0
-        t0 = (tile - (row0 // BLOCK_Q + off_z)) * BLOCK_Q
-        row0 = row0.to(tl.int64)
-        token0 = row0
+        t0 = (pid - (row0 // BLOCK_Q + off_z)) * BLOCK_Q
     else:
         tiles_per_seq = tl.cdiv(N_Q, BLOCK_Q)
-        off_z = tile // tiles_per_seq
+        off_z = pid // tiles_per_seq
         n_new = N_Q
-        t0 = (tile % tiles_per_seq) * BLOCK_Q
+        t0 = (pid % tiles_per_seq) * BLOCK_Q
         row0 = 0
-        token0 = off_z * N_Q
-    if t0 >= n_new:
+    # This sequence splits its keys (few new tokens, splits asked for), or one program does them all.
+    seq_split = SPLIT and n_new <= MAX_SPLIT_Q
+    if t0 >= n_new or (split > 0 and not seq_split):
         return
     off_z = off_z.to(tl.int64)
+    row0 = tl.full([], 0, tl.int64) + row0  # the first new token's row in q and o, 64-bit
 
     # The sequence's keys: [seq_start, seq_end) of its cache, clamped to the cache; a bad entry
     # turns its rows to NaN at the end instead of reading out of bounds.
@@ -279,14 +297,18 @@ def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, 
     if HAS_ALIBI:
         alibi_slope = tl.load(ALIBI_SLOPES + off_z * stride_az + head * stride_ah, mask=row_ok, other=0.0)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
-    if HAS_SINKS and not SPLIT:
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:
         # The sink is one more logit in every row with no value: exp2(sink - m_i) = 1 to start.
-        # (Split, the merge adds it once instead.)
-        m_i = tl.load(SINKS + head, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # (A split sequence's merge adds it once instead.)
+        sink = tl.load(SINKS + head, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
+        if SPLIT:
+            m_i = tl.where(seq_split, m_i, sink)
+            l_i = tl.where(seq_split, l_i, 1.0)
+        else:
+            m_i = sink
+            l_i = l_i + 1.0
 
     # The keys some row of the tile sees, and those every row sees (tiles.py: _block_range).
     MASK_RIGHT: tl.constexpr = IS_CAUSAL or HAS_WINDOW
@@ -304,7 +326,7 @@ def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, 
         last_full = tl.minimum(last_full, first_pos + window_right)
     lo, full_lo, full_hi, hi = _block_range(BLOCK_N, first_seen, last_seen, first_full, last_full, seq_end,
                                             (seq_end // BLOCK_N) * BLOCK_N)
-    if SPLIT:
+    if seq_split:
         # This split's share of [lo, hi): whole tiles, as many splits as this sequence's keys warrant.
         splits = tl.minimum(tl.maximum(tl.cdiv(hi - lo, MIN_KEYS), 1), NUM_SPLITS)
         chunk = tl.cdiv(tl.cdiv(hi - lo, splits), BLOCK_N) * BLOCK_N
@@ -346,11 +368,10 @@ def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, 
     o = tl.where(bad, float("nan"), o)
     lse = tl.where(bad, float("nan"), lse)
     d_ok = offs_dv[None, :] < HEAD_DIM_V
-    if SPLIT:
-        token = (token0 + tok).to(tl.int64)
-        part_row = (split * NUM_TOKENS + token) * H_Q + head
-        tl.store(LSE_PART + part_row, lse, mask=row_ok)
-        tl.store(O_PART + part_row[:, None] * HEAD_DIM_V + offs_dv[None, :], o, mask=row_ok[:, None] & d_ok)
+    if seq_split:
+        slot = ((split * BATCH + off_z) * MAX_SPLIT_Q + tok) * H_Q + head  # (split, b, token, head)
+        tl.store(LSE_PART + slot, lse, mask=row_ok)
+        tl.store(O_PART + slot[:, None] * HEAD_DIM_V + offs_dv[None, :], o, mask=row_ok[:, None] & d_ok)
     else:
         tl.store(LSE + off_z * stride_lz + head * stride_lh + (row0 + tok) * stride_lm, lse, mask=row_ok)
         o_ptrs = (O + off_z * stride_oz + (row0 + t0) * stride_om
@@ -360,24 +381,35 @@ def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, 
 
 
 @triton.jit
-def _paged_merge(O_PART, LSE_PART, O, LSE, SINKS, stride_oz, stride_oh, stride_om, stride_ok,
-                 stride_lz, stride_lh, stride_lm, H_Q, N_Q, NUM_ROWS, NUM_SPLITS,
+def _paged_merge(O_PART, LSE_PART, O, LSE, SINKS, CU_SEQLENS_Q, stride_oz, stride_oh, stride_om, stride_ok,
+                 stride_lz, stride_lh, stride_lm, BATCH, H_Q, N_Q, NUM_SPLITS,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-                 HAS_SINKS: tl.constexpr, UPCAST: tl.constexpr):
-    """One program: BLOCK_R (token, head) rows, merged over the splits in fp32.
+                 IS_VARLEN: tl.constexpr, HAS_SINKS: tl.constexpr, UPCAST: tl.constexpr):
+    """One program: BLOCK_R partial slots (b, token, head) of the split sequences, merged over the splits in fp32.
 
     The online softmax again, one level up: lse_s plays the score, o_s the value.
         m_new = max(m_i, lse_s); alpha = exp(m_i - m_new); w = exp(lse_s - m_new)
         l_i = alpha * l_i + w;   acc = alpha * acc + w * o_s
     and o = acc / l_i, lse = m_i + log(l_i). A sink starts each row as one more split with no
-    value (m_i = sink, l_i = 1). Row r is token r // Hq, head r % Hq; token t is (b, i) =
-    (t // N_Q, t % N_Q) of a dense output (N_Q = tokens of a packed one, so b = 0).
+    value (m_i = sink, l_i = 1). Slot r is (b, token, head) = (r // (MAX_SPLIT_Q * Hq),
+    r // Hq % MAX_SPLIT_Q, r % Hq); only sequences with at most MAX_SPLIT_Q new tokens were split:
+    the others' slots, and tokens past a sequence's count, are skipped.
     """
+    num_slots = BATCH * MAX_SPLIT_Q * H_Q
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    row_mask = offs_r < NUM_ROWS
-    tile_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    off_z = offs_r // (MAX_SPLIT_Q * H_Q)
+    tok = offs_r // H_Q % MAX_SPLIT_Q
     head = offs_r % H_Q
+    in_batch = offs_r < num_slots
+    if IS_VARLEN:
+        row0 = tl.load(CU_SEQLENS_Q + off_z, mask=in_batch, other=0)
+        n_new = tl.load(CU_SEQLENS_Q + off_z + 1, mask=in_batch, other=0) - row0
+    else:
+        row0 = 0
+        n_new = N_Q + 0 * off_z
+    row_mask = in_batch & (n_new <= MAX_SPLIT_Q) & (tok < n_new)
+    tile_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
     if HAS_SINKS:
         m_i = tl.load(SINKS + head, mask=row_mask, other=0.0).to(tl.float32) * LOG2E
         l_i = tl.zeros([BLOCK_R], dtype=tl.float32) + 1.0
@@ -386,9 +418,9 @@ def _paged_merge(O_PART, LSE_PART, O, LSE, SINKS, stride_oz, stride_oh, stride_o
         l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, HEAD_DIM_PAD], dtype=tl.float32)
     for split in range(0, NUM_SPLITS):
-        lse_s = tl.load(LSE_PART + split * NUM_ROWS + offs_r, mask=row_mask, other=float("-inf")) * LOG2E
-        o_s = tl.load(O_PART + (split * NUM_ROWS + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], mask=tile_mask,
-                      other=0.0)
+        slot = split * num_slots + offs_r
+        lse_s = tl.load(LSE_PART + slot, mask=row_mask, other=float("-inf")) * LOG2E
+        o_s = tl.load(O_PART + slot[:, None] * HEAD_DIM + offs_d[None, :], mask=tile_mask, other=0.0)
         m_new = tl.maximum(m_i, lse_s)
         m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_new_safe)
@@ -398,12 +430,10 @@ def _paged_merge(O_PART, LSE_PART, O, LSE, SINKS, stride_oz, stride_oh, stride_o
         m_i = m_new
     no_key = l_i == 0.0
     l_safe = tl.where(no_key, 1.0, l_i)
-    token = offs_r // H_Q
-    off_z = token // N_Q
-    off_m = token % N_Q
-    tl.store(LSE + off_z * stride_lz + head * stride_lh + off_m * stride_lm,
+    row = row0 + tok  # the token's row in o: packed (stride_oz = 0), or the b-th entry's
+    tl.store(LSE + off_z * stride_lz + head * stride_lh + row * stride_lm,
              tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2), mask=row_mask)
-    o_ptrs = O + (off_z * stride_oz + head * stride_oh + off_m * stride_om)[:, None] + offs_d[None, :] * stride_ok
+    o_ptrs = O + (off_z * stride_oz + head * stride_oh + row * stride_om)[:, None] + offs_d[None, :] * stride_ok
     tl.store(o_ptrs, _cast_for_store(acc / l_safe[:, None], O.dtype.element_ty, UPCAST), mask=tile_mask)
 
 
@@ -522,15 +552,17 @@ def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_se
     config, heads, block_q, head_blocks, tiles, capacity = plan(q, k_cache, v_cache, block_table, cu_seqlens_q,
                                                                 max_seqlen_q, switches)
     h_kv = k_cache.shape[1]
+    # Split programs serve the sequences with at most MAX_SPLIT_QUERIES new tokens: this many tiles each.
+    split_tiles = -(-min(max_seqlen_q, MAX_SPLIT_QUERIES) // block_q)
     if num_splits is None:
-        num_splits = 1 if max_seqlen_q > MAX_SPLIT_QUERIES else choose_num_splits(
-            tiles * h_kv * head_blocks, capacity, sm_count(q.device))
-    split = num_splits > 1
+        num_splits = choose_num_splits(batch * split_tiles * h_kv * head_blocks, capacity, sm_count(q.device))
+    split = num_splits > 1 and max_seqlen_q > 0
     if split:
+        slots = (num_splits, batch, MAX_SPLIT_QUERIES, h_q)  # (split, b, token, head)
         if o_part is None:
-            o_part = torch.empty((num_splits, num_tokens, h_q, head_dim_v), dtype=torch.float32, device=q.device)
+            o_part = torch.empty((*slots, head_dim_v), dtype=torch.float32, device=q.device)
         if lse_part is None:
-            lse_part = torch.empty((num_splits, num_tokens, h_q), dtype=torch.float32, device=q.device)
+            lse_part = torch.empty(slots, dtype=torch.float32, device=q.device)
     else:
         o_part, lse_part = o, lse  # never read: the kernel writes o and lse itself
     o_strides = (0, o.stride(1), o.stride(0), o.stride(2)) if packed else o.stride()
@@ -548,7 +580,8 @@ def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_se
     head_dim_v_pad = _head_dim_pad(head_dim_v)
     with runtime.on_device(q.device):
         CONFIGS["paged"].last_config = config
-        _paged_attn_fwd[(tiles, h_kv * head_blocks, num_splits)](
+        programs = tiles + (batch * split_tiles * (num_splits - 1) if split else 0)
+        _paged_attn_fwd[(programs, h_kv * head_blocks)](
             q, k_cache, v_cache, o, lse, o_part, lse_part,
             cu_seqlens_q if packed else placeholder, seqused_k,
             cache_leftpad if cache_leftpad is not None else placeholder, table, sinks_arg, alibi,
@@ -556,19 +589,19 @@ def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_se
             sm_scale, float(softcap or 0.0), window_left, window_right,
             *q_strides, *k_cache.stride(), *v_cache.stride(), *o_strides, *lse_strides, *table_strides,
             *alibi_strides, *scale_strides, batch, n_q, h_q, h_q // h_kv, head_blocks, capacity, k_cache.shape[0],
-            num_splits, num_tokens, max(1, (batch - 1).bit_length()),
+            num_splits, tiles, split_tiles, max(1, (batch - 1).bit_length()),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, HEAD_DIM_TAIL=head_dim_tail, HEAD_DIM_V=head_dim_v,
             HEAD_DIM_V_PAD=head_dim_v_pad, HEADS=heads, PAGE_SIZE=k_cache.shape[2] if paged else 1, **flags,
             SPLIT=split, SHARED_KV=shares_storage(k_cache, v_cache), KV_SCALES=kv_scales,
             UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype), **config.all_kwargs(),
         )
         if split:
-            rows = num_tokens * h_q
-            _paged_merge[(triton.cdiv(rows, MERGE_BLOCK_R),)](
-                o_part, lse_part, o, lse, sinks_arg, *o_strides, *lse_strides, h_q,
-                n_q if not packed else num_tokens, rows, num_splits,
-                HEAD_DIM=head_dim_v, HEAD_DIM_PAD=head_dim_v_pad, BLOCK_R=MERGE_BLOCK_R, HAS_SINKS=sinks is not None,
-                UPCAST=upcast_tiles(q.dtype), num_warps=MERGE_WARPS,
+            slots = batch * MAX_SPLIT_QUERIES * h_q
+            _paged_merge[(-(-slots // MERGE_BLOCK_R),)](
+                o_part, lse_part, o, lse, sinks_arg, cu_seqlens_q if packed else placeholder, *o_strides,
+                *lse_strides, batch, h_q, n_q, num_splits, HEAD_DIM=head_dim_v, HEAD_DIM_PAD=head_dim_v_pad,
+                BLOCK_R=MERGE_BLOCK_R, IS_VARLEN=packed, HAS_SINKS=sinks is not None, UPCAST=upcast_tiles(q.dtype),
+                num_warps=MERGE_WARPS,
             )
     return o, lse
     paged = block_table is not None
@@ -606,7 +639,8 @@ def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_se
     head_dim_pad = _head_dim_pad(head_dim)
     with runtime.on_device(q.device):
         CONFIGS["paged"].last_config = config
-        _paged_attn_fwd[(tiles, h_kv * head_blocks, num_splits)](
+        programs = tiles + (batch * split_tiles * (num_splits - 1) if split else 0)
+        _paged_attn_fwd[(programs, h_kv * head_blocks)](
             q, k_cache, v_cache, o, lse, o_part, lse_part,
             cu_seqlens_q if packed else placeholder, seqused_k,
             cache_leftpad if cache_leftpad is not None else placeholder, table, sinks_arg, alibi,

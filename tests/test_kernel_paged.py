@@ -15,7 +15,7 @@ import reference.decode as ref_decode
 import reference.paged as ref
 from conftest import DEVICE
 from kernels import append_kv, decode_attention, paged_attention
-from kernels.paged import _paged_fwd, choose_num_splits
+from kernels.paged import MAX_SPLIT_QUERIES, _paged_fwd, choose_num_splits
 from tests.cases import PAGED_CASES, PagedCase, dtype_params
 from tests.helpers import assert_close_to_reference, poisoned_like
 
@@ -37,16 +37,13 @@ def run_poisoned(inputs, case):
     options = case.kwargs(q.device)
     window = _window_bounds(options.pop("window_size", None), case.causal)
     lse_shape = (q.shape[1], q.shape[0]) if case.packed else q.shape[:3]
-    splits = case.num_splits or 1
-    tokens = q.shape[0] if case.packed else q.shape[0] * q.shape[2]
+    slots = (case.num_splits or 1, len(case.seqlens), MAX_SPLIT_QUERIES, q.shape[-2 if case.packed else 1])
     return _paged_fwd(q, *(inputs[name] for name in TENSORS), inputs["cu_seqlens_q"], inputs["max_seqlen_q"],
                       case.causal, 1.0 / math.sqrt(q.shape[-1]), window, options.get("softcap", 0.0),
                       options.get("alibi_slopes"), options.get("sinks"), inputs["cache_leftpad"], case.num_splits,
                       o=poisoned_like(q), lse=poisoned_like(q, shape=lse_shape, dtype=torch.float32),
-                      o_part=poisoned_like(q, shape=(splits, tokens, q.shape[-2 if case.packed else 1], q.shape[-1]),
-                                           dtype=torch.float32),
-                      lse_part=poisoned_like(q, shape=(splits, tokens, q.shape[-2 if case.packed else 1]),
-                                             dtype=torch.float32))
+                      o_part=poisoned_like(q, shape=(*slots, q.shape[-1]), dtype=torch.float32),
+                      lse_part=poisoned_like(q, shape=slots, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("dtype", dtype_params())
@@ -118,8 +115,9 @@ def test_num_splits_heuristic():
     assert choose_num_splits(8, 1, 132) == 1
 
 
-def test_long_chunks_run_unsplit_and_short_steps_split(monkeypatch, device):
-    """Split-KV is for few new tokens per sequence: a 40-token chunk in the batch turns it off."""
+def test_a_mixed_batch_splits_its_short_steps_and_not_its_chunks(monkeypatch, device):
+    """Split-KV is for few new tokens per sequence: in one launch, a decode over 2000 keys and 4 speculative
+    tokens split (the merge combines them), a 40-token chunk runs in its own tiles, written directly."""
     seen = []
     real = kernels.paged._paged_merge
 
@@ -129,15 +127,15 @@ def test_long_chunks_run_unsplit_and_short_steps_split(monkeypatch, device):
             return real[grid]
 
     monkeypatch.setattr(kernels.paged, "_paged_merge", CountingMerge())
-    decode = PagedCase(seqlens=(2000,), h_q=4, h_kv=4, new=1, head_dim=16, causal=True, num_splits=None)
-    chunk = PagedCase(seqlens=(2000, 100), h_q=4, h_kv=4, new=(1, 40), head_dim=16, causal=True, num_splits=None)
+    case = PagedCase(seqlens=(2000, 600, 100), h_q=4, h_kv=2, new=(1, 4, 40), head_dim=16, causal=True,
+                     num_splits=4, options=(("sinks", None),))
+    inputs = case.make_inputs(torch.float32, device)
     with torch.no_grad():
-        for case, merged in ((decode, True), (chunk, False)):
-            seen.clear()
-            inputs = case.make_inputs(torch.float32, device)
-            paged_attention(inputs["q"], *(inputs[name] for name in TENSORS), cu_seqlens_q=inputs["cu_seqlens_q"],
-                            max_seqlen_q=inputs["max_seqlen_q"])
-            assert bool(seen) == merged, case.id
+        o, lse = run_poisoned(inputs, case)
+    assert len(seen) == 1, "the split sequences need one merge"
+    o64, lse64 = reference_call(inputs, case, torch.float64)
+    assert_close_to_reference(o, o64, reference_call(inputs, case)[0], name="o")
+    assert_close_to_reference(lse, lse64, reference_call(inputs, case, torch.float32)[1], name="lse")
 
 
 # ----------------------------------------------------------------------------
