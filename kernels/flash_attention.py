@@ -271,8 +271,8 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
     # kernel), nor mods (their block lists are more loops).
     warp_specialize = not (flags["IS_CAUSAL"] or flags["HAS_WINDOW"] or flags["IS_VARLEN"] or mods)
     block_mask, bm_strides, score_args, mask_args, mod_constexprs = mods.kernel_arguments(lse)
-    args = (q, k, v, o, lse, pointers[0], pointers[1], sinks_arg, pointers[2], pointers[3], block_mask, *scalars,
-            *strides(q), *strides(k), *strides(v), *strides(o), *strides_lse_alibi, *bm_strides,
+    args = (q, k, v, o, lse, pointers[0], pointers[1], sinks_arg, pointers[2], pointers[3], block_mask, lse,
+            *scalars, *strides(q), *strides(k), *strides(v), *strides(o), *strides_lse_alibi, *bm_strides, 0, 0, 0,
             h_q, h_q // h_kv, n_q, n_k, score_args, mask_args)
     tiles_limit = mods.block_mask.block_size if mods.block_mask is not None else (n_q, n_k)
     with runtime.on_device(q.device):
