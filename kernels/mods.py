@@ -279,12 +279,11 @@ def chunked(chunk_size, offset=0):
 
 @triton.jit
 def _bidirectional_spans(b, h, q_idx, kv_idx, args):
-    """args = (SPANS, stride_b, n, offset): causal, or the same nonzero span id."""
-    same = _same_id(b, q_idx, kv_idx, args[0], args[0], args[1], args[1], args[2], args[2], args[3])
+    """args = (SPANS, stride_b, n, offset): causal, or the same nonzero span id (a position outside SPANS has 0)."""
     q_pos = q_idx + args[3]
-    q_ok = (q_pos >= 0) & (q_pos < args[2])
-    q_span = tl.load(args[0] + b * args[1] + q_pos, mask=q_ok, other=0)
-    return (kv_idx <= q_pos) | (same & (q_span != 0))
+    q_span = tl.load(args[0] + b * args[1] + q_pos, mask=(q_pos >= 0) & (q_pos < args[2]), other=0)
+    kv_span = tl.load(args[0] + b * args[1] + kv_idx, mask=kv_idx < args[2], other=0)
+    return (kv_idx <= q_pos) | ((q_span == kv_span) & (q_span != 0))
 
 
 def bidirectional_spans(span_ids, offset=0):
