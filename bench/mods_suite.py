@@ -23,15 +23,15 @@ float64 (FlexAttention's forward runs eagerly there; its backward does not
 exist on the CPU, an "unsupported" row), and the build rows count the tiles
 whose kind (empty, partial, full) differs from reference/block_mask.py's.
 
-Standalone: `register()` wires it into `python -m bench` (bench/registry.py where it
-exists, else the sweep's and the report's tables).
+Standalone: `register()` describes it to bench/registry.py; listing the module in
+bench/suites.py puts it in `python -m bench`.
 """
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from . import providers, report, sweep
+from . import providers, registry, report, sweep
 from .flops import MODE_FACTOR
 from .plan import DTYPES, KIB, MODES, Job, dtype_name, parse_heads
 
@@ -350,16 +350,8 @@ NOTE = ("Attention patterns through mods (kernels/mods.py) against FlexAttention
 
 
 def register():
-    """Wire this suite into `python -m bench`: bench/registry.py's Suite where it exists, else the sweep's and
-    the report's tables (the caller adds the module to the suites a run lists and prints `summary`)."""
-    try:
-        from . import registry
-    except ImportError:
-        for case_type in (ModsCase, MaskBuildCase):
-            sweep.BUILDERS[case_type] = _build
-            sweep.CHECKERS[case_type] = _check
-        report.BASELINE.setdefault(SUITE, BASELINE)
-        return None
+    """Describe this suite to bench/registry.py (once; again is harmless): `python -m bench --suite mods` then runs it
+    once bench/suites.py lists this module."""
     return registry.register(registry.Suite(SUITE, build_jobs, {ModsCase: (_build, _check),
                                                                 MaskBuildCase: (_build, _check)},
                                             baseline=BASELINE, rates=_rates, summary=summary, note=NOTE))
