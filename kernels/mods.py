@@ -375,8 +375,9 @@ def _t5_relative_bias(score, b, h, q_idx, kv_idx, args):
 
 @triton.jit
 def _t5_relative_bias_bwd(grad, score, b, h, q_idx, kv_idx, args, grad_args, ACCUMULATE: tl.constexpr):
-    """d score: grad. d TABLE[h, bucket]: the sum of grad over the pairs in that bucket, added with atomics
-    (grad_args[0] is a contiguous (H, num_buckets) fp32 buffer). Zeros (masked pairs) are not sent."""
+    """d score: grad. d TABLE[h, bucket]: the sum of grad over the pairs in that bucket, one atomic add per pair
+    (grad_args[0] is a contiguous (H, num_buckets) fp32 buffer; zeros, the masked pairs, are not sent). On a GPU
+    a tile's adds land on a few dozen addresses and queue behind each other: correct, not fast (not measured)."""
     if ACCUMULATE:
         bucket = _t5_bucket(q_idx, kv_idx, args[3], args[4], args[5])
         tl.atomic_add(grad_args[0] + h * args[6] + bucket, grad.to(tl.float32), mask=grad != 0, sem="relaxed")
@@ -411,10 +412,10 @@ def t5_relative_bias(table, bidirectional=True, num_buckets=None, max_distance=1
         if heads != h:
             raise ValueError(f"table has {heads} heads, but q has Hq = {h}")
 
+    params = f"table={tuple(table.shape)}, bidirectional={bidirectional}, max_distance={max_distance}, offset={offset}"
     return LibraryScoreMod(_t5_relative_bias, (table, table.stride(0), table.stride(1), buckets, max_distance,
                                                offset, num_buckets), bwd=_t5_relative_bias_bwd,
-                           name="t5_relative_bias", params=f"table={tuple(table.shape)}, bidirectional={bidirectional}, "
-                           f"max_distance={max_distance}, offset={offset}", shape_check=check)
+                           name="t5_relative_bias", params=params, shape_check=check)
 
 
 @triton.jit

@@ -17,7 +17,6 @@ from typing import Callable
 import pytest
 import torch
 import triton
-import triton.language as tl
 
 import reference.mods as ref
 from kernels import MaskMod, ScoreMod, create_block_mask, flash_attention, mods
