@@ -12,6 +12,7 @@ kernels.flash_attention import _flash_fwd` for its private pieces).
 """
 from reference.decode import append_kv
 
+from . import mods
 from .block_mask import BlockMask, MaskMod, ScoreMod, create_block_mask
 from .context_parallel import context_parallel_attention, shard_sequence, unshard_sequence
 from .flash_attention import flash_attention_varlen
@@ -22,4 +23,4 @@ from .softmax import softmax
 
 __all__ = ["flash_attention", "flash_attention_varlen", "paged_attention", "decode_attention", "append_kv", "softmax",
            "ScoreMod", "MaskMod", "BlockMask", "create_block_mask", "context_parallel_attention", "shard_sequence",
-           "unshard_sequence", "INTERPRET"]
+           "unshard_sequence", "INTERPRET", "mods"]

@@ -1,6 +1,7 @@
 """Plain-PyTorch attention: the readable ground truth for every Triton kernel."""
 from .functional import (alibi_bias, causal_visibility, check_attention_inputs, naive_attention,
                          naive_attention_varlen, repeat_kv, window_visibility)
+from .mods import naive_attention_mods
 from .softmax import naive_softmax, online_softmax, safe_softmax
 from .tiled import tiled_flash_attention, tiled_flash_attention_backward
 from .self_attention import SelfAttention, SelfAttentionV1, SelfAttentionV2, explicit_attention
