@@ -50,9 +50,21 @@ DEFAULT_BLOCK_SIZE = 128  # FlexAttention's: the kernels' tiles fit inside it on
 # ----------------------------------------------------------------------------
 # The mods: a jit function and what it reads
 # ----------------------------------------------------------------------------
+# The parameters each kind of mod must take, in order (their names are the user's).
+MOD_PARAMETERS = {"score_mod": "score, b, h, q_idx, kv_idx, args",
+                  "mask_mod": "b, h, q_idx, kv_idx, args",
+                  "score_mod's bwd": "grad, score, b, h, q_idx, kv_idx, args, grad_args, ACCUMULATE: tl.constexpr"}
+
+
 def _check_jit(fn, name):
+    """fn is a @triton.jit function taking the parameters a `name` takes: a clear error here, not in the kernel."""
     if not isinstance(fn, triton.runtime.jit.JITFunction) and not hasattr(fn, "fn"):
         raise TypeError(f"{name} must be a @triton.jit function, got {type(fn).__name__}")
+    expected = MOD_PARAMETERS[name]
+    arg_names = list(getattr(fn, "arg_names", []))
+    if len(arg_names) != expected.count(",") + 1:
+        raise TypeError(f"{name} must take ({expected}); {getattr(fn, '__name__', fn)} takes "
+                        f"({', '.join(arg_names)})")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -99,6 +111,13 @@ def check_mod_args(args, device, name):
                 check_runnable(arg, f"{name}'s args[{i}]")
         elif not isinstance(arg, (int, float, bool)):
             raise TypeError(f"{name}'s args[{i}] must be a tensor, an int, a float or a bool, got {type(arg).__name__}")
+
+
+def check_mod_shapes(mod, batch, heads, n_q, n_k):
+    """A mod that knows its tensors' shapes (kernels/mods.py's) checks them against the call's sizes."""
+    check = getattr(mod, "check", None)
+    if check is not None:
+        check(batch, heads, n_q, n_k)
 
 
 def as_score_mod(score_mod):
@@ -215,6 +234,7 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device="cuda", BLOCK_SIZE=D
     mask_mod = as_mask_mod(mask_mod)
     if mask_mod is None:
         raise TypeError("mask_mod must be a MaskMod or a @triton.jit function, got None")
+    check_mod_shapes(mask_mod, B or 1, H or 1, Q_LEN, KV_LEN)
     block_m, block_n = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
     for name, value in (("BLOCK_SIZE", block_m), ("BLOCK_SIZE", block_n)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .block_mask import (NO_MODS, BlockMask, MaskMod, Mods, ScoreMod, as_mask_mod, as_score_mod,
-                         block_mask_from_dense, check_mod_args)
+                         block_mask_from_dense, check_mod_args, check_mod_shapes)
 from .flash_attention import (_dropout_seed, _flash_bwd, _flash_fwd, _op_options, _op_window, check_flash_inputs,
                               check_flash_options)
 from .flash_attention import flash_attention as _plain_flash_attention
@@ -161,6 +161,7 @@ def _attention_with_mods(q, k, v, causal, sm_scale, window_size, softcap, alibi_
     for name, mod in (("score_mod", score_mod), ("mask_mod", mask_mod)):
         if mod is not None:
             check_mod_args(mod.args, q.device, name)
+            check_mod_shapes(mod, *shape)
     differentiable = () if score_mod is None or bias is not None else score_mod.differentiable
     needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or differentiable
                                               or (bias is not None and bias.requires_grad))

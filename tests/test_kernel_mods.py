@@ -532,8 +532,6 @@ def test_mod_checks_its_tensors_against_the_call(make, name):
     mods.document(torch.zeros(2, 50, dtype=torch.int64)).check(2, 2, 50, 50)  # the right shapes pass
 
 
-@pytest.mark.xfail(strict=True, reason="kernels/flex.py does not call a mod's check(B, Hq, Nq, Nk) yet: a doc_ids "
-                                       "array of the wrong length is read as far as it goes")
 def test_flash_attention_checks_the_mods_tensors(device):
     q = torch.randn(1, 2, 50, 16, device=device)
     with pytest.raises(ValueError, match="doc_ids"):
@@ -550,8 +548,6 @@ def _mask_without_args(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-@pytest.mark.xfail(strict=True, reason="ScoreMod/MaskMod check only that fn is @triton.jit; a wrong parameter list "
-                                       "fails inside the kernel, naming the function, not score_mod/mask_mod")
 @pytest.mark.parametrize("kwargs, name", [(dict(score_mod=_score_without_args), "score_mod"),
                                           (dict(mask_mod=_mask_without_args), "mask_mod")],
                          ids=["score_mod", "mask_mod"])
