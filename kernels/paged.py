@@ -65,6 +65,7 @@ import triton.language as tl
 from reference.paged import check_paged_inputs, validate_paged_data
 
 from . import runtime
+from .block_mask import as_mask_mod, check_mod_args
 from .configs import KERNELS as CONFIGS
 from .flash_attention import _window_bounds, check_flash_options
 from .runtime import check_flag, check_runnable, dot_precision, upcast_tiles
@@ -117,11 +118,13 @@ def _paged_visible(pos, k_idx, seq_start, seq_end, window_left, window_right,
 def _paged_inner(acc, l_i, m_i, bad, q, q_tail, k_base, v_base, bt_row, stride_btn, stride_kp, stride_kn, stride_kk,
                  stride_vp, stride_vn, stride_vk, K_SCALE, V_SCALE, stride_sp, stride_sn, pos, offs_n, offs_d, offs_dt,
                  offs_dv, lo, hi, seq_start, seq_end, num_pages, sm_scale, softcap, alibi_slope, window_left,
-                 window_right, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_TAIL: tl.constexpr,
+                 window_right, off_z, head, n_new, mask_args, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                 HEAD_DIM_TAIL: tl.constexpr,
                  HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
                  MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr, SHARED_KV: tl.constexpr,
-                 KV_SCALES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 KV_SCALES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 MASK_MOD: tl.constexpr):
     """Walk key tiles [lo, hi) of one sequence, updating the online-softmax state of the tile's rows.
 
     bad collects block-table entries outside the pool: those keys are never read.
@@ -130,6 +133,9 @@ def _paged_inner(acc, l_i, m_i, bad, q, q_tail, k_base, v_base, bt_row, stride_b
     SHARED_KV: v is the first HEAD_DIM_V columns of k (MLA's latent cache): read once.
     KV_SCALES: an fp8 cache's dequantization, 1 per tensor or 2 per (token, kv head) (vLLM's two
     schemes): k's scale multiplies the scores, v's the probabilities, after the exact fp8 -> 16-bit cast.
+    MASK_MOD(b, h, q_idx, kv_idx, mask_args): a user's mask (a speculative-decoding tree), with q_idx
+    the new token's index (0 .. n_new - 1) and kv_idx the key's position relative to the first new
+    token (negative: cached), so one mod serves sequences of any cached length.
     """
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -167,6 +173,10 @@ def _paged_inner(acc, l_i, m_i, bad, q, q_tail, k_base, v_base, bt_row, stride_b
         if MASKED:
             visible = _paged_visible(pos[:, None], cur_n[None, :], seq_start, seq_end, window_left, window_right,
                                      MASK_LEFT, MASK_RIGHT, HAS_LEFTPAD)
+            if MASK_MOD is not None:
+                first_new = seq_end - n_new
+                visible = visible & MASK_MOD(off_z, head[:, None], pos[:, None] - first_new,
+                                             cur_n[None, :] - first_new, mask_args)
             s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no visible key keeps m = -inf: subtract 0 instead (no NaN).
@@ -198,14 +208,14 @@ def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, 
                     stride_lz, stride_lh, stride_lm, stride_btz, stride_btn, stride_az, stride_ah,
                     stride_sp, stride_sh, stride_sn,
                     BATCH, N_Q, H_Q, GROUP, HEAD_BLOCKS, CAPACITY, NUM_PAGES, NUM_SPLITS, TILES, SPLIT_TILES,
-                    search_steps,
+                    search_steps, mask_args,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_TAIL: tl.constexpr,
                     HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, IS_VARLEN: tl.constexpr,
                     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
                     SPLIT: tl.constexpr, SHARED_KV: tl.constexpr, KV_SCALES: tl.constexpr, UPCAST: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, MASK_MOD: tl.constexpr = None):
     """One program: BLOCK_Q new tokens x HEADS query heads of one kv group, one split of their keys.
 
     N_Q: the dense layout's new tokens per sequence (unused when packed, IS_VARLEN).
@@ -354,9 +364,10 @@ def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, 
                                           K_SCALE + scale_base, V_SCALE + scale_base, stride_sp, stride_sn, pos,
                                           offs_n, offs_d, offs_dt, offs_dv, stage_lo, stage_hi, seq_start, seq_end,
                                           NUM_PAGES, sm_scale, softcap, alibi_slope, window_left, window_right,
-                                          HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_TAIL, HEAD_DIM_V, BLOCK_N, PAGE_SIZE, PAGED,
-                                          HAS_WINDOW, MASK_RIGHT, HAS_LEFTPAD, HAS_SOFTCAP, HAS_ALIBI, stage != 1,
-                                          SHARED_KV, KV_SCALES, UPCAST, DOT_PRECISION)
+                                          off_z, head, n_new, mask_args, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_TAIL,
+                                          HEAD_DIM_V, BLOCK_N, PAGE_SIZE, PAGED, HAS_WINDOW, MASK_RIGHT, HAS_LEFTPAD,
+                                          HAS_SOFTCAP, HAS_ALIBI, stage != 1 or MASK_MOD is not None, SHARED_KV,
+                                          KV_SCALES, UPCAST, DOT_PRECISION, MASK_MOD)
     if KV_SCALES == 1:
         acc = acc * tl.load(V_SCALE)
 
@@ -517,7 +528,8 @@ def shares_storage(k_cache, v_cache):
 # ----------------------------------------------------------------------------
 def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, causal, sm_scale,
                window=(UNLIMITED, UNLIMITED), softcap=0.0, alibi_slopes=None, sinks=None, cache_leftpad=None,
-               num_splits=None, k_scale=None, v_scale=None, o=None, lse=None, o_part=None, lse_part=None):
+               num_splits=None, k_scale=None, v_scale=None, mask_mod=None, o=None, lse=None, o_part=None,
+               lse_part=None):
     """Run the paged kernel (and the merge when split). Returns o in q's layout and lse in fp32.
 
     Packed q (total_q, Hq, D) gives lse (Hq, total_q); dense (B, Hq, Nq, D) gives (B, Hq, Nq); o has
@@ -548,7 +560,7 @@ def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_se
                 ("HAS_WINDOW", window_left < UNLIMITED or (window_right < UNLIMITED and not causal)),
                 ("HAS_SOFTCAP", bool(softcap)), ("HAS_ALIBI", alibi_slopes is not None),
                 ("HAS_SINKS", sinks is not None), ("HAS_LEFTPAD", cache_leftpad is not None),
-                ("KV_SCALES", kv_scales))
+                ("KV_SCALES", kv_scales), ("HAS_MASK_MOD", mask_mod is not None))
     config, heads, block_q, head_blocks, tiles, capacity = plan(q, k_cache, v_cache, block_table, cu_seqlens_q,
                                                                 max_seqlen_q, switches)
     h_kv = k_cache.shape[1]
@@ -575,7 +587,7 @@ def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_se
     table = block_table if paged else placeholder
     table_strides = block_table.stride() if paged else (0, 0)
     scale_strides = k_scale.stride() if kv_scales == 2 else (0, 0, 0)
-    flags = {name: value for name, value in switches if name != "KV_SCALES"}
+    flags = {name: value for name, value in switches if name not in ("KV_SCALES", "HAS_MASK_MOD")}
     head_dim_pad, head_dim_tail = head_dim_tiles(head_dim)
     head_dim_v_pad = _head_dim_pad(head_dim_v)
     with runtime.on_device(q.device):
@@ -590,10 +602,12 @@ def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_se
             *q_strides, *k_cache.stride(), *v_cache.stride(), *o_strides, *lse_strides, *table_strides,
             *alibi_strides, *scale_strides, batch, n_q, h_q, h_q // h_kv, head_blocks, capacity, k_cache.shape[0],
             num_splits, tiles, split_tiles, max(1, (batch - 1).bit_length()),
+            mask_mod.args if mask_mod is not None else (),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, HEAD_DIM_TAIL=head_dim_tail, HEAD_DIM_V=head_dim_v,
             HEAD_DIM_V_PAD=head_dim_v_pad, HEADS=heads, PAGE_SIZE=k_cache.shape[2] if paged else 1, **flags,
             SPLIT=split, SHARED_KV=shares_storage(k_cache, v_cache), KV_SCALES=kv_scales,
-            UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype), **config.all_kwargs(),
+            UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+            MASK_MOD=mask_mod.fn if mask_mod is not None else None, **config.all_kwargs(),
         )
         if split:
             slots = batch * MAX_SPLIT_QUERIES * h_q
@@ -650,7 +664,8 @@ def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_se
             num_tokens, max(1, (batch - 1).bit_length()),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, HEADS=heads,
             PAGE_SIZE=k_cache.shape[2] if paged else 1, **flags, SPLIT=split,
-            UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype), **config.all_kwargs(),
+            UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+            MASK_MOD=mask_mod.fn if mask_mod is not None else None, **config.all_kwargs(),
         )
         if split:
             rows = num_tokens * h_q
@@ -687,8 +702,8 @@ def _(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, cache_leftpad, 
 
 def paged_attention(q, k_cache, v_cache, seqused_k, block_table=None, *, cu_seqlens_q=None, max_seqlen_q=None,
                     causal=True, sm_scale=None, window_size=None, softcap=None, alibi_slopes=None, sinks=None,
-                    cache_leftpad=None, k_scale=None, v_scale=None, return_lse=False, num_splits=None,
-                    validate=False, _lengths_name="seqused_k"):
+                    cache_leftpad=None, k_scale=None, v_scale=None, mask_mod=None, return_lse=False,
+                    num_splits=None, validate=False, _lengths_name="seqused_k"):
     """Attention of each sequence's new tokens to its cached keys, for any serving step. Inference only.
 
     q: packed (total_q, Hq, D) with cu_seqlens_q (B + 1,) int32 prefix sums from 0 and max_seqlen_q (an int
@@ -702,6 +717,9 @@ def paged_attention(q, k_cache, v_cache, seqused_k, block_table=None, *, cu_seql
     end, its new ones included (write them first with append_kv); cache_leftpad (B,): where they start.
     causal: new token i of nq_b sees keys up to seqused_k[b] - nq_b + i. window_size, softcap,
     alibi_slopes and sinks as in flash_attention, distances measured from that diagonal.
+    mask_mod: a MaskMod (kernels/block_mask.py), e.g. kernels.mods.tree(ancestors) to verify a tree of
+    speculative tokens; it sees q_idx = the new token's index (0 .. nq_b - 1) and kv_idx = the key's
+    position relative to the first new token (negative: cached). It runs eagerly (outside a compiled graph).
     num_splits: split-KV chunks for few new tokens per sequence (None: from shapes and the SM count).
     validate: check the lengths, offsets and block table on the host first (a sync; clear errors).
     Without it nothing is read on the host, and a sequence with bad data outputs NaN rows.
@@ -727,7 +745,13 @@ def paged_attention(q, k_cache, v_cache, seqused_k, block_table=None, *, cu_seql
         validate_paged_data(q, k_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, cache_leftpad, capacity,
                             _lengths_name)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    if torch.compiler.is_compiling():
+    mask_mod = as_mask_mod(mask_mod)
+    if mask_mod is not None:
+        check_mod_args(mask_mod.args, q.device, "mask_mod")
+        o, lse = _paged_fwd_with_mask(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q,
+                                      causal, sm_scale, window, softcap, alibi_slopes, sinks, cache_leftpad,
+                                      num_splits, k_scale, v_scale, mask_mod)
+    elif torch.compiler.is_compiling():
         o, lse = _paged_attn_op(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, cache_leftpad,
                                 alibi_slopes, sinks, k_scale, v_scale,
                                 [max_seqlen_q or 0, int(causal), *window, num_splits or 0],
@@ -739,9 +763,12 @@ def paged_attention(q, k_cache, v_cache, seqused_k, block_table=None, *, cu_seql
     return (o, lse) if return_lse else o
 
 
+_paged_fwd_with_mask = torch.compiler.disable(_paged_fwd)  # a Triton mask_mod is no value a graph can hold
+
+
 def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table=None, causal=True, sm_scale=None,
                      return_lse=False, num_splits=None, *, window_size=None, softcap=None, alibi_slopes=None,
-                     sinks=None, cache_leftpad=None, k_scale=None, v_scale=None, validate=False):
+                     sinks=None, cache_leftpad=None, k_scale=None, v_scale=None, mask_mod=None, validate=False):
     """paged_attention with dense q (B, Hq, Nq, D): Nq new tokens per sequence, cache_seqlens its keys' end.
 
     The decode step of a generation loop (Nq = 1), or a few speculative tokens to verify. See
@@ -751,5 +778,6 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table=None, causa
         raise ValueError(f"q must have rank 4 (B, Hq, Nq, D), got shape {tuple(q.shape)}")
     return paged_attention(q, k_cache, v_cache, cache_seqlens, block_table, causal=causal, sm_scale=sm_scale,
                            window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
-                           cache_leftpad=cache_leftpad, k_scale=k_scale, v_scale=v_scale, return_lse=return_lse,
-                           num_splits=num_splits, validate=validate, _lengths_name="cache_seqlens")
+                           cache_leftpad=cache_leftpad, k_scale=k_scale, v_scale=v_scale, mask_mod=mask_mod,
+                           return_lse=return_lse, num_splits=num_splits, validate=validate,
+                           _lengths_name="cache_seqlens")

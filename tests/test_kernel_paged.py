@@ -138,6 +138,44 @@ def test_a_mixed_batch_splits_its_short_steps_and_not_its_chunks(monkeypatch, de
     assert_close_to_reference(lse, lse64, reference_call(inputs, case, torch.float32)[1], name="lse")
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_a_tree_of_speculative_tokens_through_a_mask_mod(num_splits, device):
+    """Verification of a token tree: each draft token sees the cache and its ancestors in the tree
+    (kernels.mods.tree), whatever each sequence's cached length; against float64 over the same mask."""
+    from kernels import mods
+
+    parents = [-1, 0, 0, 1, 2, 2]  # a root, two children, their children
+    n = len(parents)
+    ancestors = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        j = i
+        while j >= 0:
+            ancestors[i, j], j = True, parents[j]
+    case = PagedCase(seqlens=(40, 300), h_q=4, h_kv=2, new=n, head_dim=32, causal=False, num_splits=num_splits,
+                     block_size=16)
+    inputs = case.make_inputs(torch.float32, device)
+    q, k, v, seqlens, table = (inputs[name] for name in ("q", "k_cache", "v_cache", "seqused_k", "block_table"))
+    with torch.no_grad():
+        o = decode_attention(q, k, v, seqlens, table, causal=False, num_splits=num_splits,
+                             mask_mod=mods.tree(ancestors.to(device)))
+    for b, length in enumerate(case.seqlens):
+        visible = torch.cat([torch.ones(n, length - n, dtype=torch.bool), ancestors], 1).to(device)
+        keys = [ref.sequence_keys(cache, b, 0, length, table)[None] for cache in (k, v)]
+        expected = naive_attention_masked(q[b:b + 1], *keys, visible)
+        assert_close_to_reference(o[b:b + 1], expected.to(torch.float64),
+                                  naive_attention_masked(q[b:b + 1], *keys, visible, torch.float32), name=f"o[{b}]")
+
+
+def naive_attention_masked(q, k, v, visible, dtype=torch.float64):
+    """softmax(q k^T / sqrt(D), masked) v over a (Nq, Nk) bool mask, GQA by repeating k and v."""
+    from reference.functional import repeat_kv
+
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    k, v = (repeat_kv(t, q.shape[1] // t.shape[1]) for t in (k, v))
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1) @ v
+
+
 # ----------------------------------------------------------------------------
 # Bad data: NaN rows for that sequence, never an out-of-bounds read; validate=True names it
 # ----------------------------------------------------------------------------
