@@ -618,63 +618,6 @@ def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_se
                 num_warps=MERGE_WARPS,
             )
     return o, lse
-    paged = block_table is not None
-    window_left, window_right = window
-    if causal:
-        window_right = 0
-    switches = (("PAGED", paged), ("IS_VARLEN", packed), ("IS_CAUSAL", bool(causal)),
-                ("HAS_WINDOW", window_left < UNLIMITED or (window_right < UNLIMITED and not causal)),
-                ("HAS_SOFTCAP", bool(softcap)), ("HAS_ALIBI", alibi_slopes is not None),
-                ("HAS_SINKS", sinks is not None), ("HAS_LEFTPAD", cache_leftpad is not None))
-    config, heads, block_q, head_blocks, tiles, capacity = plan(q, k_cache, block_table, cu_seqlens_q,
-                                                                max_seqlen_q, switches)
-    h_kv = k_cache.shape[1]
-    if num_splits is None:
-        num_splits = 1 if max_seqlen_q > MAX_SPLIT_QUERIES else choose_num_splits(
-            tiles * h_kv * head_blocks, capacity, sm_count(q.device))
-    split = num_splits > 1
-    if split:
-        if o_part is None:
-            o_part = torch.empty((num_splits, num_tokens, h_q, head_dim), dtype=torch.float32, device=q.device)
-        if lse_part is None:
-            lse_part = torch.empty((num_splits, num_tokens, h_q), dtype=torch.float32, device=q.device)
-    else:
-        o_part, lse_part = o, lse  # never read: the kernel writes o and lse itself
-    o_strides = (0, o.stride(1), o.stride(0), o.stride(2)) if packed else o.stride()
-    lse_strides = (0, lse.stride(0), lse.stride(1)) if packed else lse.stride()
-    placeholder = seqused_k  # a switched-off option's pointer is never read
-    alibi = alibi_slopes.float().contiguous() if alibi_slopes is not None else placeholder
-    alibi_strides = (0, 0) if alibi_slopes is None else (
-        (0, alibi.stride(0)) if alibi.dim() == 1 else (alibi.stride(0), alibi.stride(1)))
-    sinks_arg = sinks.float().contiguous() if sinks is not None else placeholder
-    table = block_table if paged else placeholder
-    table_strides = block_table.stride() if paged else (0, 0)
-    flags = dict(switches)
-    head_dim_pad = _head_dim_pad(head_dim)
-    with runtime.on_device(q.device):
-        CONFIGS["paged"].last_config = config
-        programs = tiles + (batch * split_tiles * (num_splits - 1) if split else 0)
-        _paged_attn_fwd[(programs, h_kv * head_blocks)](
-            q, k_cache, v_cache, o, lse, o_part, lse_part,
-            cu_seqlens_q if packed else placeholder, seqused_k,
-            cache_leftpad if cache_leftpad is not None else placeholder, table, sinks_arg, alibi,
-            sm_scale, float(softcap or 0.0), window_left, window_right,
-            *q_strides, *k_cache.stride(), *v_cache.stride(), *o_strides, *lse_strides, *table_strides,
-            *alibi_strides, batch, n_q, h_q, h_q // h_kv, head_blocks, capacity, k_cache.shape[0], num_splits,
-            num_tokens, max(1, (batch - 1).bit_length()),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, HEADS=heads,
-            PAGE_SIZE=k_cache.shape[2] if paged else 1, **flags, SPLIT=split,
-            UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
-            MASK_MOD=mask_mod.fn if mask_mod is not None else None, **config.all_kwargs(),
-        )
-        if split:
-            rows = num_tokens * h_q
-            _paged_merge[(triton.cdiv(rows, MERGE_BLOCK_R),)](
-                o_part, lse_part, o, lse, sinks_arg, *o_strides, *lse_strides, h_q, n_q if not packed else num_tokens, rows, num_splits,
-                HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_R=MERGE_BLOCK_R, HAS_SINKS=sinks is not None,
-                UPCAST=upcast_tiles(q.dtype), num_warps=MERGE_WARPS,
-            )
-    return o, lse
 
 
 # ----------------------------------------------------------------------------
