@@ -57,7 +57,6 @@ import torch.nn as nn
 
 from ._checks import check_tokens
 from .causal import future_mask
-from .decode import _positions_and_blocks
 from .gqa import apply_rope, rope_tables
 from .kv_cache import KVCache
 from .llama import Llama, LlamaBlock, RMSNorm
@@ -153,9 +152,15 @@ class LatentCache(KVCache):
         if latent.dtype != self.k.dtype:
             raise TypeError(f"latent has dtype {latent.dtype} but the cache has {self.k.dtype}")
         num_tokens = latent.shape[2]
-        new_lengths = self._make_room(num_tokens)
+        positions = self.positions(num_tokens)  # (B, n): each sequence's next positions, from the host's lengths
+        new_lengths = self._make_room(num_tokens)  # pages first: the table may grow
+        if self.block_table is None:
+            rows, slots = torch.arange(self.batch, device=positions.device)[:, None].expand_as(positions), positions
+        else:  # position p of sequence b: page block_table[b, p // block_size], row p % block_size
+            rows = self.block_table.to(torch.int64).gather(1, positions // self.block_size)
+            slots = positions % self.block_size
         # One write: k and v are views of the same rows (KVCache.append writes K and V apart).
-        rows, slots = _positions_and_blocks(self.seqlens, num_tokens, self.block_table, self.block_size)
+        # Two index tensors around a slice: the indexed view is (B, n, 1, L+R).
         self.k[rows, :, slots] = latent.transpose(1, 2)  # (B, 1, n, L+R) -> (B, n, 1, L+R)
         self.seqlens = self.seqlens + num_tokens
         self.lengths = new_lengths
