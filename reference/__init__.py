@@ -20,3 +20,4 @@ from .model_variants import SinkAttention, SlidingWindowAttention, SoftCappedAtt
 from .decode import append_kv, decode_attention
 from .kv_cache import KVCache
 from .llama import Llama, LlamaConfig, RMSNorm, SwiGLU
+from .mla import DEEPSEEK_V3, LatentCache, MLAConfig, MLAModel, MultiHeadLatentAttention, cache_bytes_per_token
