@@ -5,6 +5,7 @@
     python -m bench --suite attention --n 1024 4096 --head-dim 128 --heads 16 32:8 --causal on
     python -m bench --device cuda --modes fwd bwd fwd+bwd --providers sdpa-flash flex triton
     python -m bench --suite decode           # one query against a KV cache: us/step and GB/s
+    python -m bench --suite serving          # a serving step over a paged cache: mixed batch, decode, prefill
     python -m bench --list                   # print the jobs and exit
     python -m bench --threads 0              # on the CPU, torch's own thread count instead of one
     python -m bench.report RESULTS.csv       # the short table of a finished run
@@ -35,18 +36,15 @@ from collections import defaultdict
 
 import torch
 
-from . import hf_suite, varlen_suite, window_suite
-from .plan import SUITES, add_sweep_options, build_jobs
-
-EXTRA_SUITES = (window_suite, varlen_suite, hf_suite)  # SUITE, build_jobs(args, device_type); window/hf: summary()
+from . import suites
+from .plan import add_sweep_options
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--suite", nargs="+", choices=SUITES + tuple(s.SUITE for s in EXTRA_SUITES) + ("all",),
-                        default=["all"])
+    parser.add_argument("--suite", nargs="+", choices=suites.NAMES + ("all",), default=["all"])
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer sizes, fewer repeats")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: $OUT, else bench/results/)")
     parser.add_argument("--time-budget", type=float, metavar="S", help="skip the jobs that would not finish inside S seconds")
@@ -84,8 +82,7 @@ def main(argv=None):
         # code already uses on the GPU into interpreted ones (--device cpu then declines Triton).
         os.environ["TRITON_INTERPRET"] = "1"
     try:
-        jobs, _ = build_jobs(args, device_type)
-        jobs += [job for suite in EXTRA_SUITES for job in suite.build_jobs(args, device_type)]
+        jobs, _ = suites.build_jobs(args, device_type)
     except ValueError as exc:
         raise SystemExit(f"python -m bench: {exc}") from None
     if args.list:
@@ -151,8 +148,7 @@ def _run(jobs, device, timer, ctx, out_dir, args):
     print("files: " + ", ".join(paths))
     print(f"wall time: {wall:.0f} s on {ctx['device']}\n")
     print(summary(records))
-    print(window_suite.summary(records))
-    print(hf_suite.summary(records))
+    print(suites.summaries(records))
     return 128 + signal.Signals[stopped].value if stopped else 0
 
 

@@ -21,14 +21,19 @@ Every sequence of a case has N keys. With one query, causal masking changes
 nothing (the last query sees every key), so every provider runs unmasked.
 On the CPU there are correctness rows only, at one small shape (the Triton
 kernels run under the interpreter); on a GPU the checks come first, then the
-timings. GPU figures: not measured yet (no session has had a GPU).
+timings. GPU figures: not measured yet (no session has had a GPU). The
+serving suite (bench/serving_suite.py) takes decoding on: ragged batches over
+a paged cache, next to prefill chunks.
 """
 from dataclasses import dataclass
 
 import torch
 
-from . import providers
+from . import providers, registry
 from .plan import DTYPES, Job, dtype_name
+from .report import figure_title, number, provider_lines, ratio_text, timed_rows
+
+SUITE = "decode"
 
 KIB = 1024
 PAGED_BLOCK_SIZE = 16  # vLLM's default block size, the hardest for the block lookups
@@ -170,22 +175,24 @@ def check(job, device):
 # ----------------------------------------------------------------------------
 # The jobs
 # ----------------------------------------------------------------------------
-def decode_jobs(args, device_type):
+def build_jobs(args, device_type):
     """Checks first (small shapes), then, on a GPU, every provider at every (batch, length)."""
+    if "all" not in args.suite and SUITE not in args.suite:
+        return []
     if device_type == "cpu":
         # Interpreter-sized: GQA 4 like the sweep, 200 keys (a ragged last tile).
         dtype = DTYPES[args.dtype or "float32"]
         check_case = DecodeCase(2, 8, 2, 200, 64, dtype)
-        return [Job("decode", "check", p, "fwd", check_case) for p in CHECKED]
+        return [Job(SUITE, "check", p, "fwd", check_case) for p in CHECKED]
     dtype = DTYPES[args.dtype or "bfloat16"]
     batches, lengths = GPU_QUICK if args.quick else (GPU_BATCHES, GPU_LENGTHS)
     # Next to ours, the error of PyTorch's own fused kernel in the same dtype.
     check_case = DecodeCase(2, HEADS_Q, HEADS_KV, 4 * KIB + 3, HEAD_DIM, dtype)
-    jobs = [Job("decode", "check", p, "fwd", check_case) for p in ("sdpa-flash",) + CHECKED]
+    jobs = [Job(SUITE, "check", p, "fwd", check_case) for p in ("sdpa-flash",) + CHECKED]
     for batch in batches:
         for n in lengths:
             case = DecodeCase(batch, HEADS_Q, HEADS_KV, n, HEAD_DIM, dtype)
-            jobs += [Job("decode", "time", p, "fwd", case) for p in GPU_PROVIDERS]
+            jobs += [Job(SUITE, "time", p, "fwd", case) for p in GPU_PROVIDERS]
     return jobs
 
 
@@ -195,24 +202,38 @@ def decode_jobs(args, device_type):
 def plot_decode(records, ctx, path):
     import matplotlib.pyplot as plt
 
-    from .report import _lines, _ok, _title
-
-    rows_ok = [r for r in _ok(records, "decode") if isinstance(r.get("gbps"), float)]
+    rows_ok = [r for r in timed_rows(records, SUITE) if isinstance(r.get("gbps"), float)]
     if not rows_ok:
         return None
     batches = sorted({r["batch"] for r in rows_ok})
     fig, axes = plt.subplots(1, len(batches), squeeze=False, figsize=(4.6 * len(batches) + 1, 4.4))
     for ax, batch in zip(axes[0], batches):
-        _lines(ax, [r for r in rows_ok if r["batch"] == batch], "gbps")
+        provider_lines(ax, [r for r in rows_ok if r["batch"] == batch], "gbps")
         ax.set_title(f"B = {batch:g}", fontsize=9)
         ax.set_xlabel("keys per sequence")
         ax.set_ylabel("GB/s of K and V read (copy: read + written)")
         ax.legend(fontsize=7)
     r0 = rows_ok[0]
-    fig.suptitle(_title(ctx, f"Decode, one query: Hq {r0['heads_q']:g} over Hkv {r0['heads_kv']:g}, "
-                             f"D {r0['head_dim']:g}, {r0['dtype']}", fig, 10), fontsize=10)
+    fig.suptitle(figure_title(ctx, f"Decode, one query: Hq {r0['heads_q']:g} over Hkv {r0['heads_kv']:g}, "
+                                   f"D {r0['head_dim']:g}, {r0['dtype']}", fig, 10), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
+
+# ----------------------------------------------------------------------------
+# The suite's record (bench/registry.py)
+# ----------------------------------------------------------------------------
+def _columns(base):
+    us = lambda v: "" if v is None else (v if isinstance(v, str) else f"{v * 1e3:.1f}")  # noqa: E731
+    return [("us/step", "time_ms", us), ("GB/s", "gbps", number(".1f")), (f"vs {base}", "ratio", ratio_text)]
+
+
+def _rates(job, time_ms):
+    return {"gbps": bytes_moved(job) / (time_ms * 1e-3) / 1e9}
+
+
+registry.register(registry.Suite(
+    SUITE, build_jobs, {DecodeCase: (build, check)}, baseline="sdpa-flash", early=True, columns=_columns,
+    rates=_rates, plots=((SUITE, plot_decode),)))

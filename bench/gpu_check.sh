@@ -32,9 +32,9 @@
 #               tests (PYTEST_GPU_GIB, PRECOMPILE_WORKER_GIB).
 #   105-300  3. the sweep: python -m bench --time-budget (what is left of TOTAL_BUDGET, less
 #               REPORT_MARGIN=30 s). Order: correctness rows; timed attention, Triton and the SDPA
-#               backends; the host cost of one call; FlexAttention; memory; softmax; modules. A job
-#               that would not finish inside the budget (judged from the jobs measured so far) is
-#               skipped. At the hard limit it gets SIGTERM and still writes its CSV, markdown, plots.
+#               backends; the host cost of one call; FlexAttention; serving; decode; memory; softmax;
+#               modules; window; varlen; hf. A job that would not finish inside the budget (judged
+#               from the jobs measured so far) is skipped. At the hard limit it gets SIGTERM and still writes its CSV, markdown, plots.
 #   300-330  4. the files, the sweep's TFLOP/s table, and the steps' table last.
 #
 # Timing plan of `tune` (TUNE_BUDGET=240): the same preflight (0-15), then python -m bench.tune
@@ -46,7 +46,7 @@
 # GPU and the date:
 #     check  gpu_check_<gpu>_<date>.log, bench_<gpu>_<date>.csv, bench_<gpu>_<date>.md,
 #            attention_<gpu>_<date>.png, memory_<gpu>_<date>.png, softmax_<gpu>_<date>.png,
-#            decode_<gpu>_<date>.png   (7)
+#            serving_<gpu>_<date>.png, decode_<gpu>_<date>.png   (8)
 #     tune   gpu_tune_<gpu>_<date>.log, tune_<gpu>_<date>.csv, tune_<gpu>_<date>.md            (3)
 # Exit code: 0 when every step passed, 2 when the preflight failed, else the first failing step's.
 set -u -o pipefail

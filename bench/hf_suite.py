@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import providers, report, sweep
+from . import providers, registry, report, sweep
 from .plan import KIB, Job, dtype_name
 
 SUITE = "hf"
@@ -123,7 +123,7 @@ def generate(model, ids, mask, new_tokens, **kwargs):
 
 
 # ----------------------------------------------------------------------------
-# Build, check: registered with the sweep
+# Build, check: the suite's handlers of its case type
 # ----------------------------------------------------------------------------
 def _build(job, device):
     case = job.case
@@ -173,6 +173,5 @@ def summary(records):
                                  for (mode, shape), cells in rows.items()]))
 
 
-sweep.BUILDERS[ModelCase] = _build
-sweep.CHECKERS[ModelCase] = _check
-report.BASELINE.setdefault(SUITE, BASELINE)
+registry.register(registry.Suite(SUITE, build_jobs, {ModelCase: (_build, _check)}, baseline=BASELINE,
+                                 summary=summary))

@@ -2,7 +2,7 @@
 
 A job is one (suite, kind, provider, mode, case). kind is "time" (timed,
 with memory on the GPU) or "check" (correctness only: max error against a
-float64 reference, no time). Suites:
+float64 reference, no time). The built-in suites, planned here:
 
     attention  TFLOP/s over N, head dim, causal on/off, MHA and GQA; fwd, bwd
     memory     extra memory over N at batch 1 (GPU only): naive's N^2 next to O(N)
@@ -11,12 +11,16 @@ float64 reference, no time). Suites:
                Triton-backed modules.MultiHeadAttention
     overhead   the host cost of one call at a tiny shape, as a ratio to a bare custom op: flash_attention
                forward and forward + backward, decode_attention contiguous and paged (bench/overhead.py)
-    decode     one query against a KV cache: us per step, GB/s (bench/decode_suite.py)
+
+The other suites (serving, decode, window, varlen, hf) plan their own jobs in
+their own modules and register there (bench/registry.py); bench/suites.py
+lists them all.
 
 Order of a run: attention correctness rows, timed attention (Triton and the
-SDPA backends), the host cost of one call, FlexAttention (slow to compile), decoding,
-then memory, softmax and modules: under a time budget, what matters most runs
-first.
+SDPA backends), the host cost of one call, FlexAttention (slow to compile), the
+registered suites that run early (serving, decoding), then memory, softmax and
+modules, then the other registered suites: under a time budget, what matters
+most runs first.
 
 On the CPU, Triton runs under its interpreter, which is about a thousand times
 slower than a GPU: its rows are correctness checks at one tiny size, never timed.
@@ -29,7 +33,7 @@ import torch
 from . import providers
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SUITES = ("attention", "memory", "softmax", "modules", "overhead", "decode")
+SUITES = ("attention", "memory", "softmax", "modules", "overhead")  # built in: planned here
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -240,8 +244,9 @@ def _check_case(case, check_n, shrink_heads):
     return AttentionCase(1, h_q, h_kv, check_n, case.head_dim, case.causal, case.dtype)
 
 
-def build_jobs(args, device_type):
-    """Every job of this run, in the order they run (see the module docstring)."""
+def build_jobs(args, device_type, after_attention=()):
+    """The built-in suites' jobs in the order they run (see the module docstring), with `after_attention`,
+    the early registered suites' jobs, between FlexAttention and memory."""
     preset = resolve(args, device_type)
     suites = SUITES if "all" in args.suite else tuple(args.suite)
     dtype = DTYPES[preset.dtype]
@@ -305,8 +310,4 @@ def build_jobs(args, device_type):
         case = ModuleCase(batch, n, d_model, heads, dtype)
         modules += [Job("modules", "time", p, mode, case) for mode in preset.module_modes for p in module_timed]
 
-    decode = []
-    if "decode" in suites:
-        from .decode_suite import decode_jobs  # it imports this module: import it once this one is loaded
-        decode = decode_jobs(args, device_type)
-    return attention + overhead + flex + decode + memory + softmax + modules, preset
+    return attention + overhead + flex + list(after_attention) + memory + softmax + modules, preset

@@ -9,6 +9,10 @@ CSV row, in every figure's title). File names carry the device and the date:
     attention_<device>_<date>.png   TFLOP/s vs N, one panel per (mode, causal) x (heads, head dim)
     memory_<device>_<date>.png      extra memory vs N (GPU only)
     softmax_<device>_<date>.png     effective GB/s vs row length (on the CPU: ms per call, see plot_softmax)
+    <kind>_<device>_<date>.png      a registered suite's plots (decode, serving: see their modules)
+
+A registered suite (bench/registry.py) brings its own table columns, plots,
+markdown note and summary; this module reads them from its record.
 
     python -m bench.report bench/results/bench_<device>_<date>.csv
 
@@ -25,11 +29,12 @@ import textwrap
 
 import torch
 
+from .registry import SUITES as REGISTERED
 from .timing import NOT_MEASURED
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = {"attention": "sdpa-flash", "memory": "sdpa-flash", "softmax": "torch", "modules": "wrapper",
-            "overhead": "sdpa", "decode": "sdpa-flash"}
+            "overhead": "sdpa"}  # the built-in suites'; a registered suite names its own (bench/registry.py)
 CONTEXT_COLUMNS = ["device", "threads", "torch", "triton", "commit", "date"]
 COLUMNS = ["suite", "kind", "provider", "mode", "shape", "dtype", "batch", "heads_q", "heads_kv", "n", "head_dim",
            "causal", "rows", "d_model", "status", "time_ms", "tflops", "gbps", "ratio", "extra_mib", "max_err",
@@ -120,10 +125,15 @@ def file_name(ctx, kind, ext):
 OWN_RATIO = {"overhead"}
 
 
+def baseline(suite):
+    """The provider a suite's `vs` column divides by, or None."""
+    return BASELINE[suite] if suite in BASELINE else getattr(REGISTERED.get(suite), "baseline", None)
+
+
 def add_ratios(records):
     """ratio = baseline time / this time, within one suite, mode and shape (> 1: faster than the baseline)."""
     base = {(r["suite"], r["mode"], r["shape"], r["dtype"]): r["time_ms"] for r in records
-            if r["kind"] == "time" and r["provider"] == BASELINE.get(r["suite"]) and r["time_ms"]}
+            if r["kind"] == "time" and r["provider"] == baseline(r["suite"]) and r["time_ms"]}
     for r in records:
         if r["suite"] in OWN_RATIO:
             continue
@@ -184,37 +194,37 @@ def read_csv(path):
 # ----------------------------------------------------------------------------
 # Tables
 # ----------------------------------------------------------------------------
-def _num(fmt):
+def number(fmt):
     return lambda v: "" if v is None else (v if isinstance(v, str) else format(v, fmt))
 
 
-def _ratio(v):
+def ratio_text(v):
     return "" if v is None else f"{v:.2f}x"
 
 
 def _columns(suite):
     """(header, key, formatter) for one suite's table."""
     first = [("provider", "provider", str), ("mode", "mode", str), ("shape", "shape", str),
-             ("status", "status", str), ("ms", "time_ms", _num(".3f"))]
-    base = BASELINE[suite]
+             ("status", "status", str), ("ms", "time_ms", number(".3f"))]
+    base = baseline(suite)
     if suite == "overhead":  # no ratio to SDPA (stubbed kernels against real work on the CPU): to the bare op
         us = lambda v: "" if v is None else f"{1e3 * v:.1f}"  # noqa: E731
-        return first[:4] + [("us per call", "time_ms", us), ("x bare op", "ratio", _ratio),
-                            ("bare op us", _bare_op_ms, us), ("launches", "launches", _num(".0f"))]
-    memory = [("extra MiB", "extra_mib", _num(".0f")), ("max err", "max_err", _num(".2e"))]
+        return first[:4] + [("us per call", "time_ms", us), ("x bare op", "ratio", ratio_text),
+                            ("bare op us", _bare_op_ms, us), ("launches", "launches", number(".0f"))]
+    memory = [("extra MiB", "extra_mib", number(".0f")), ("max err", "max_err", number(".2e"))]
     if suite == "softmax":
-        return first + [("GB/s", "gbps", _num(".1f")), (f"vs {base}", "ratio", _ratio)] + memory
+        return first + [("GB/s", "gbps", number(".1f")), (f"vs {base}", "ratio", ratio_text)] + memory
     if suite == "modules":
-        return first + [(f"vs {base}", "ratio", _ratio)] + memory
-    if suite == "decode":
-        us = lambda v: "" if v is None else (v if isinstance(v, str) else f"{v * 1e3:.1f}")  # noqa: E731
-        return first + [("us/step", "time_ms", us), ("GB/s", "gbps", _num(".1f")),
-                        (f"vs {base}", "ratio", _ratio)] + memory
-    return first + [("TFLOP/s", "tflops", _num(".3g")), (f"vs {base}", "ratio", _ratio)] + memory
+        return first + [(f"vs {base}", "ratio", ratio_text)] + memory
+    registered = REGISTERED.get(suite)
+    if registered is not None and registered.columns is not None:
+        return first + registered.columns(base) + memory
+    return first + [("TFLOP/s", "tflops", number(".3g")), (f"vs {base}", "ratio", ratio_text)] + memory
 
 
 def _suites(records):
-    return [s for s in BASELINE if any(r["suite"] == s for r in records)]
+    """The suites present in `records`: the built-in ones, then the registered ones, in that order."""
+    return [s for s in (*BASELINE, *REGISTERED) if any(r["suite"] == s for r in records)]
 
 
 def _bare_op_ms(r):
@@ -302,7 +312,13 @@ def markdown_report(records, ctx):
             lines += [OVERHEAD_NOTE, ""]
         if suite == "softmax" and ctx["device_slug"] == "cpu":
             lines += [CPU_SOFTMAX_NOTE, ""]
+        registered = REGISTERED.get(suite)
+        if registered is not None and registered.note:
+            lines += [registered.note, ""]
         lines += [markdown_table([c[0] for c in columns], _cells(rows, columns)), ""]
+        text = registered.summary(records) if registered is not None and registered.summary else ""
+        if text:
+            lines += ["```text", text, "```", ""]
     return "\n".join(lines)
 
 
@@ -336,7 +352,7 @@ COLORS = {"naive": "tab:gray", "sdpa-math": "tab:brown", "sdpa-flash": "tab:blue
           "torch": "tab:blue"}
 
 
-def _title(ctx, what, fig=None, fontsize=10):
+def figure_title(ctx, what, fig=None, fontsize=10):
     """What, then the context: the device (on the CPU with its thread count), then versions, commit and date.
 
     With `fig`, every line is wrapped to fit the figure: a line wider than the figure is cut off in
@@ -367,13 +383,14 @@ def _wrap(line, chars):
     return [piece for part in parts for piece in textwrap.wrap(part, chars, break_on_hyphens=False)]
 
 
-def _lines(ax, records, y_key):
+def provider_lines(ax, records, y_key, colors=COLORS):
+    """One line per provider of y_key against N (log2 axis); colors: provider -> matplotlib colour."""
     for name in dict.fromkeys(r["provider"] for r in records):
         points = sorted((r["n"], r[y_key]) for r in records
                         if r["provider"] == name and isinstance(r.get(y_key), float))
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", label=name, color=COLORS.get(name))
+            ax.plot(xs, ys, marker="o", label=name, color=colors.get(name))
     ax.set_xscale("log", base=2)
     ns = sorted({r["n"] for r in records})
     if ns:
@@ -382,14 +399,14 @@ def _lines(ax, records, y_key):
     ax.grid(True, alpha=0.3)
 
 
-def _ok(records, suite):
+def timed_rows(records, suite):
     return [r for r in records if r["suite"] == suite and r["kind"] == "time" and r.get("time_ms")]
 
 
 def plot_attention(records, ctx, path):
     import matplotlib.pyplot as plt
 
-    rows_ok = _ok(records, "attention")
+    rows_ok = timed_rows(records, "attention")
     if not rows_ok:
         return None
     panel_rows = list(dict.fromkeys((r["mode"], r["causal"]) for r in rows_ok))
@@ -401,7 +418,7 @@ def plot_attention(records, ctx, path):
             ax = axes[i][j]
             group = [r for r in rows_ok if (r["mode"], r["causal"]) == (mode, causal)
                      and (r["heads_q"], r["heads_kv"], r["head_dim"]) == (h_q, h_kv, head_dim)]
-            _lines(ax, group, "tflops")
+            provider_lines(ax, group, "tflops")
             heads = f"{h_q:g} heads" if h_q == h_kv else f"GQA {h_q:g}:{h_kv:g}"
             ax.set_title(f"{mode}, {'causal' if causal else 'non-causal'} | {heads}, D={head_dim:g}", fontsize=9)
             ax.set_xlabel("N (batch = tokens // N, at least 1)")
@@ -411,7 +428,7 @@ def plot_attention(records, ctx, path):
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles))
-    fig.suptitle(_title(ctx, f"Attention throughput ({rows_ok[0]['dtype']})", fig, 10), fontsize=10)
+    fig.suptitle(figure_title(ctx, f"Attention throughput ({rows_ok[0]['dtype']})", fig, 10), fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -421,18 +438,18 @@ def plot_attention(records, ctx, path):
 def plot_memory(records, ctx, path):
     import matplotlib.pyplot as plt
 
-    rows_ok = [r for r in _ok(records, "memory") if isinstance(r.get("extra_mib"), float)]
+    rows_ok = [r for r in timed_rows(records, "memory") if isinstance(r.get("extra_mib"), float)]
     if not rows_ok:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
-    _lines(ax, rows_ok, "extra_mib")
+    provider_lines(ax, rows_ok, "extra_mib")
     ax.set_yscale("log")
     r0 = rows_ok[0]
     ax.set_xlabel("N")
     ax.set_ylabel("extra memory (MiB, peak during one forward)")
     ax.legend()
-    ax.set_title(_title(ctx, f"Attention memory: B={r0['batch']:g}, {r0['heads_q']:g} heads, D={r0['head_dim']:g}, "
-                             f"{r0['dtype']}, fwd", fig, 9), fontsize=9)
+    ax.set_title(figure_title(ctx, f"Attention memory: B={r0['batch']:g}, {r0['heads_q']:g} heads, "
+                                   f"D={r0['head_dim']:g}, {r0['dtype']}, fwd", fig, 9), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -442,21 +459,22 @@ def plot_memory(records, ctx, path):
 def plot_softmax(records, ctx, path):
     import matplotlib.pyplot as plt
 
-    rows_ok = _ok(records, "softmax")
+    rows_ok = timed_rows(records, "softmax")
     if not rows_ok:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     if ctx["device_slug"] == "cpu":
         # Not GB/s: on the CPU bytes over time is no bandwidth (CPU_SOFTMAX_NOTE); the times say what was measured.
-        _lines(ax, rows_ok, "time_ms")
+        provider_lines(ax, rows_ok, "time_ms")
         ax.set_yscale("log")
         ax.set_ylabel(f"ms per call (wall clock, {threads_note(ctx) or 'torch threads not recorded'})")
     else:
-        _lines(ax, rows_ok, "gbps")
+        provider_lines(ax, rows_ok, "gbps")
         ax.set_ylabel("effective GB/s (read once + write once)")
     ax.set_xlabel("row length N")
     ax.legend()
-    ax.set_title(_title(ctx, f"Softmax over {rows_ok[0]['rows']:g} rows, {rows_ok[0]['dtype']}", fig, 9), fontsize=9)
+    ax.set_title(figure_title(ctx, f"Softmax over {rows_ok[0]['rows']:g} rows, {rows_ok[0]['dtype']}", fig, 9),
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -473,10 +491,9 @@ def write_outputs(records, ctx, out_dir, plots=True):
     if plots:
         import matplotlib
         matplotlib.use("Agg")
-        from .decode_suite import plot_decode
-
-        for kind, plot in (("attention", plot_attention), ("memory", plot_memory), ("softmax", plot_softmax),
-                           ("decode", plot_decode)):
+        plots = [("attention", plot_attention), ("memory", plot_memory), ("softmax", plot_softmax)]
+        plots += [plot for suite in _suites(records) if suite in REGISTERED for plot in REGISTERED[suite].plots]
+        for kind, plot in plots:
             try:
                 written = plot(records, ctx, os.path.join(out_dir, file_name(ctx, kind, "png")))
             except Exception as exc:  # noqa: BLE001 - a broken plot must not lose the tables

@@ -35,9 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import decode_suite, providers
+from . import providers
 from .flops import attention_flops, tflops_per_s
 from .plan import AttentionCase, ModuleCase, OverheadCase, SoftmaxCase
+from .registry import suite_of
 from .timing import extra_memory_mib, free_memory, synchronize
 
 CORRECTNESS_ONLY = "correctness only"
@@ -149,8 +150,7 @@ def _build_module(job, device):
     return mode_call(lambda: module(x), job.mode, list(module.parameters()))
 
 
-BUILDERS = {AttentionCase: _build_attention, SoftmaxCase: _build_softmax, ModuleCase: _build_module,
-            decode_suite.DecodeCase: decode_suite.build}
+BUILDERS = {AttentionCase: _build_attention, SoftmaxCase: _build_softmax, ModuleCase: _build_module}
 
 
 # ----------------------------------------------------------------------------
@@ -195,8 +195,18 @@ def _check_module(job, device):
         return max_abs_error(module.eval()(x), reference(x.double()))
 
 
-CHECKERS = {AttentionCase: _check_attention, SoftmaxCase: _check_softmax, ModuleCase: _check_module,
-            decode_suite.DecodeCase: decode_suite.check}
+CHECKERS = {AttentionCase: _check_attention, SoftmaxCase: _check_softmax, ModuleCase: _check_module}
+
+
+def _handlers(case):
+    """(build, check) for a case: the built-in suites' here, a registered suite's from its record."""
+    if type(case) in BUILDERS:
+        return BUILDERS[type(case)], CHECKERS[type(case)]
+    suite = suite_of(case)
+    if suite is None:
+        raise TypeError(f"no suite knows the case type {type(case).__name__}: import its suite module "
+                        "(bench/suites.py imports them all)")
+    return suite.cases[type(case)]
 
 
 # ----------------------------------------------------------------------------
@@ -246,8 +256,9 @@ def _throughput(result):
         # Effective bandwidth: the row read once and written once, the least any softmax must move.
         nbytes = 2 * case.rows * case.n * torch.empty((), dtype=case.dtype).element_size()
         result.gbps = nbytes / (result.time_ms * 1e-3) / 1e9
-    elif isinstance(case, decode_suite.DecodeCase):
-        result.gbps = decode_suite.bytes_moved(job) / (result.time_ms * 1e-3) / 1e9
+    elif (suite := suite_of(case)) is not None and suite.rates is not None:  # decode: GB/s; serving: both
+        for key, value in suite.rates(job, result.time_ms).items():
+            setattr(result, key, value)
     elif hasattr(case, "flops"):  # the window and varlen suites count their own work (visible pairs, real tokens)
         result.tflops = tflops_per_s(case.flops(job.mode), result.time_ms)
 
@@ -255,7 +266,7 @@ def _throughput(result):
 def _measure(job, device, timer, result):
     """Fill `result` in; the job's tensors live in this frame only, and die with it."""
     if job.kind == "check":
-        result.max_err = CHECKERS[type(job.case)](job, device)
+        result.max_err = _handlers(job.case)[1](job, device)
         result.status = CORRECTNESS_ONLY
         return
     if isinstance(job.case, OverheadCase):
@@ -264,7 +275,7 @@ def _measure(job, device, timer, result):
         result.time_ms, result.launches, result.ratio = measure(job, device)  # warms up by itself: no setup_s
         return
     started = time.perf_counter()
-    call, leaves = BUILDERS[type(job.case)](job, device)
+    call, leaves = _handlers(job.case)[0](job, device)
     call()  # compile, autotune, warm up
     synchronize(device)
     result.setup_s = time.perf_counter() - started

@@ -19,15 +19,15 @@ of the same total ("B1"), the rate the GPU target compares the varlen
 forward with (within 10%; not measured yet).
 
 On the CPU, only correctness rows at one tiny batch. The jobs run through
-bench/sweep.py; this module registers its case type there and its baseline
-with the report.
+bench/sweep.py; the suite registers itself at the end of this module
+(bench/registry.py).
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from . import providers, report, sweep
+from . import providers, registry, sweep
 from .flops import attention_flops
 from .plan import DTYPES, KIB, MODES, Job, dtype_name, parse_heads
 from .window_suite import check_modes, cpu_check
@@ -202,7 +202,7 @@ def build_jobs(args, device_type):
 
 
 # ----------------------------------------------------------------------------
-# Build, check: registered with the sweep
+# Build, check: the suite's handlers of its case type
 # ----------------------------------------------------------------------------
 def _prepared(job, device, requires_grad):
     padded, prepare = PROVIDERS[job.provider]
@@ -237,6 +237,4 @@ def _check(job, device):
     return max(sweep.max_abs_error(pack(t.grad), t64.grad) for t, t64 in zip((batch.q, batch.k, batch.v), leaves64))
 
 
-sweep.BUILDERS[VarlenCase] = _build
-sweep.CHECKERS[VarlenCase] = _check
-report.BASELINE.setdefault(SUITE, BASELINE)
+registry.register(registry.Suite(SUITE, build_jobs, {VarlenCase: (_build, _check)}, baseline=BASELINE))

@@ -18,8 +18,8 @@ a case is credited the same useful work, so TFLOP/s ranks them like time.
 N_max / N_min, 1.0 for linear, larger as it turns quadratic.
 
 On the CPU, only correctness rows at one tiny size (Triton runs under its
-interpreter). The jobs run through bench/sweep.py like every suite's; this
-module registers its case type there and its baseline with the report.
+interpreter). The jobs run through bench/sweep.py like every suite's; the
+suite registers itself at the end of this module (bench/registry.py).
 """
 import dataclasses
 import inspect
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import providers, report, sweep
+from . import providers, registry, report, sweep
 from .flops import MODE_FACTOR
 from .plan import DTYPES, KIB, MODES, Job, dtype_name, parse_heads
 
@@ -196,7 +196,7 @@ def build_jobs(args, device_type):
 
 
 # ----------------------------------------------------------------------------
-# Build, check: registered with the sweep
+# Build, check: the suite's handlers of its case type
 # ----------------------------------------------------------------------------
 def _inputs(case, device, requires_grad):
     def rand(heads):
@@ -235,9 +235,6 @@ def _check(job, device):
     return max(sweep.max_abs_error(t.grad, t64.grad) for t, t64 in zip((q, k, v), leaves64))
 
 
-sweep.BUILDERS[WindowCase] = _build
-sweep.CHECKERS[WindowCase] = _check
-report.BASELINE.setdefault(SUITE, BASELINE)
 
 
 # ----------------------------------------------------------------------------
@@ -264,3 +261,7 @@ def summary(records):
     headers = ["mode", "provider", "W"] + [f"N={n // KIB}k ms" if n >= KIB else f"N={n} ms" for n in ns]
     return ("Sliding window: time against N (growth = time ratio / N ratio over the timed N; 1.00 is linear)\n"
             + report.text_table(headers + ["growth"], rows))
+
+
+registry.register(registry.Suite(SUITE, build_jobs, {WindowCase: (_build, _check)}, baseline=BASELINE,
+                                 summary=summary))

@@ -453,7 +453,7 @@ TIMER = _do_bench  # tests put a stand-in here: the CPU has no GPU timer
 
 
 def launch(configs, kernel, grid, args, constexprs, *, dtype, n_q, n_k, switches, tma=False, warp_specialize=False,
-           deterministic=True, scratch=None, check=None):
+           deterministic=True, scratch=None, check=None, fits=None):
     """Choose the config of one launch of `kernel` (a KernelConfigs' kernel) and launch it. Returns the config.
 
     grid: config -> the launch grid. constexprs: the kernel's compile-time
@@ -461,17 +461,23 @@ def launch(configs, kernel, grid, args, constexprs, *, dtype, n_q, n_k, switches
     args whose output tensors are fresh buffers, for timing runs when autotuning
     is on: no timing run ever writes, or adds into, a caller's tensor.
     check: config -> None, raising if a forced config (only_config) cannot run
-    this call. The caller has made the inputs' device current (runtime.on_device).
+    this call. fits: config -> None, raising if the chosen config cannot serve this call (a
+    block mask's blocks smaller than its tiles). The caller has made the inputs' device
+    current (runtime.on_device).
     """
     timing = None
     if _autotune and not deterministic and scratch is not None:
         def timing(config):
             scratch_args = scratch()
             return TIMER(lambda: kernel[grid(config)](*scratch_args, **constexprs, **config.all_kwargs()))
-    config = configs.choose(args[0].device, dtype, constexprs["HEAD_DIM_PAD"], n_q, n_k, switches, tma=tma,
+    # The wider of the query/key and value tiles decides what fits (MLA's values are narrower).
+    head_dim_pad = max(constexprs["HEAD_DIM_PAD"], constexprs.get("HEAD_DIM_V_PAD", 0))
+    config = configs.choose(args[0].device, dtype, head_dim_pad, n_q, n_k, switches, tma=tma,
                             warp_specialize=warp_specialize, deterministic=deterministic, timing=timing)
     if check is not None and configs.forced is not None:
         check(config)
+    if fits is not None:
+        fits(config)
     configs.last_config = config
     kernel[grid(config)](*args, **constexprs, **config.all_kwargs())
     return config

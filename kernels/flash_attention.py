@@ -24,6 +24,7 @@ from triton.runtime import _allocation
 from reference.functional import check_attention_inputs
 
 from . import runtime
+from .block_mask import DEFAULT_BLOCK_SIZE, NO_MODS
 from .configs import KERNELS as CONFIGS
 from .configs import autotune_enabled, launch
 from .flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
@@ -212,21 +213,44 @@ def _variant_arguments(q, causal, sm_scale, window, softcap, alibi_slopes, sinks
 _SWITCHES = ("IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_SINKS", "HAS_DROPOUT", "IS_VARLEN", "FUSED_DQ")
 
 
-def _switches(flags, gqa):
-    return (*((name, flags[name]) for name in _SWITCHES if name in flags), ("IS_GQA", gqa))
+def _switches(flags, gqa, mods=NO_MODS):
+    return (*((name, flags[name]) for name in _SWITCHES if name in flags), ("IS_GQA", gqa), ("HAS_MODS", bool(mods)))
+
+
+def _value_dims(v):
+    """The value head dim, and its padded tile width: MLA's values are narrower than its queries and keys."""
+    return dict(HEAD_DIM_V=v.shape[-1], HEAD_DIM_V_PAD=_head_dim_pad(v.shape[-1]))
+
+
+def _fits_block_mask(config, block_mask, kernel):
+    """A block mask's blocks must hold whole tiles: refuse, naming both, a config whose tiles are larger."""
+    if block_mask is None:
+        return
+    block_m, block_n = block_mask.block_size
+    if config.kwargs["BLOCK_M"] > block_m or config.kwargs["BLOCK_N"] > block_n:
+        raise ValueError(f"block_mask's blocks ({block_m} x {block_n}) are smaller than the {kernel} kernel's tiles "
+                         f"here ({config.kwargs['BLOCK_M']} x {config.kwargs['BLOCK_N']}): build it with a larger "
+                         f"BLOCK_SIZE (the default, {DEFAULT_BLOCK_SIZE}, fits every chip)")
+
+
+# The mods' kernel arguments and compile-time switches when a call has none (kernels/block_mask.py).
+_NO_MOD_ARGUMENTS = ((0, 0, 0, 0), (), ())  # block-mask strides, score_args, mask_args
+_NO_MOD_CONSTEXPRS = {"fwd": NO_MODS.kernel_arguments(None)[4],
+                      "bwd": NO_MODS.kernel_arguments(None, transposed=True, backward=True)[4]}
 
 
 _launch_plans = {}
 
 
-def _launch_plan(kernel, variant, head_dim, gqa):
-    """(constexprs, switches) of `kernel` ("fwd", "bwd_dkdv", "bwd_dq" or "bwd_dkdv_fused") for one variant.
+def _launch_plan(kernel, variant, head_dim, head_dim_v, gqa):
+    """(constexprs, switches, head_dim_pad) of `kernel` ("fwd", "bwd_dkdv", "bwd_dq" or "bwd_dkdv_fused").
 
-    Worked out once per (kernel, variant, head dim, GQA or not) and kept: the same call
-    shape pays a dict lookup, not the flags, the dtype rules and the chooser's key again.
-    The dicts are shared: never change one.
+    For one variant of a call without mods, worked out once per (kernel, variant, head dims,
+    GQA or not) and kept: the same call shape pays a dict lookup, not the flags and the dtype
+    rules again. head_dim_pad: the wider of the query/key and value tiles, which decides what
+    fits (configs.launch's rule). The dicts are shared: never change one.
     """
-    key = (kernel, variant, head_dim, gqa)
+    key = (kernel, variant, head_dim, head_dim_v, gqa)
     plan = _launch_plans.get(key)
     if plan is None:
         dtype, acc_dtype, causal, has_window, has_softcap, has_alibi, has_sinks, has_dropout, varlen = variant
@@ -239,29 +263,33 @@ def _launch_plan(kernel, variant, head_dim, gqa):
         switches = _switches(flags, gqa)
         if kernel == "bwd_dq":
             del flags["FUSED_DQ"]  # the dQ kernel runs only unfused; it shares dK/dV's switches
-        constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim), **flags, UPCAST=upcast_tiles(dtype),
-                          DOT_PRECISION=dot_precision(dtype), ACC_DTYPE=_tl_dtype(acc_dtype))
-        plan = _launch_plans[key] = (constexprs, switches)
+        constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim), HEAD_DIM_V=head_dim_v,
+                          HEAD_DIM_V_PAD=_head_dim_pad(head_dim_v), **flags, UPCAST=upcast_tiles(dtype),
+                          DOT_PRECISION=dot_precision(dtype), ACC_DTYPE=_tl_dtype(acc_dtype),
+                          **_NO_MOD_CONSTEXPRS["fwd" if kernel == "fwd" else "bwd"])
+        plan = _launch_plans[key] = (constexprs, switches,
+                                     max(constexprs["HEAD_DIM_PAD"], constexprs["HEAD_DIM_V_PAD"]))
     return plan
 
 
 _launch_kwargs = {}
 
 
-def _launch(kernel_configs, kernel, grid, args, constexprs, *, n_q, n_k, switches, tma=False, warp_specialize=False,
+def _launch(kernel_configs, kernel, grid, args, plan, *, n_q, n_k, tma=False, warp_specialize=False,
             deterministic=True, scratch=None, check=None):
-    """configs.launch for a launch plan's constexprs, its keyword arguments merged once per (plan, config).
+    """configs.launch for a launch plan (_launch_plan), its keyword arguments merged once per (plan, config).
 
     The choice is configs.launch's own (KernelConfigs.choose, its memo, forced configs, checks);
     only the dict of compile-time and config keywords a launch passes on is kept instead of
     rebuilt on every call. A timed choice (opt-in autotuning, deterministic=False) goes
     through configs.launch itself. Returns the config.
     """
+    constexprs, switches, head_dim_pad = plan
     if not deterministic and autotune_enabled():
         return launch(kernel_configs, kernel, grid, args, constexprs, dtype=args[0].dtype, n_q=n_q, n_k=n_k,
                       switches=switches, tma=tma, warp_specialize=warp_specialize, deterministic=deterministic,
                       scratch=scratch, check=check)
-    config = kernel_configs.choose(args[0].device, args[0].dtype, constexprs["HEAD_DIM_PAD"], n_q, n_k, switches,
+    config = kernel_configs.choose(args[0].device, args[0].dtype, head_dim_pad, n_q, n_k, switches,
                                    tma=tma, warp_specialize=warp_specialize, deterministic=deterministic)
     if check is not None and kernel_configs.forced is not None:
         check(config)
@@ -322,20 +350,23 @@ def _descriptor_views_allowed(q, k, v, sq, sk, sv):
 
 def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None, softcap=None, alibi_slopes=None,
                sinks=None, dropout_p=0.0, seed=None, cu_seqlens=None, max_seqlens=None, deterministic=True,
-               _prepared=None):
+               mods=NO_MODS, _prepared=None):
     """Run the forward kernel. Returns o in q's layout and dtype, and lse in fp32 (float64 for float64).
 
     Padded: q (B, Hq, Nq, D) -> lse (B, Hq, Nq). Packed: q (total_q, Hq, D) with
     cu_seqlens = (cu_seqlens_q, cu_seqlens_k) and max_seqlens = (max_q, max_k) -> lse (Hq, total_q).
     o and lse may be passed in (tests pass NaN-filled buffers to catch unwritten elements).
     seed is a one-element int64 tensor, needed when dropout_p > 0. deterministic=False lets opt-in
-    autotuning (kernels/configs.py) time the candidates for a new shape.
+    autotuning (kernels/configs.py) time the candidates for a new shape. mods: the call's
+    score_mod, mask_mod and block_mask (kernels/block_mask.py).
     Reads shapes and strides only, never data: no host-device sync.
     _prepared: a list that receives the kernel arguments worked out from the options
     (_variant_arguments' result), which _flash_bwd(_prepared=...) then reuses.
     """
     batch, h_q, h_kv, n_q, n_k, strides = _layout(q, k, cu_seqlens, max_seqlens)
-    o = _empty_contiguous(q) if o is None else o
+    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
+    if o is None:
+        o = _empty_contiguous(q) if head_dim_v == head_dim else q.new_empty((*q.shape[:-1], head_dim_v))
     if lse is None:
         lse = q.new_empty((batch, h_q, n_q) if cu_seqlens is None else (h_q, q.shape[0]),
                           dtype=accumulator_dtype(q.dtype))
@@ -357,8 +388,8 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
     if _prepared is not None:
         _prepared.append(prepared)
     pointers, sinks_arg, scalars, strides_lse_alibi, variant = prepared
-    head_dim = q.shape[-1]
-    constexprs, switches = _launch_plan("fwd", variant, head_dim, h_q != h_kv)
+    plan = _launch_plan("fwd", variant, head_dim, head_dim_v, h_q != h_kv)
+    constexprs = plan[0]
 
     # Descriptor (TMA) loads of q, k, v are a config option when their layout allows them.
     device = q.device
@@ -366,16 +397,32 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
     if descriptors and has_tma(device):
         _ensure_descriptor_allocator()
     # Warp specialization is for the plain key loop: not for causal or windowed calls (their masked
-    # diagonal blocks), nor packed sequences (with their early exit Triton 3.6 cannot compile the kernel).
-    warp_specialize = not (constexprs["IS_CAUSAL"] or constexprs["HAS_WINDOW"] or constexprs["IS_VARLEN"])
-    args = (q, k, v, o, lse, pointers[0], pointers[1], sinks_arg, pointers[2], pointers[3], *scalars,
-            *sq, *sk, *sv, *so, *strides_lse_alibi, h_q, h_q // h_kv, n_q, n_k)
+    # diagonal blocks), nor packed sequences (with their early exit Triton 3.6 cannot compile the
+    # kernel), nor mods (their block lists are more loops).
+    warp_specialize = not (constexprs["IS_CAUSAL"] or constexprs["HAS_WINDOW"] or constexprs["IS_VARLEN"] or mods)
+    if mods:
+        block_mask, bm_strides, score_args, mask_args, mod_constexprs = mods.kernel_arguments(lse)
+    else:
+        block_mask, (bm_strides, score_args, mask_args) = lse, _NO_MOD_ARGUMENTS
+    # After the block mask, the fp8 descales' pointer and strides (none yet: a placeholder with zero strides).
+    args = (q, k, v, o, lse, pointers[0], pointers[1], sinks_arg, pointers[2], pointers[3], block_mask, lse,
+            *scalars, *sq, *sk, *sv, *so, *strides_lse_alibi, *bm_strides, 0, 0, 0,
+            h_q, h_q // h_kv, n_q, n_k, score_args, mask_args)
     programs = batch * h_q  # times the query blocks of the config: a 1-D grid
     with runtime.on_device(device):
-        _launch(CONFIGS["fwd"], _attn_fwd, lambda c: (-(-n_q // c.kwargs["BLOCK_M"]) * programs,), args, constexprs,
-                n_q=n_q, n_k=n_k, switches=switches, tma=descriptors, warp_specialize=warp_specialize,
-                deterministic=deterministic, check=lambda c: _check_hopper_options(c, constexprs, descriptors),
-                scratch=lambda: (*args[:3], torch.empty_like(o), torch.empty_like(lse), *args[5:]))
+        if not mods:
+            _launch(CONFIGS["fwd"], _attn_fwd, lambda c: (-(-n_q // c.kwargs["BLOCK_M"]) * programs,), args, plan,
+                    n_q=n_q, n_k=n_k, tma=descriptors, warp_specialize=warp_specialize,
+                    deterministic=deterministic, check=lambda c: _check_hopper_options(c, constexprs, descriptors),
+                    scratch=lambda: (*args[:3], torch.empty_like(o), torch.empty_like(lse), *args[5:]))
+        else:  # a block mask's blocks bound the tiles
+            limit_q, limit_k = mods.block_mask.block_size if mods.block_mask is not None else (n_q, n_k)
+            launch(CONFIGS["fwd"], _attn_fwd, lambda c: (-(-n_q // c.kwargs["BLOCK_M"]) * programs,), args,
+                   dict(constexprs, **mod_constexprs), dtype=q.dtype, n_q=min(n_q, limit_q), n_k=min(n_k, limit_k),
+                   switches=(*plan[1][:-1], ("HAS_MODS", True)), tma=descriptors, warp_specialize=warp_specialize,
+                   deterministic=deterministic, check=lambda c: _check_hopper_options(c, constexprs, descriptors),
+                   scratch=lambda: (*args[:3], torch.empty_like(o), torch.empty_like(lse), *args[5:]),
+                   fits=lambda c: _fits_block_mask(c, mods.block_mask, "forward"))
     return o, lse
 
 
@@ -397,7 +444,8 @@ def _gqa_splits(programs, group, device) -> int:
 
 def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=None, dv=None, *, window_size=None,
                softcap=None, alibi_slopes=None, sinks=None, dsinks=None, dropout_p=0.0, seed=None,
-               cu_seqlens=None, max_seqlens=None, deterministic=True, gqa_splits=None, _prepared=None):
+               cu_seqlens=None, max_seqlens=None, deterministic=True, gqa_splits=None, mods=NO_MODS, grad_args=(),
+               _prepared=None):
     """Run the backward kernels. Returns dq, dk, dv in the dtypes of q, k, v.
 
     dlse, the gradient flowing into the returned lse (if any), enters through
@@ -407,8 +455,10 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
     deterministic=False fuses dQ into the dK/dV kernel with atomic adds (faster,
     not bitwise reproducible). gqa_splits: how many programs share a GQA group's
     query heads in dK/dV (None: enough to fill the GPU); their fp32 partial sums
-    are added in a fixed order. _prepared: what _flash_fwd(_prepared=[]) worked out for the
-    same call (the options' kernel arguments), not worked out again.
+    are added in a fixed order. mods: the forward's; grad_args: zeroed fp32 buffers, one per
+    tensor of the score_mod's args that requires grad, into which its derivative adds.
+    _prepared: what _flash_fwd(_prepared=[]) worked out for the same call (the options'
+    kernel arguments), not worked out again.
     """
     batch, h_q, h_kv, n_q, n_k, strides = _layout(q, k, cu_seqlens, max_seqlens)
     head_dim = q.shape[-1]
@@ -434,7 +484,8 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
     pointers, _, scalars, strides_lse_alibi, variant = _prepared
     group = h_q // h_kv
     fused_dq = not deterministic
-    constexprs, switches = _launch_plan("bwd_dkdv_fused" if fused_dq else "bwd_dkdv", variant, head_dim, group > 1)
+    plan = _launch_plan("bwd_dkdv_fused" if fused_dq else "bwd_dkdv", variant, head_dim, v.shape[-1], group > 1)
+    constexprs = plan[0]
 
     delta = torch.empty_like(lse)
     # delta is per row: packed sequences go through as one batch of total_q rows.
@@ -442,7 +493,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
     with runtime.on_device(q.device):
         _attn_bwd_preprocess[(-(-rows // PREPROCESS_BLOCK_M) * pre_batch * h_q,)](
             o, do, delta, *so, *sdo, *strides_lse_alibi[:2], h_q, rows,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=constexprs["HEAD_DIM_PAD"], BLOCK_M=PREPROCESS_BLOCK_M,
+            HEAD_DIM=constexprs["HEAD_DIM_V"], HEAD_DIM_PAD=constexprs["HEAD_DIM_V_PAD"], BLOCK_M=PREPROCESS_BLOCK_M,
         )
         if dlse is not None:
             delta -= dlse
@@ -464,30 +515,56 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
             dk_view, dv_view, stride_split = dk_out[0], dv_out[0], dk_out.stride(0)
             sdk_view, sdv_view = strides(dk_view), strides(dv_view)
         dq_acc = torch.zeros(q.shape, dtype=lse.dtype, device=q.device) if fused_dq else dq
-        dkdv_args = (q, k, v, do, lse, delta, dk_view, dv_view, dq_acc, *pointers, *scalars,
+        grad_args = tuple(grad_args)
+        if mods:
+            lists_t, bm_strides_t, score_args, mask_args, mod_constexprs = mods.kernel_arguments(
+                lse, transposed=True, backward=True)
+        else:
+            lists_t, (bm_strides_t, score_args, mask_args) = lse, _NO_MOD_ARGUMENTS
+        dkdv_args = (q, k, v, do, lse, delta, dk_view, dv_view, dq_acc, *pointers, lists_t, *scalars,
                      *sq, *sk, *sv, *sdo, *sdk_view, *sdv_view, *(strides(dq_acc) if fused_dq else sdq),
-                     *strides_lse_alibi, stride_split, h_kv, group, group // splits, n_q, n_k)
+                     *strides_lse_alibi, stride_split, *bm_strides_t, h_kv, group, group // splits, n_q, n_k,
+                     score_args, mask_args, grad_args)
 
         def dkdv_scratch():
-            """Fresh dK, dV (all split slices) and dQ buffers: a timing run must not add into the caller's dQ."""
+            """Fresh dK, dV (all split slices), dQ and mod-gradient buffers: a timing run must not add into the
+            caller's."""
             dk_s, dv_s = (torch.empty_like(t) for t in (dk_out, dv_out))
             return (*dkdv_args[:6], dk_s if splits == 1 else dk_s[0], dv_s if splits == 1 else dv_s[0],
-                    torch.zeros_like(dq_acc), *dkdv_args[9:])
+                    torch.zeros_like(dq_acc), *dkdv_args[9:-1], tuple(torch.zeros_like(g) for g in grad_args))
 
-        _launch(CONFIGS["bwd_dkdv"], _attn_bwd_dkdv,
-                lambda c: (-(-n_k // c.kwargs["BLOCK_N"]) * splits * batch * h_kv,), dkdv_args, constexprs,
-                n_q=n_q, n_k=n_k, switches=switches, deterministic=deterministic, scratch=dkdv_scratch)
+        dkdv_grid = lambda c: (-(-n_k // c.kwargs["BLOCK_N"]) * splits * batch * h_kv,)  # noqa: E731
+        if not mods:
+            _launch(CONFIGS["bwd_dkdv"], _attn_bwd_dkdv, dkdv_grid, dkdv_args, plan, n_q=n_q, n_k=n_k,
+                    deterministic=deterministic, scratch=dkdv_scratch)
+        else:  # a block mask's blocks bound the tiles
+            limit_q, limit_k = mods.block_mask.block_size if mods.block_mask is not None else (n_q, n_k)
+            limits = dict(n_q=min(n_q, limit_q), n_k=min(n_k, limit_k))
+            mod_switches = (*plan[1][:-1], ("HAS_MODS", True))
+            dkdv_constexprs = dict(constexprs, **mod_constexprs)
+            if grad_args:
+                dkdv_constexprs["MOD_GRADS"] = True
+            launch(CONFIGS["bwd_dkdv"], _attn_bwd_dkdv, dkdv_grid, dkdv_args, dkdv_constexprs, dtype=q.dtype,
+                   switches=mod_switches, deterministic=deterministic, scratch=dkdv_scratch,
+                   fits=lambda c: _fits_block_mask(c, mods.block_mask, "dK/dV"), **limits)
         if splits > 1:
             dk.copy_(dk_out.sum(0))  # a fixed order: bitwise reproducible
             dv.copy_(dv_out.sum(0))
         if fused_dq:
             return dq.copy_(dq_acc), dk, dv
-        constexprs, _ = _launch_plan("bwd_dq", variant, head_dim, group > 1)
-        dq_args = (q, k, v, do, lse, delta, dq, *pointers, *scalars, *sq, *sk, *sv, *sdo, *sdq, *strides_lse_alibi,
-                   h_q, group, n_q, n_k)
-        _launch(CONFIGS["bwd_dq"], _attn_bwd_dq, lambda c: (-(-n_q // c.kwargs["BLOCK_M"]) * batch * h_q,),
-                dq_args, constexprs, n_q=n_q, n_k=n_k, switches=switches, deterministic=deterministic,
-                scratch=lambda: (*dq_args[:6], torch.empty_like(dq), *dq_args[7:]))
+        dq_plan = _launch_plan("bwd_dq", variant, head_dim, v.shape[-1], group > 1)
+        lists, bm_strides = (mods.kernel_arguments(lse)[:2]) if mods else (lse, _NO_MOD_ARGUMENTS[0])
+        dq_args = (q, k, v, do, lse, delta, dq, *pointers, lists, *scalars, *sq, *sk, *sv, *sdo, *sdq,
+                   *strides_lse_alibi, *bm_strides, h_q, group, n_q, n_k, score_args, mask_args)
+        dq_grid = lambda c: (-(-n_q // c.kwargs["BLOCK_M"]) * batch * h_q,)  # noqa: E731
+        if not mods:
+            _launch(CONFIGS["bwd_dq"], _attn_bwd_dq, dq_grid, dq_args, dq_plan, n_q=n_q, n_k=n_k,
+                    deterministic=deterministic, scratch=lambda: (*dq_args[:6], torch.empty_like(dq), *dq_args[7:]))
+        else:
+            launch(CONFIGS["bwd_dq"], _attn_bwd_dq, dq_grid, dq_args, dict(dq_plan[0], **mod_constexprs),
+                   dtype=q.dtype, switches=mod_switches, deterministic=deterministic,
+                   scratch=lambda: (*dq_args[:6], torch.empty_like(dq), *dq_args[7:]),
+                   fits=lambda c: _fits_block_mask(c, mods.block_mask, "dQ"), **limits)
     return dq, dk, dv
 
 
@@ -505,15 +582,23 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
 # In eager mode the ops' dispatch is pure host cost, paid on every call:
 # `_attention` below goes around it.
 # ----------------------------------------------------------------------------
+def _op_options(window_left, window_right, softcap, alibi_slopes, sinks, dropout_p, seed, cu_seqlens_q,
+                cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """The launchers' keyword options from the ops' (window bounds as ints, -1 for an open side; softcap 0.0 off)."""
+    varlen = cu_seqlens_q is not None
+    return dict(window_size=(window_left, window_right), softcap=softcap or None, alibi_slopes=alibi_slopes,
+                sinks=sinks, dropout_p=dropout_p, seed=seed,
+                cu_seqlens=(cu_seqlens_q, cu_seqlens_k) if varlen else None,
+                max_seqlens=(max_seqlen_q, max_seqlen_k) if varlen else None)
+
+
 def _unpack(ints, floats, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k):
     """(causal, sm_scale, the launchers' keyword options) from the ops' packed arguments."""
     causal, window_left, window_right, max_seqlen_q, max_seqlen_k, deterministic = ints
     sm_scale, softcap, dropout_p = floats
-    varlen = cu_seqlens_q is not None
-    return bool(causal), sm_scale, dict(
-        window_size=(window_left, window_right), softcap=softcap or None, alibi_slopes=alibi_slopes, sinks=sinks,
-        dropout_p=dropout_p, seed=seed, cu_seqlens=(cu_seqlens_q, cu_seqlens_k) if varlen else None,
-        max_seqlens=(max_seqlen_q, max_seqlen_k) if varlen else None, deterministic=bool(deterministic))
+    options = _op_options(window_left, window_right, softcap, alibi_slopes, sinks, dropout_p, seed, cu_seqlens_q,
+                          cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return bool(causal), sm_scale, dict(options, deterministic=bool(deterministic))
 
 
 @torch.library.custom_op("attention_playground::flash_attn_fwd", mutates_args=())
@@ -528,7 +613,7 @@ def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_
 @_flash_attn_fwd_op.register_fake
 def _(q, k, v, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k, ints, floats):
     lse_shape = q.shape[:3] if cu_seqlens_q is None else (q.shape[1], q.shape[0])
-    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=accumulator_dtype(q.dtype))
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(lse_shape, dtype=accumulator_dtype(q.dtype))
 
 
 @torch.library.custom_op("attention_playground::flash_attn_bwd", mutates_args=())

@@ -28,8 +28,8 @@ in plain PyTorch, without the variants.
 import triton
 import triton.language as tl
 
-from .tiles import (LOG2E, _cast_for_store, _dropout_keep, _key_range, _load_tile, _query_range, _scores,
-                    _sequence_bounds, _visible)
+from .tiles import (LOG2E, _cast_for_store, _dropout_keep, _key_range, _load_tile, _mask_mod_visible, _query_range,
+                    _score_grad, _scores, _sequence_bounds, _visible)
 
 
 @triton.jit
@@ -65,26 +65,43 @@ def _attn_bwd_preprocess(O, DO, DELTA,
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_row, stride_qm, stride_dom,
-                         stride_dqm, offs_n, offs_m, offs_d, lo, hi, N_Q, N_K, offset, sm_scale, softcap,
+                         stride_dqm, offs_n, offs_m, offs_d, offs_dv, lo, hi, N_Q, N_K, offset, sm_scale, softcap,
                          alibi_slope, window_left, window_right, seed, stream, dropout_row0, dropout_p,
-                         HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         off_z, off_h, score_args, mask_args, grad_args, Q_LIST,
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, PAD_D: tl.constexpr,
+                         PAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                          MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr,
-                         MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Walk query blocks [lo, hi) for one key block, accumulating dK and dV (transposed: keys are rows).
+                         MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         SCORE_MOD: tl.constexpr, SCORE_MOD_BWD: tl.constexpr, MASK_MOD: tl.constexpr,
+                         SPARSE_BLOCK_M: tl.constexpr, MOD_GRADS: tl.constexpr):
+    """Walk query blocks for one key block, accumulating dK and dV (transposed: keys are rows).
 
+    The blocks are [lo, hi) in steps of BLOCK_M, or with a block mask (SPARSE_BLOCK_M > 0) the
+    sub-tiles lo..hi-1 of the mask's query blocks listed after the count at Q_LIST (see _attn_fwd_inner).
     FUSED_DQ: also add this key block's share of dQ = dS K * sm_scale into an
     fp32 buffer with atomic adds (FlashAttention-2's single-kernel backward: five
     matrix products per tile instead of the seven the separate dQ kernel needs,
     at the price of a summation order that varies from run to run).
+    This kernel accumulates the gradients of the tensors a score_mod reads (grad_args, when
+    MOD_GRADS): it sees every (query, key) pair once, in the fused backward and the two-kernel one alike.
     """
-    for start_m in range(lo, hi, BLOCK_M):
+    if SPARSE_BLOCK_M > 0:
+        STEP: tl.constexpr = 1
+    else:
+        STEP: tl.constexpr = BLOCK_M
+    for it in range(lo, hi, STEP):
+        if SPARSE_BLOCK_M > 0:
+            SUB: tl.constexpr = SPARSE_BLOCK_M // BLOCK_M
+            start_m = tl.load(Q_LIST + 1 + it // SUB) * SPARSE_BLOCK_M + (it % SUB) * BLOCK_M
+        else:
+            start_m = it
         start_m = tl.multiple_of(start_m, BLOCK_M)
         cur_m = start_m + offs_m
         q = _load_tile(q_ptrs + start_m.to(tl.int64) * stride_qm, cur_m, N_Q, offs_d, HEAD_DIM, MASKED, PAD_D,
                        UPCAST)
-        do = _load_tile(do_ptrs + start_m.to(tl.int64) * stride_dom, cur_m, N_Q, offs_d, HEAD_DIM, MASKED, PAD_D,
-                        UPCAST)
+        do = _load_tile(do_ptrs + start_m.to(tl.int64) * stride_dom, cur_m, N_Q, offs_dv, HEAD_DIM_V, MASKED,
+                        PAD_DV, UPCAST)
         if MASKED:
             # A query row past N_Q gets lse = +inf, so its recomputed P is exp2(-inf) = 0.
             lse = tl.load(LSE_row + cur_m, mask=cur_m < N_Q, other=float("inf"))
@@ -94,14 +111,16 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_
             delta = tl.load(DELTA_row + cur_m)
         # P^T recomputed from the saved lse.                       (BLOCK_N, BLOCK_M)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        s_t, tanh_t = _scores(qk_t, cur_m[None, :], offs_n[:, None], offset, sm_scale, softcap, alibi_slope,
-                              HAS_SOFTCAP, HAS_ALIBI)
+        s_t, tanh_t, s_in_t = _scores(qk_t, cur_m[None, :], offs_n[:, None], offset, sm_scale, softcap, alibi_slope,
+                                      off_z, off_h, score_args, N_Q, N_K, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD)
         p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)
         if MASKED:
             # tl.where drops the unselected branch, so the inf of a row that sees no key
             # (lse = -inf) and of a padding key never reaches the sums.
             visible = _visible(cur_m[None, :], offs_n[:, None], N_K, offset, window_left, window_right,
                                MASK_LEFT, MASK_RIGHT)
+            visible = _mask_mod_visible(visible, cur_m[None, :], offs_n[:, None], off_z, off_h, mask_args, N_Q, N_K,
+                                        MASK_MOD)
             p_t = tl.where(visible, p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
@@ -113,8 +132,11 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_
         else:
             dv = tl.dot(p_t.to(do.dtype), do, acc=dv, input_precision=DOT_PRECISION, out_dtype=dv.dtype)
         ds_t = p_t * (dp_t - delta[None, :])
-        if HAS_SOFTCAP:
-            ds_t = ds_t * (1.0 - tanh_t * tanh_t)
+        ds_t = _score_grad(ds_t, tanh_t, s_in_t, cur_m[None, :], offs_n[:, None], off_z, off_h, score_args,
+                           grad_args, N_Q, N_K, HAS_SOFTCAP, SCORE_MOD_BWD, MOD_GRADS)
+        if SCORE_MOD_BWD is not None and MASKED:
+            # A masked score has no gradient, whatever a score_mod's derivative says there (inf * 0 = NaN).
+            ds_t = tl.where(visible, ds_t, 0.0)
         dk = tl.dot(ds_t.to(q.dtype), q, acc=dk, input_precision=DOT_PRECISION, out_dtype=dk.dtype)
         if FUSED_DQ:
             dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=DOT_PRECISION) * sm_scale  # (BLOCK_M, D)
@@ -129,7 +151,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_SLOPES, SEED,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_SLOPES, SEED, BLOCK_MASK,
                    sm_scale, softcap, dropout_p, window_left, window_right,
                    stride_qz, stride_qh, stride_qm, stride_qk,
                    stride_kz, stride_kh, stride_kn, stride_kk,
@@ -139,13 +161,20 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS
                    stride_dvz, stride_dvh, stride_dvn, stride_dvk,
                    stride_dqz, stride_dqh, stride_dqm, stride_dqk,
                    stride_lz, stride_lh, stride_az, stride_ah, stride_split,
-                   H_KV, GROUP_SIZE, HEADS_PER_PROGRAM, N_Q, N_K,
-                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   stride_bmk, stride_bmz, stride_bmh, stride_bmr,
+                   H_KV, GROUP_SIZE, HEADS_PER_PROGRAM, N_Q, N_K, score_args, mask_args, grad_args,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                   HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
                    FUSED_DQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   ACC_DTYPE: tl.constexpr):
+                   ACC_DTYPE: tl.constexpr, SCORE_MOD: tl.constexpr = None, SCORE_MOD_BWD: tl.constexpr = None,
+                   MASK_MOD: tl.constexpr = None, MASK_BLOCK_M: tl.constexpr = 0, MASK_BLOCK_N: tl.constexpr = 0,
+                   MOD_GRADS: tl.constexpr = False):
     """One program: BLOCK_N keys of one (batch, kv head), summing over HEADS_PER_PROGRAM query heads.
+
+    With a block mask, BLOCK_MASK is its transpose: per key block of MASK_BLOCK_N keys, the
+    query blocks that see it partly and wholly (kernels/block_mask.py).
 
     Normally one program takes the whole GQA group. When batch * kv heads * key
     blocks is small against the GPU (MQA at batch 1: 64 programs on 132 SMs), the
@@ -165,27 +194,34 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS
         if start_n >= seqlen_k:  # this sequence is shorter than the longest
             return
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
+    PAD_DV: tl.constexpr = HEAD_DIM_V != HEAD_DIM_V_PAD
     MASK_RIGHT: tl.constexpr = IS_CAUSAL or HAS_WINDOW
     offset = seqlen_k - seqlen_q
 
     cols = tl.arange(0, BLOCK_N)
     offs_n = start_n + cols
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)  # q and k's head dim
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)  # v, o and their gradients
     k_row0 = k_start + start_n.to(tl.int64)  # 64-bit block start, 32-bit offsets within the block
     k = _load_tile(K + off_z * stride_kz + off_kvh * stride_kh + k_row0 * stride_kn + cols[:, None] * stride_kn
                    + offs_d[None, :] * stride_kk, offs_n, seqlen_k, offs_d, HEAD_DIM, True, PAD_D, UPCAST)
     v = _load_tile(V + off_z * stride_vz + off_kvh * stride_vh + k_row0 * stride_vn + cols[:, None] * stride_vn
-                   + offs_d[None, :] * stride_vk, offs_n, seqlen_k, offs_d, HEAD_DIM, True, PAD_D, UPCAST)
+                   + offs_dv[None, :] * stride_vk, offs_n, seqlen_k, offs_dv, HEAD_DIM_V, True, PAD_DV, UPCAST)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=ACC_DTYPE)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
 
-    # Which query blocks see this key block: [lo, full_lo) and [full_hi, hi) partly, [full_lo, full_hi) wholly.
-    lo, full_lo, full_hi, hi = _query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
-                                            BLOCK_M, BLOCK_N, HAS_WINDOW, MASK_RIGHT)
+    # Which query blocks see this key block: [lo, full_lo) and [full_hi, hi) partly, [full_lo, full_hi) wholly;
+    # or, with a block mask, the query blocks its (transposed) lists give for each query head.
+    if MASK_BLOCK_M > 0:
+        NUM_STAGES: tl.constexpr = 2
+    else:
+        lo, full_lo, full_hi, hi = _query_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                                                BLOCK_M, BLOCK_N, HAS_WINDOW, MASK_RIGHT)
+        NUM_STAGES: tl.constexpr = 3
 
     # GQA: the query heads of this kv head are adjacent; visit them in order, no atomics.
     for g in range(split * HEADS_PER_PROGRAM, (split + 1) * HEADS_PER_PROGRAM):
@@ -193,7 +229,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS
         q_ptrs = (Q + off_z * stride_qz + off_h * stride_qh + q_start * stride_qm
                   + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk)
         do_ptrs = (DO + off_z * stride_doz + off_h * stride_doh + q_start * stride_dom
-                   + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok)
+                   + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok)
         dq_ptrs = (DQ + off_z * stride_dqz + off_h * stride_dqh + q_start * stride_dqm
                    + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqk)
         LSE_row = LSE + off_z * stride_lz + off_h * stride_lh + q_start
@@ -205,68 +241,100 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS
             stream = off_h
         else:
             stream = off_z * (H_KV * GROUP_SIZE) + off_h
-        for stage in tl.static_range(3):
-            # Stages 0 and 2 hold the partly visible query blocks (masked), stage 1 the wholly visible ones.
-            if stage == 0:
-                stage_lo, stage_hi = lo, full_lo
-            elif stage == 1:
-                stage_lo, stage_hi = full_lo, full_hi
+        if MASK_BLOCK_M > 0:
+            column = BLOCK_MASK + off_z * stride_bmz + off_h * stride_bmh + (start_n // MASK_BLOCK_N) * stride_bmr
+        # Stages, as in the forward: a block mask's query blocks that see this key block partly (masked),
+        # then wholly; or the partly visible query blocks (masked) around the wholly visible ones
+        # (masked too where a mask_mod may hide any of them).
+        for stage in tl.static_range(NUM_STAGES):
+            if MASK_BLOCK_M > 0:
+                q_list = column + stage * stride_bmk
+                stage_lo, stage_hi = 0, tl.load(q_list) * (MASK_BLOCK_M // BLOCK_M)
+                MASKED: tl.constexpr = stage == 0
             else:
-                stage_lo, stage_hi = full_hi, hi
+                q_list = BLOCK_MASK
+                if stage == 0:
+                    stage_lo, stage_hi = lo, full_lo
+                elif stage == 1:
+                    stage_lo, stage_hi = full_lo, full_hi
+                else:
+                    stage_lo, stage_hi = full_hi, hi
+                MASKED: tl.constexpr = stage != 1 or MASK_MOD is not None
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_row, stride_qm,
-                                          stride_dom, stride_dqm, offs_n, offs_m, offs_d, stage_lo, stage_hi,
-                                          seqlen_q, seqlen_k, offset, sm_scale, softcap, alibi_slope,
-                                          window_left, window_right, seed, stream, q_start, dropout_p,
-                                          HEAD_DIM, PAD_D, BLOCK_M, HAS_WINDOW, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                          HAS_DROPOUT, FUSED_DQ, stage != 1, UPCAST, DOT_PRECISION)
+                                          stride_dom, stride_dqm, offs_n, offs_m, offs_d, offs_dv, stage_lo, stage_hi,
+                                          seqlen_q, seqlen_k, offset, sm_scale, softcap, alibi_slope, window_left,
+                                          window_right, seed, stream, q_start, dropout_p, off_z, off_h, score_args,
+                                          mask_args, grad_args, q_list, HEAD_DIM, HEAD_DIM_V, PAD_D, PAD_DV, BLOCK_M,
+                                          HAS_WINDOW and MASK_BLOCK_M == 0, MASK_RIGHT and MASK_BLOCK_M == 0,
+                                          HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, FUSED_DQ, MASKED, UPCAST, DOT_PRECISION,
+                                          SCORE_MOD, SCORE_MOD_BWD, MASK_MOD, MASK_BLOCK_M, MOD_GRADS)
 
     dk = dk * sm_scale  # S = QK^T * sm_scale, so dK picks up the scale once, here
     store_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    store_mask_v = (offs_n[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V)
     DK += split.to(tl.int64) * stride_split  # 0 unless the group is split into partial sums
     DV += split.to(tl.int64) * stride_split
     tl.store(DK + off_z * stride_dkz + off_kvh * stride_dkh + k_row0 * stride_dkn + cols[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkk, _cast_for_store(dk, DK.dtype.element_ty, UPCAST), mask=store_mask)
     tl.store(DV + off_z * stride_dvz + off_kvh * stride_dvh + k_row0 * stride_dvn + cols[:, None] * stride_dvn
-             + offs_d[None, :] * stride_dvk, _cast_for_store(dv, DV.dtype.element_ty, UPCAST), mask=store_mask)
+             + offs_dv[None, :] * stride_dvk, _cast_for_store(dv, DV.dtype.element_ty, UPCAST), mask=store_mask_v)
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                       lo, hi, N_K, offset, sm_scale, softcap, alibi_slope, window_left, window_right,
-                       seed, stream, dropout_row0, dropout_p,
-                       HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d, offs_dv,
+                       lo, hi, N_Q, N_K, offset, sm_scale, softcap, alibi_slope, window_left, window_right,
+                       seed, stream, dropout_row0, dropout_p, off_z, off_h, score_args, mask_args, KV_LIST,
+                       HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, PAD_D: tl.constexpr,
+                       PAD_DV: tl.constexpr, BLOCK_N: tl.constexpr,
                        MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                        HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
-                       UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Walk key blocks [lo, hi) for one query block, accumulating dQ."""
-    for start_n in range(lo, hi, BLOCK_N):
+                       UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, SCORE_MOD: tl.constexpr,
+                       SCORE_MOD_BWD: tl.constexpr, MASK_MOD: tl.constexpr, SPARSE_BLOCK_N: tl.constexpr):
+    """Walk key blocks for one query block, accumulating dQ: [lo, hi), or a block mask's list (see _attn_fwd_inner).
+
+    The score_mod's derivative is taken without accumulating its tensors' gradients (the dK/dV kernel does).
+    """
+    if SPARSE_BLOCK_N > 0:
+        STEP: tl.constexpr = 1
+    else:
+        STEP: tl.constexpr = BLOCK_N
+    for it in range(lo, hi, STEP):
+        if SPARSE_BLOCK_N > 0:
+            SUB: tl.constexpr = SPARSE_BLOCK_N // BLOCK_N
+            start_n = tl.load(KV_LIST + 1 + it // SUB) * SPARSE_BLOCK_N + (it % SUB) * BLOCK_N
+        else:
+            start_n = it
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cur_n = start_n + offs_n
         k = _load_tile(k_ptrs + start_n.to(tl.int64) * stride_kn, cur_n, N_K, offs_d, HEAD_DIM, MASKED, PAD_D,
                        UPCAST)
-        v = _load_tile(v_ptrs + start_n.to(tl.int64) * stride_vn, cur_n, N_K, offs_d, HEAD_DIM, MASKED, PAD_D,
+        v = _load_tile(v_ptrs + start_n.to(tl.int64) * stride_vn, cur_n, N_K, offs_dv, HEAD_DIM_V, MASKED, PAD_DV,
                        UPCAST)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        s, tanh_s = _scores(qk, offs_m[:, None], cur_n[None, :], offset, sm_scale, softcap, alibi_slope,
-                            HAS_SOFTCAP, HAS_ALIBI)
+        s, tanh_s, s_in = _scores(qk, offs_m[:, None], cur_n[None, :], offset, sm_scale, softcap, alibi_slope,
+                                  off_z, off_h, score_args, N_Q, N_K, HAS_SOFTCAP, HAS_ALIBI, SCORE_MOD)
         p = tl.math.exp2(s - lse[:, None])  # lse is in base-2 units here
         if MASKED:
             visible = _visible(offs_m[:, None], cur_n[None, :], N_K, offset, window_left, window_right,
                                MASK_LEFT, MASK_RIGHT)
+            visible = _mask_mod_visible(visible, offs_m[:, None], cur_n[None, :], off_z, off_h, mask_args, N_Q, N_K,
+                                        MASK_MOD)
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, stream, offs_m[:, None] + dropout_row0, cur_n[None, :], dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
-        if HAS_SOFTCAP:
-            ds = ds * (1.0 - tanh_s * tanh_s)
+        ds = _score_grad(ds, tanh_s, s_in, offs_m[:, None], cur_n[None, :], off_z, off_h, score_args, (), N_Q, N_K,
+                         HAS_SOFTCAP, SCORE_MOD_BWD, False)
+        if SCORE_MOD_BWD is not None and MASKED:
+            ds = tl.where(visible, ds, 0.0)
         dq = tl.dot(ds.to(k.dtype), k, acc=dq, input_precision=DOT_PRECISION, out_dtype=dq.dtype)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_SLOPES, SEED,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_SLOPES, SEED, BLOCK_MASK,
                  sm_scale, softcap, dropout_p, window_left, window_right,
                  stride_qz, stride_qh, stride_qm, stride_qk,
                  stride_kz, stride_kh, stride_kn, stride_kk,
@@ -274,11 +342,15 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_
                  stride_doz, stride_doh, stride_dom, stride_dok,
                  stride_dqz, stride_dqh, stride_dqm, stride_dqk,
                  stride_lz, stride_lh, stride_az, stride_ah,
-                 H_Q, GROUP_SIZE, N_Q, N_K,
-                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 stride_bmk, stride_bmz, stride_bmh, stride_bmr,
+                 H_Q, GROUP_SIZE, N_Q, N_K, score_args, mask_args,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                 HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                  HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
-                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                 SCORE_MOD: tl.constexpr = None, SCORE_MOD_BWD: tl.constexpr = None, MASK_MOD: tl.constexpr = None,
+                 MASK_BLOCK_M: tl.constexpr = 0, MASK_BLOCK_N: tl.constexpr = 0):
     """One program: BLOCK_M query rows of one (batch, query head); the forward's loop, differentiated."""
     num_m_blocks = tl.cdiv(N_Q, BLOCK_M)
     off_zh = tl.program_id(0) // num_m_blocks
@@ -296,18 +368,20 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_
             return
         stream = off_h
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
+    PAD_DV: tl.constexpr = HEAD_DIM_V != HEAD_DIM_V_PAD
     MASK_RIGHT: tl.constexpr = IS_CAUSAL or HAS_WINDOW
     offset = seqlen_k - seqlen_q
 
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)  # q and k's head dim
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)  # v and dO's
     q_row0 = q_start + start_m.to(tl.int64)  # 64-bit block start, 32-bit offsets within the block
     q = _load_tile(Q + off_z * stride_qz + off_h * stride_qh + q_row0 * stride_qm + rows[:, None] * stride_qm
                    + offs_d[None, :] * stride_qk, offs_m, seqlen_q, offs_d, HEAD_DIM, True, PAD_D, UPCAST)
     do = _load_tile(DO + off_z * stride_doz + off_h * stride_doh + q_row0 * stride_dom + rows[:, None] * stride_dom
-                    + offs_d[None, :] * stride_dok, offs_m, seqlen_q, offs_d, HEAD_DIM, True, PAD_D, UPCAST)
+                    + offs_dv[None, :] * stride_dok, offs_m, seqlen_q, offs_dv, HEAD_DIM_V, True, PAD_DV, UPCAST)
     row = off_z * stride_lz + off_h * stride_lh + q_start + offs_m
     # Rows past N_Q get lse = +inf, so their recomputed P is 0.
     lse = tl.load(LSE + row, mask=offs_m < seqlen_q, other=float("inf")) * LOG2E
@@ -315,7 +389,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_
     k_ptrs = (K + off_z * stride_kz + off_kvh * stride_kh + k_start * stride_kn
               + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk)
     v_ptrs = (V + off_z * stride_vz + off_kvh * stride_vh + k_start * stride_vn
-              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vk)
+              + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vk)
     alibi_slope = 0.0
     if HAS_ALIBI:
         alibi_slope = tl.load(ALIBI_SLOPES + off_z * stride_az + off_h * stride_ah)
@@ -324,21 +398,37 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_
         seed = tl.load(SEED)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=ACC_DTYPE)
 
-    lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                                          BLOCK_M, BLOCK_N, HAS_WINDOW, MASK_RIGHT)
-    for stage in tl.static_range(3):
-        # The forward's three stages: masked left edge, unmasked middle, masked diagonal and ragged end.
-        if stage == 0:
-            stage_lo, stage_hi = lo, full_lo
-        elif stage == 1:
-            stage_lo, stage_hi = full_lo, full_hi
+    # The forward's stages (kernels/flash_fwd.py): a block mask's partly and wholly visible key
+    # blocks; or the masked left edge, the unmasked middle (masked too with a mask_mod), and the
+    # masked diagonal and ragged end.
+    if MASK_BLOCK_N > 0:
+        mask_row = BLOCK_MASK + off_z * stride_bmz + off_h * stride_bmh + (start_m // MASK_BLOCK_M) * stride_bmr
+        NUM_STAGES: tl.constexpr = 2
+    else:
+        lo, full_lo, full_hi, hi = _key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                              BLOCK_M, BLOCK_N, HAS_WINDOW, MASK_RIGHT)
+        NUM_STAGES: tl.constexpr = 3
+    for stage in tl.static_range(NUM_STAGES):
+        if MASK_BLOCK_N > 0:
+            kv_list = mask_row + stage * stride_bmk
+            stage_lo, stage_hi = 0, tl.load(kv_list) * (MASK_BLOCK_N // BLOCK_N)
+            MASKED: tl.constexpr = stage == 0
         else:
-            stage_lo, stage_hi = full_hi, hi
+            kv_list = BLOCK_MASK
+            if stage == 0:
+                stage_lo, stage_hi = lo, full_lo
+            elif stage == 1:
+                stage_lo, stage_hi = full_lo, full_hi
+            else:
+                stage_lo, stage_hi = full_hi, hi
+            MASKED: tl.constexpr = stage != 1 or MASK_MOD is not None
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                                stage_lo, stage_hi, seqlen_k, offset, sm_scale, softcap, alibi_slope,
-                                window_left, window_right, seed, stream, q_start, dropout_p,
-                                HEAD_DIM, PAD_D, BLOCK_N, HAS_WINDOW, MASK_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                HAS_DROPOUT, stage != 1, UPCAST, DOT_PRECISION)
+                                offs_dv, stage_lo, stage_hi, seqlen_q, seqlen_k, offset, sm_scale, softcap,
+                                alibi_slope, window_left, window_right, seed, stream, q_start, dropout_p, off_z, off_h,
+                                score_args, mask_args, kv_list, HEAD_DIM, HEAD_DIM_V, PAD_D, PAD_DV, BLOCK_N,
+                                HAS_WINDOW and MASK_BLOCK_N == 0, MASK_RIGHT and MASK_BLOCK_N == 0, HAS_SOFTCAP,
+                                HAS_ALIBI, HAS_DROPOUT, MASKED, UPCAST, DOT_PRECISION, SCORE_MOD, SCORE_MOD_BWD,
+                                MASK_MOD, MASK_BLOCK_N)
     dq = dq * sm_scale
     tl.store(DQ + off_z * stride_dqz + off_h * stride_dqh + q_row0 * stride_dqm + rows[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqk, _cast_for_store(dq, DQ.dtype.element_ty, UPCAST),

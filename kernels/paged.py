@@ -65,19 +65,22 @@ import triton.language as tl
 from reference.paged import check_paged_inputs, validate_paged_data
 
 from . import runtime
+from .block_mask import as_mask_mod, check_mod_args
 from .configs import KERNELS as CONFIGS
 from .flash_attention import _window_bounds, check_flash_options
 from .runtime import check_flag, check_runnable, dot_precision, upcast_tiles
-from .tiles import (LN2, LOG2E, MAX_HEAD_DIM, UNLIMITED, _block_range, _cast_for_store, _head_dim_pad, _load_rows_where,
+from .tiles import (LN2, LOG2E, UNLIMITED, _block_range, _cast_for_store, _head_dim_pad, _load_rows_where,
                     _scores)
 
 __all__ = ["paged_attention", "decode_attention", "choose_num_splits"]
 
 PAGED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_SPLIT_QUERIES = 16  # new tokens per sequence up to which split-KV pays: decode, verification
+MAX_HEAD_DIM_QK, MAX_HEAD_DIM_V = 576, 512  # MLA's absorbed decode: 512 latent + 64 rotary dims, 512 values
 MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 256  # below this, a split's fixed costs (its Q tile, its partial) dominate its reads
 MIN_KEYS: tl.constexpr = tl.constexpr(MIN_KEYS_PER_SPLIT)
+MAX_SPLIT_Q: tl.constexpr = tl.constexpr(MAX_SPLIT_QUERIES)
 MERGE_BLOCK_R = 32  # (token, head) rows per merge program
 MERGE_WARPS = 4
 # The interpreter has no SMs: it assumes an H100 SXM's 132, so the CPU picks the splits an H100 would.
@@ -112,16 +115,27 @@ def _paged_visible(pos, k_idx, seq_start, seq_end, window_left, window_right,
 
 
 @triton.jit
-def _paged_inner(acc, l_i, m_i, bad, q, k_base, v_base, bt_row, stride_btn, stride_kp, stride_kn, stride_kk,
-                 stride_vp, stride_vn, stride_vk, pos, offs_n, offs_d, lo, hi, seq_start, seq_end, num_pages,
-                 sm_scale, softcap, alibi_slope, window_left, window_right,
-                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
+def _paged_inner(acc, l_i, m_i, bad, q, q_tail, k_base, v_base, bt_row, stride_btn, stride_kp, stride_kn, stride_kk,
+                 stride_vp, stride_vn, stride_vk, K_SCALE, V_SCALE, stride_sp, stride_sn, pos, offs_n, offs_d, offs_dt,
+                 offs_dv, lo, hi, seq_start, seq_end, num_pages, sm_scale, softcap, alibi_slope, window_left,
+                 window_right, off_z, head, n_new, mask_args, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                 HEAD_DIM_TAIL: tl.constexpr,
+                 HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
                  MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr, SHARED_KV: tl.constexpr,
+                 KV_SCALES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 MASK_MOD: tl.constexpr):
     """Walk key tiles [lo, hi) of one sequence, updating the online-softmax state of the tile's rows.
 
     bad collects block-table entries outside the pool: those keys are never read.
+    A head dim past 256 is two tiles: the first HEAD_DIM_PAD columns (a power of two) and the
+    HEAD_DIM_TAIL after them (MLA's 576 = 512 + 64), so nothing is padded to 1024.
+    SHARED_KV: v is the first HEAD_DIM_V columns of k (MLA's latent cache): read once.
+    KV_SCALES: an fp8 cache's dequantization, 1 per tensor or 2 per (token, kv head) (vLLM's two
+    schemes): k's scale multiplies the scores, v's the probabilities, after the exact fp8 -> 16-bit cast.
+    MASK_MOD(b, h, q_idx, kv_idx, mask_args): a user's mask (a speculative-decoding tree), with q_idx
+    the new token's index (0 .. n_new - 1) and kv_idx the key's position relative to the first new
+    token (negative: cached), so one mod serves sequences of any cached length.
     """
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -137,19 +151,32 @@ def _paged_inner(acc, l_i, m_i, bad, q, k_base, v_base, bt_row, stride_btn, stri
             page = tl.where(in_pool, page, 0).to(tl.int64)
             k_rows = page * stride_kp + (cur_n % PAGE_SIZE) * stride_kn
             v_rows = page * stride_vp + (cur_n % PAGE_SIZE) * stride_vn
+            scale_rows = page * stride_sp + (cur_n % PAGE_SIZE) * stride_sn
             readable = in_seq & in_pool
         else:
             k_rows = cur_n.to(tl.int64) * stride_kn
             v_rows = cur_n.to(tl.int64) * stride_vn
+            scale_rows = cur_n.to(tl.int64) * stride_sn
             readable = in_seq
-        k = _load_rows_where(k_base + k_rows[:, None] + offs_d[None, :] * stride_kk, readable, offs_d, HEAD_DIM, UPCAST)
+        k = _load_rows_where(k_base + k_rows[:, None] + offs_d[None, :] * stride_kk, readable, offs_d, HEAD_DIM,
+                             False).to(q.dtype)
         # s = modified (q @ k.T) * sm_scale, in base-2 units.      (BLOCK_M, BLOCK_N)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s, _ = _scores(qk, pos[:, None], cur_n[None, :], 0, sm_scale, softcap, alibi_slope[:, None],
-                       HAS_SOFTCAP, HAS_ALIBI)
+        if HEAD_DIM_TAIL > 0:
+            k_tail = _load_rows_where(k_base + k_rows[:, None] + (HEAD_DIM_PAD + offs_dt[None, :]) * stride_kk,
+                                      readable, HEAD_DIM_PAD + offs_dt, HEAD_DIM, False).to(q.dtype)
+            qk = tl.dot(q_tail, tl.trans(k_tail), acc=qk, input_precision=DOT_PRECISION)
+        if KV_SCALES == 2:
+            qk = qk * tl.load(K_SCALE + scale_rows, mask=readable, other=0.0)[None, :]
+        s, _, _ = _scores(qk, pos[:, None], cur_n[None, :], 0, sm_scale, softcap, alibi_slope[:, None], 0, 0, (),
+                          0, 0, HAS_SOFTCAP, HAS_ALIBI, None)
         if MASKED:
             visible = _paged_visible(pos[:, None], cur_n[None, :], seq_start, seq_end, window_left, window_right,
                                      MASK_LEFT, MASK_RIGHT, HAS_LEFTPAD)
+            if MASK_MOD is not None:
+                first_new = seq_end - n_new
+                visible = visible & MASK_MOD(off_z, head[:, None], pos[:, None] - first_new,
+                                             cur_n[None, :] - first_new, mask_args)
             s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no visible key keeps m = -inf: subtract 0 instead (no NaN).
@@ -158,7 +185,14 @@ def _paged_inner(acc, l_i, m_i, bad, q, k_base, v_base, bt_row, stride_btn, stri
         # alpha rescales what was accumulated under the old maximum m_i.
         alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows_where(v_base + v_rows[:, None] + offs_d[None, :] * stride_vk, readable, offs_d, HEAD_DIM, UPCAST)
+        if SHARED_KV:
+            v = k  # the latent's first HEAD_DIM_V (= HEAD_DIM_PAD) columns: already loaded
+        else:
+            v = _load_rows_where(v_base + v_rows[:, None] + offs_dv[None, :] * stride_vk, readable, offs_dv,
+                                 HEAD_DIM_V, False).to(q.dtype)
+        if KV_SCALES == 2:
+            # p @ (v * scale per key) = (p * scale per key) @ v.
+            p = p * tl.load(V_SCALE + scale_rows, mask=readable, other=0.0)[None, :]
         acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=acc.dtype)
         m_i = m_new
     return acc, l_i, m_i, bad
@@ -166,47 +200,70 @@ def _paged_inner(acc, l_i, m_i, bad, q, k_base, v_base, bt_row, stride_btn, stri
 
 @triton.jit
 def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, LEFTPAD, BLOCK_TABLE, SINKS,
-                    ALIBI_SLOPES, sm_scale, softcap, window_left, window_right,
+                    ALIBI_SLOPES, K_SCALE, V_SCALE, sm_scale, softcap, window_left, window_right,
                     stride_qz, stride_qh, stride_qm, stride_qk,
                     stride_kp, stride_kh, stride_kn, stride_kk,
                     stride_vp, stride_vh, stride_vn, stride_vk,
                     stride_oz, stride_oh, stride_om, stride_ok,
                     stride_lz, stride_lh, stride_lm, stride_btz, stride_btn, stride_az, stride_ah,
-                    BATCH, N_Q, H_Q, GROUP, HEAD_BLOCKS, CAPACITY, NUM_PAGES, NUM_SPLITS, NUM_TOKENS, search_steps,
-                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    stride_sp, stride_sh, stride_sn,
+                    BATCH, N_Q, H_Q, GROUP, HEAD_BLOCKS, CAPACITY, NUM_PAGES, NUM_SPLITS, TILES, SPLIT_TILES,
+                    search_steps, mask_args,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_TAIL: tl.constexpr,
+                    HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, IS_VARLEN: tl.constexpr,
                     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
-                    SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    SPLIT: tl.constexpr, SHARED_KV: tl.constexpr, KV_SCALES: tl.constexpr, UPCAST: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, MASK_MOD: tl.constexpr = None):
     """One program: BLOCK_Q new tokens x HEADS query heads of one kv group, one split of their keys.
 
     N_Q: the dense layout's new tokens per sequence (unused when packed, IS_VARLEN).
-    SPLIT: write the normalised partial output and its lse to O_PART[split] / LSE_PART[split]
-    ((NUM_SPLITS, NUM_TOKENS, Hq, D) and (NUM_SPLITS, NUM_TOKENS, Hq)) for the merge, else O and LSE.
+    q and k have HEAD_DIM columns, read as HEAD_DIM_PAD (+ HEAD_DIM_TAIL) of them; v and o HEAD_DIM_V.
+    K_SCALE, V_SCALE: an fp8 cache's scales, one each (KV_SCALES 1) or per (token, kv head) laid out
+    like the cache's rows (KV_SCALES 2, strides stride_sp/h/n); unused otherwise.
+    SPLIT (NUM_SPLITS > 1): the first TILES programs are the tiles above, doing split 0; after them
+    come SPLIT_TILES * (NUM_SPLITS - 1) programs per sequence for splits 1.. of the tiles of
+    sequences with at most MAX_SPLIT_Q new tokens (decode, verification: the others exit at once,
+    their split 0 having done all their keys). A split sequence writes each split's normalised
+    partial output and lse to slot (split, b, token, head) of O_PART (NUM_SPLITS, B, MAX_SPLIT_Q,
+    Hq, HEAD_DIM_V) / LSE_PART for the merge; every other sequence writes O and LSE directly. So
+    a mixed batch runs in one launch and a merge, and long chunks never split.
     """
     BLOCK_Q: tl.constexpr = BLOCK_M // HEADS
-    tile = tl.program_id(0)
+    pid = tl.program_id(0)
     off_kvh = (tl.program_id(1) // HEAD_BLOCKS).to(tl.int64)
     head_block = tl.program_id(1) % HEAD_BLOCKS
-    split = tl.program_id(2)
-    # row0: the sequence's first new token's row in q and o; token0: its index among all new tokens (partials).
-    if IS_VARLEN:
-        off_z = _find_sequence(CU_SEQLENS_Q, tile, BATCH, search_steps, BLOCK_Q)
+    split = 0
+    if SPLIT and pid >= TILES:  # a split program: sequence, its tile, the split
+        extra = pid - TILES
+        off_z = extra // (SPLIT_TILES * (NUM_SPLITS - 1))
+        local_tile = extra // (NUM_SPLITS - 1) % SPLIT_TILES
+        split = 1 + extra % (NUM_SPLITS - 1)
+        if IS_VARLEN:
+            row0 = tl.load(CU_SEQLENS_Q + off_z)
+            n_new = tl.load(CU_SEQLENS_Q + off_z + 1) - row0
+        else:
+            row0 = 0
+            n_new = N_Q
+        t0 = local_tile * BLOCK_Q
+    elif IS_VARLEN:
+        off_z = _find_sequence(CU_SEQLENS_Q, pid, BATCH, search_steps, BLOCK_Q)
         row0 = tl.load(CU_SEQLENS_Q + off_z)
         n_new = tl.load(CU_SEQLENS_Q + off_z + 1) - row0
-        t0 = (tile - (row0 // BLOCK_Q + off_z)) * BLOCK_Q
-        row0 = row0.to(tl.int64)
-        token0 = row0
+        t0 = (pid - (row0 // BLOCK_Q + off_z)) * BLOCK_Q
     else:
         tiles_per_seq = tl.cdiv(N_Q, BLOCK_Q)
-        off_z = tile // tiles_per_seq
+        off_z = pid // tiles_per_seq
         n_new = N_Q
-        t0 = (tile % tiles_per_seq) * BLOCK_Q
+        t0 = (pid % tiles_per_seq) * BLOCK_Q
         row0 = 0
-        token0 = off_z * N_Q
-    if t0 >= n_new:
+    # This sequence splits its keys (few new tokens, splits asked for), or one program does them all.
+    seq_split = SPLIT and n_new <= MAX_SPLIT_Q
+    if t0 >= n_new or (split > 0 and not seq_split):
         return
     off_z = off_z.to(tl.int64)
+    row0 = tl.full([], 0, tl.int64) + row0  # the first new token's row in q and o, 64-bit
 
     # The sequence's keys: [seq_start, seq_end) of its cache, clamped to the cache; a bad entry
     # turns its rows to NaN at the end instead of reading out of bounds.
@@ -228,23 +285,40 @@ def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, 
     pos = seq_end - n_new + tok  # each new token's position in the cache: its causal diagonal
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dt = tl.arange(0, HEAD_DIM_TAIL if HEAD_DIM_TAIL > 0 else 16)  # MLA's rotary part
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     # 64-bit tile starts, 32-bit offsets within the tile.
     q_base = Q + off_z * stride_qz + (row0 + t0) * stride_qm + off_kvh * GROUP * stride_qh
-    q = _load_rows_where(q_base + ((rows // HEADS) * stride_qm + group_head * stride_qh)[:, None]
-                         + offs_d[None, :] * stride_qk, row_ok, offs_d, HEAD_DIM, UPCAST)
+    q_rows = q_base + ((rows // HEADS) * stride_qm + group_head * stride_qh)[:, None]
+    q = _load_rows_where(q_rows + offs_d[None, :] * stride_qk, row_ok, offs_d, HEAD_DIM, UPCAST)
+    q_tail = q
+    if HEAD_DIM_TAIL > 0:
+        q_tail = _load_rows_where(q_rows + (HEAD_DIM_PAD + offs_dt[None, :]) * stride_qk, row_ok,
+                                  HEAD_DIM_PAD + offs_dt, HEAD_DIM, UPCAST)
+    scale_base = 0  # where this kv head's (and, contiguous, this sequence's) scales start
+    if KV_SCALES == 1:  # one scale per tensor: into the score scale now, into the output at the end
+        sm_scale = sm_scale * tl.load(K_SCALE)
+    elif KV_SCALES == 2:
+        scale_base = off_kvh * stride_sh
+        if not PAGED:
+            scale_base += off_z * stride_sp
 
     alibi_slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_ALIBI:
         alibi_slope = tl.load(ALIBI_SLOPES + off_z * stride_az + head * stride_ah, mask=row_ok, other=0.0)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    if HAS_SINKS and not SPLIT:
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:
         # The sink is one more logit in every row with no value: exp2(sink - m_i) = 1 to start.
-        # (Split, the merge adds it once instead.)
-        m_i = tl.load(SINKS + head, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # (A split sequence's merge adds it once instead.)
+        sink = tl.load(SINKS + head, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
+        if SPLIT:
+            m_i = tl.where(seq_split, m_i, sink)
+            l_i = tl.where(seq_split, l_i, 1.0)
+        else:
+            m_i = sink
+            l_i = l_i + 1.0
 
     # The keys some row of the tile sees, and those every row sees (tiles.py: _block_range).
     MASK_RIGHT: tl.constexpr = IS_CAUSAL or HAS_WINDOW
@@ -262,7 +336,7 @@ def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, 
         last_full = tl.minimum(last_full, first_pos + window_right)
     lo, full_lo, full_hi, hi = _block_range(BLOCK_N, first_seen, last_seen, first_full, last_full, seq_end,
                                             (seq_end // BLOCK_N) * BLOCK_N)
-    if SPLIT:
+    if seq_split:
         # This split's share of [lo, hi): whole tiles, as many splits as this sequence's keys warrant.
         splits = tl.minimum(tl.maximum(tl.cdiv(hi - lo, MIN_KEYS), 1), NUM_SPLITS)
         chunk = tl.cdiv(tl.cdiv(hi - lo, splits), BLOCK_N) * BLOCK_N
@@ -278,22 +352,24 @@ def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, 
         v_base += off_z * stride_vp
     bt_row = BLOCK_TABLE + off_z * stride_btz
     # Masked left edge, unmasked middle, masked right edge (the diagonal, the window, the ragged end).
-    acc, l_i, m_i, bad = _paged_inner(acc, l_i, m_i, bad, q, k_base, v_base, bt_row, stride_btn, stride_kp,
-                                      stride_kn, stride_kk, stride_vp, stride_vn, stride_vk, pos, offs_n, offs_d,
-                                      lo, full_lo, seq_start, seq_end, NUM_PAGES, sm_scale, softcap, alibi_slope,
-                                      window_left, window_right, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, HAS_WINDOW,
-                                      MASK_RIGHT, HAS_LEFTPAD, HAS_SOFTCAP, HAS_ALIBI, True, UPCAST, DOT_PRECISION)
-    acc, l_i, m_i, bad = _paged_inner(acc, l_i, m_i, bad, q, k_base, v_base, bt_row, stride_btn, stride_kp,
-                                      stride_kn, stride_kk, stride_vp, stride_vn, stride_vk, pos, offs_n, offs_d,
-                                      full_lo, full_hi, seq_start, seq_end, NUM_PAGES, sm_scale, softcap,
-                                      alibi_slope, window_left, window_right, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED,
-                                      HAS_WINDOW, MASK_RIGHT, HAS_LEFTPAD, HAS_SOFTCAP, HAS_ALIBI, False, UPCAST,
-                                      DOT_PRECISION)
-    acc, l_i, m_i, bad = _paged_inner(acc, l_i, m_i, bad, q, k_base, v_base, bt_row, stride_btn, stride_kp,
-                                      stride_kn, stride_kk, stride_vp, stride_vn, stride_vk, pos, offs_n, offs_d,
-                                      full_hi, hi, seq_start, seq_end, NUM_PAGES, sm_scale, softcap, alibi_slope,
-                                      window_left, window_right, HEAD_DIM, BLOCK_N, PAGE_SIZE, PAGED, HAS_WINDOW,
-                                      MASK_RIGHT, HAS_LEFTPAD, HAS_SOFTCAP, HAS_ALIBI, True, UPCAST, DOT_PRECISION)
+    for stage in tl.static_range(3):
+        if stage == 0:
+            stage_lo, stage_hi = lo, full_lo
+        elif stage == 1:
+            stage_lo, stage_hi = full_lo, full_hi
+        else:
+            stage_lo, stage_hi = full_hi, hi
+        acc, l_i, m_i, bad = _paged_inner(acc, l_i, m_i, bad, q, q_tail, k_base, v_base, bt_row, stride_btn,
+                                          stride_kp, stride_kn, stride_kk, stride_vp, stride_vn, stride_vk,
+                                          K_SCALE + scale_base, V_SCALE + scale_base, stride_sp, stride_sn, pos,
+                                          offs_n, offs_d, offs_dt, offs_dv, stage_lo, stage_hi, seq_start, seq_end,
+                                          NUM_PAGES, sm_scale, softcap, alibi_slope, window_left, window_right,
+                                          off_z, head, n_new, mask_args, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_TAIL,
+                                          HEAD_DIM_V, BLOCK_N, PAGE_SIZE, PAGED, HAS_WINDOW, MASK_RIGHT, HAS_LEFTPAD,
+                                          HAS_SOFTCAP, HAS_ALIBI, stage != 1 or MASK_MOD is not None, SHARED_KV,
+                                          KV_SCALES, UPCAST, DOT_PRECISION, MASK_MOD)
+    if KV_SCALES == 1:
+        acc = acc * tl.load(V_SCALE)
 
     # A row that saw no key (and has no sink) has l_i = 0: o = 0, lse = -inf, never NaN, unless the input was bad.
     no_key = l_i == 0.0
@@ -302,39 +378,49 @@ def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, 
     lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     o = tl.where(bad, float("nan"), o)
     lse = tl.where(bad, float("nan"), lse)
-    d_ok = offs_d[None, :] < HEAD_DIM
-    if SPLIT:
-        token = (token0 + tok).to(tl.int64)
-        part_row = (split * NUM_TOKENS + token) * H_Q + head
-        tl.store(LSE_PART + part_row, lse, mask=row_ok)
-        tl.store(O_PART + part_row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None] & d_ok)
+    d_ok = offs_dv[None, :] < HEAD_DIM_V
+    if seq_split:
+        slot = ((split * BATCH + off_z) * MAX_SPLIT_Q + tok) * H_Q + head  # (split, b, token, head)
+        tl.store(LSE_PART + slot, lse, mask=row_ok)
+        tl.store(O_PART + slot[:, None] * HEAD_DIM_V + offs_dv[None, :], o, mask=row_ok[:, None] & d_ok)
     else:
         tl.store(LSE + off_z * stride_lz + head * stride_lh + (row0 + tok) * stride_lm, lse, mask=row_ok)
         o_ptrs = (O + off_z * stride_oz + (row0 + t0) * stride_om
-                  + ((rows // HEADS) * stride_om + head * stride_oh)[:, None] + offs_d[None, :] * stride_ok)
+                  + ((rows // HEADS) * stride_om + head * stride_oh)[:, None] + offs_dv[None, :] * stride_ok)
         tl.store(o_ptrs, _cast_for_store(o, O.dtype.element_ty, UPCAST), mask=row_ok[:, None] & d_ok)
 
 
 
 @triton.jit
-def _paged_merge(O_PART, LSE_PART, O, LSE, SINKS, stride_oz, stride_oh, stride_om, stride_ok,
-                 stride_lz, stride_lh, stride_lm, H_Q, N_Q, NUM_ROWS, NUM_SPLITS,
+def _paged_merge(O_PART, LSE_PART, O, LSE, SINKS, CU_SEQLENS_Q, stride_oz, stride_oh, stride_om, stride_ok,
+                 stride_lz, stride_lh, stride_lm, BATCH, H_Q, N_Q, NUM_SPLITS,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-                 HAS_SINKS: tl.constexpr, UPCAST: tl.constexpr):
-    """One program: BLOCK_R (token, head) rows, merged over the splits in fp32.
+                 IS_VARLEN: tl.constexpr, HAS_SINKS: tl.constexpr, UPCAST: tl.constexpr):
+    """One program: BLOCK_R partial slots (b, token, head) of the split sequences, merged over the splits in fp32.
 
     The online softmax again, one level up: lse_s plays the score, o_s the value.
         m_new = max(m_i, lse_s); alpha = exp(m_i - m_new); w = exp(lse_s - m_new)
         l_i = alpha * l_i + w;   acc = alpha * acc + w * o_s
     and o = acc / l_i, lse = m_i + log(l_i). A sink starts each row as one more split with no
-    value (m_i = sink, l_i = 1). Row r is token r // Hq, head r % Hq; token t is (b, i) =
-    (t // N_Q, t % N_Q) of a dense output (N_Q = tokens of a packed one, so b = 0).
+    value (m_i = sink, l_i = 1). Slot r is (b, token, head) = (r // (MAX_SPLIT_Q * Hq),
+    r // Hq % MAX_SPLIT_Q, r % Hq); only sequences with at most MAX_SPLIT_Q new tokens were split:
+    the others' slots, and tokens past a sequence's count, are skipped.
     """
+    num_slots = BATCH * MAX_SPLIT_Q * H_Q
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    row_mask = offs_r < NUM_ROWS
-    tile_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    off_z = offs_r // (MAX_SPLIT_Q * H_Q)
+    tok = offs_r // H_Q % MAX_SPLIT_Q
     head = offs_r % H_Q
+    in_batch = offs_r < num_slots
+    if IS_VARLEN:
+        row0 = tl.load(CU_SEQLENS_Q + off_z, mask=in_batch, other=0)
+        n_new = tl.load(CU_SEQLENS_Q + off_z + 1, mask=in_batch, other=0) - row0
+    else:
+        row0 = 0
+        n_new = N_Q + 0 * off_z
+    row_mask = in_batch & (n_new <= MAX_SPLIT_Q) & (tok < n_new)
+    tile_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
     if HAS_SINKS:
         m_i = tl.load(SINKS + head, mask=row_mask, other=0.0).to(tl.float32) * LOG2E
         l_i = tl.zeros([BLOCK_R], dtype=tl.float32) + 1.0
@@ -343,9 +429,9 @@ def _paged_merge(O_PART, LSE_PART, O, LSE, SINKS, stride_oz, stride_oh, stride_o
         l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, HEAD_DIM_PAD], dtype=tl.float32)
     for split in range(0, NUM_SPLITS):
-        lse_s = tl.load(LSE_PART + split * NUM_ROWS + offs_r, mask=row_mask, other=float("-inf")) * LOG2E
-        o_s = tl.load(O_PART + (split * NUM_ROWS + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], mask=tile_mask,
-                      other=0.0)
+        slot = split * num_slots + offs_r
+        lse_s = tl.load(LSE_PART + slot, mask=row_mask, other=float("-inf")) * LOG2E
+        o_s = tl.load(O_PART + slot[:, None] * HEAD_DIM + offs_d[None, :], mask=tile_mask, other=0.0)
         m_new = tl.maximum(m_i, lse_s)
         m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_new_safe)
@@ -355,12 +441,10 @@ def _paged_merge(O_PART, LSE_PART, O, LSE, SINKS, stride_oz, stride_oh, stride_o
         m_i = m_new
     no_key = l_i == 0.0
     l_safe = tl.where(no_key, 1.0, l_i)
-    token = offs_r // H_Q
-    off_z = token // N_Q
-    off_m = token % N_Q
-    tl.store(LSE + off_z * stride_lz + head * stride_lh + off_m * stride_lm,
+    row = row0 + tok  # the token's row in o: packed (stride_oz = 0), or the b-th entry's
+    tl.store(LSE + off_z * stride_lz + head * stride_lh + row * stride_lm,
              tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2), mask=row_mask)
-    o_ptrs = O + (off_z * stride_oz + head * stride_oh + off_m * stride_om)[:, None] + offs_d[None, :] * stride_ok
+    o_ptrs = O + (off_z * stride_oz + head * stride_oh + row * stride_om)[:, None] + offs_d[None, :] * stride_ok
     tl.store(o_ptrs, _cast_for_store(acc / l_safe[:, None], O.dtype.element_ty, UPCAST), mask=tile_mask)
 
 
@@ -407,13 +491,23 @@ def _tile_shape(block_m, group):
     return heads, block_m // heads, -(-group // heads)
 
 
-def plan(q, k_cache, block_table, cu_seqlens_q, max_seqlen_q, switches):
-    """The launch of one call, from shapes: (config, heads, block_q, head_blocks, tiles, num_splits)."""
+def head_dim_tiles(head_dim):
+    """(HEAD_DIM_PAD, HEAD_DIM_TAIL): the query/key head dim as one power-of-two tile, or past 256 as two
+    (MLA's 576 = 512 + 64; 192 stays one 256-wide tile), so a big head dim is not padded to 1024."""
+    if head_dim <= 256:
+        return _head_dim_pad(head_dim), 0
+    main = 1 << (head_dim.bit_length() - 1)
+    return main, 0 if head_dim == main else _head_dim_pad(head_dim - main)
+
+
+def plan(q, k_cache, v_cache, block_table, cu_seqlens_q, max_seqlen_q, switches):
+    """The launch of one call, from shapes: (config, heads, block_q, head_blocks, tiles, capacity)."""
     h_q = q.shape[-2] if cu_seqlens_q is not None else q.shape[1]
     group = h_q // k_cache.shape[1]
     batch = (cu_seqlens_q.shape[0] - 1) if cu_seqlens_q is not None else q.shape[0]
-    config = CONFIGS["paged"].choose(q.device, q.dtype, _head_dim_pad(q.shape[-1]), group * max_seqlen_q, None,
-                                     switches)
+    # What fits is decided by the widest tiles: the query/key ones, or the value's.
+    width = max(sum(head_dim_tiles(q.shape[-1])), _head_dim_pad(v_cache.shape[-1]))
+    config = CONFIGS["paged"].choose(q.device, q.dtype, width, group * max_seqlen_q, None, switches)
     heads, block_q, head_blocks = _tile_shape(config.kwargs["BLOCK_M"], group)
     if cu_seqlens_q is not None:
         tiles = q.shape[0] // block_q + batch
@@ -423,19 +517,28 @@ def plan(q, k_cache, block_table, cu_seqlens_q, max_seqlen_q, switches):
     return config, heads, block_q, head_blocks, tiles, capacity
 
 
+def shares_storage(k_cache, v_cache):
+    """Whether v_cache is the first columns of k_cache (MLA's latent cache, two views of one tensor)."""
+    return (k_cache.data_ptr() == v_cache.data_ptr() and k_cache.stride() == v_cache.stride()
+            and v_cache.shape[-1] == head_dim_tiles(k_cache.shape[-1])[0])
+
+
 # ----------------------------------------------------------------------------
 # Launcher: allocate, choose, launch on the inputs' device
 # ----------------------------------------------------------------------------
 def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, causal, sm_scale,
                window=(UNLIMITED, UNLIMITED), softcap=0.0, alibi_slopes=None, sinks=None, cache_leftpad=None,
-               num_splits=None, o=None, lse=None, o_part=None, lse_part=None):
+               num_splits=None, k_scale=None, v_scale=None, mask_mod=None, o=None, lse=None, o_part=None,
+               lse_part=None):
     """Run the paged kernel (and the merge when split). Returns o in q's layout and lse in fp32.
 
-    Packed q (total_q, Hq, D) gives lse (Hq, total_q); dense (B, Hq, Nq, D) gives (B, Hq, Nq).
-    window: (left, right) as kernel ints, UNLIMITED for an open side (causal sets right = 0).
+    Packed q (total_q, Hq, D) gives lse (Hq, total_q); dense (B, Hq, Nq, D) gives (B, Hq, Nq); o has
+    v_cache's head dim. window: (left, right) as kernel ints, UNLIMITED for an open side (causal sets
+    right = 0). k_scale, v_scale: an fp8 cache's scales, (1,) or one per cache row and kv head.
     o, lse and the fp32 partials may be passed in (tests pass NaN-filled buffers).
     """
     packed = cu_seqlens_q is not None
+    head_dim_v = v_cache.shape[-1]
     if packed:
         num_tokens, h_q, head_dim = q.shape
         batch, n_q = cu_seqlens_q.shape[0] - 1, 0
@@ -444,7 +547,7 @@ def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_se
         batch, h_q, n_q, head_dim = q.shape
         num_tokens, max_seqlen_q = batch * n_q, n_q
         lse_shape, q_strides = (batch, h_q, n_q), q.stride()
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device) if o is None else o
+    o = torch.empty((*q.shape[:-1], head_dim_v), dtype=q.dtype, device=q.device) if o is None else o
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if lse is None else lse
     if num_tokens == 0 or batch == 0:
         return o, lse
@@ -452,22 +555,26 @@ def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_se
     window_left, window_right = window
     if causal:
         window_right = 0
+    kv_scales = 0 if k_scale is None else (1 if k_scale.numel() == 1 else 2)
     switches = (("PAGED", paged), ("IS_VARLEN", packed), ("IS_CAUSAL", bool(causal)),
                 ("HAS_WINDOW", window_left < UNLIMITED or (window_right < UNLIMITED and not causal)),
                 ("HAS_SOFTCAP", bool(softcap)), ("HAS_ALIBI", alibi_slopes is not None),
-                ("HAS_SINKS", sinks is not None), ("HAS_LEFTPAD", cache_leftpad is not None))
-    config, heads, block_q, head_blocks, tiles, capacity = plan(q, k_cache, block_table, cu_seqlens_q,
+                ("HAS_SINKS", sinks is not None), ("HAS_LEFTPAD", cache_leftpad is not None),
+                ("KV_SCALES", kv_scales), ("HAS_MASK_MOD", mask_mod is not None))
+    config, heads, block_q, head_blocks, tiles, capacity = plan(q, k_cache, v_cache, block_table, cu_seqlens_q,
                                                                 max_seqlen_q, switches)
     h_kv = k_cache.shape[1]
+    # Split programs serve the sequences with at most MAX_SPLIT_QUERIES new tokens: this many tiles each.
+    split_tiles = -(-min(max_seqlen_q, MAX_SPLIT_QUERIES) // block_q)
     if num_splits is None:
-        num_splits = 1 if max_seqlen_q > MAX_SPLIT_QUERIES else choose_num_splits(
-            tiles * h_kv * head_blocks, capacity, sm_count(q.device))
-    split = num_splits > 1
+        num_splits = choose_num_splits(batch * split_tiles * h_kv * head_blocks, capacity, sm_count(q.device))
+    split = num_splits > 1 and max_seqlen_q > 0
     if split:
+        slots = (num_splits, batch, MAX_SPLIT_QUERIES, h_q)  # (split, b, token, head)
         if o_part is None:
-            o_part = torch.empty((num_splits, num_tokens, h_q, head_dim), dtype=torch.float32, device=q.device)
+            o_part = torch.empty((*slots, head_dim_v), dtype=torch.float32, device=q.device)
         if lse_part is None:
-            lse_part = torch.empty((num_splits, num_tokens, h_q), dtype=torch.float32, device=q.device)
+            lse_part = torch.empty(slots, dtype=torch.float32, device=q.device)
     else:
         o_part, lse_part = o, lse  # never read: the kernel writes o and lse itself
     o_strides = (0, o.stride(1), o.stride(0), o.stride(2)) if packed else o.stride()
@@ -479,28 +586,36 @@ def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_se
     sinks_arg = sinks.float().contiguous() if sinks is not None else placeholder
     table = block_table if paged else placeholder
     table_strides = block_table.stride() if paged else (0, 0)
-    flags = dict(switches)
-    head_dim_pad = _head_dim_pad(head_dim)
+    scale_strides = k_scale.stride() if kv_scales == 2 else (0, 0, 0)
+    flags = {name: value for name, value in switches if name not in ("KV_SCALES", "HAS_MASK_MOD")}
+    head_dim_pad, head_dim_tail = head_dim_tiles(head_dim)
+    head_dim_v_pad = _head_dim_pad(head_dim_v)
     with runtime.on_device(q.device):
         CONFIGS["paged"].last_config = config
-        _paged_attn_fwd[(tiles, h_kv * head_blocks, num_splits)](
+        programs = tiles + (batch * split_tiles * (num_splits - 1) if split else 0)
+        _paged_attn_fwd[(programs, h_kv * head_blocks)](
             q, k_cache, v_cache, o, lse, o_part, lse_part,
             cu_seqlens_q if packed else placeholder, seqused_k,
             cache_leftpad if cache_leftpad is not None else placeholder, table, sinks_arg, alibi,
+            k_scale if k_scale is not None else placeholder, v_scale if v_scale is not None else placeholder,
             sm_scale, float(softcap or 0.0), window_left, window_right,
             *q_strides, *k_cache.stride(), *v_cache.stride(), *o_strides, *lse_strides, *table_strides,
-            *alibi_strides, batch, n_q, h_q, h_q // h_kv, head_blocks, capacity, k_cache.shape[0], num_splits,
-            num_tokens, max(1, (batch - 1).bit_length()),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, HEADS=heads,
-            PAGE_SIZE=k_cache.shape[2] if paged else 1, **flags, SPLIT=split,
-            UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype), **config.all_kwargs(),
+            *alibi_strides, *scale_strides, batch, n_q, h_q, h_q // h_kv, head_blocks, capacity, k_cache.shape[0],
+            num_splits, tiles, split_tiles, max(1, (batch - 1).bit_length()),
+            mask_mod.args if mask_mod is not None else (),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, HEAD_DIM_TAIL=head_dim_tail, HEAD_DIM_V=head_dim_v,
+            HEAD_DIM_V_PAD=head_dim_v_pad, HEADS=heads, PAGE_SIZE=k_cache.shape[2] if paged else 1, **flags,
+            SPLIT=split, SHARED_KV=shares_storage(k_cache, v_cache), KV_SCALES=kv_scales,
+            UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+            MASK_MOD=mask_mod.fn if mask_mod is not None else None, **config.all_kwargs(),
         )
         if split:
-            rows = num_tokens * h_q
-            _paged_merge[(triton.cdiv(rows, MERGE_BLOCK_R),)](
-                o_part, lse_part, o, lse, sinks_arg, *o_strides, *lse_strides, h_q, n_q if not packed else num_tokens, rows, num_splits,
-                HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_R=MERGE_BLOCK_R, HAS_SINKS=sinks is not None,
-                UPCAST=upcast_tiles(q.dtype), num_warps=MERGE_WARPS,
+            slots = batch * MAX_SPLIT_QUERIES * h_q
+            _paged_merge[(-(-slots // MERGE_BLOCK_R),)](
+                o_part, lse_part, o, lse, sinks_arg, cu_seqlens_q if packed else placeholder, *o_strides,
+                *lse_strides, batch, h_q, n_q, num_splits, HEAD_DIM=head_dim_v, HEAD_DIM_PAD=head_dim_v_pad,
+                BLOCK_R=MERGE_BLOCK_R, IS_VARLEN=packed, HAS_SINKS=sinks is not None, UPCAST=upcast_tiles(q.dtype),
+                num_warps=MERGE_WARPS,
             )
     return o, lse
 
@@ -512,42 +627,51 @@ def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_se
 def _paged_attn_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqused_k: torch.Tensor,
                    block_table: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
                    cache_leftpad: torch.Tensor | None, alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None,
-                   ints: list[int], floats: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+                   k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, ints: list[int],
+                   floats: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """ints: (max_seqlen_q, causal, window_left, window_right, num_splits or 0); floats: (sm_scale, softcap)."""
     max_seqlen_q, causal, window_left, window_right, num_splits = ints
     return _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, bool(causal),
                       floats[0], (window_left, window_right), floats[1], alibi_slopes, sinks, cache_leftpad,
-                      num_splits or None)
+                      num_splits or None, k_scale, v_scale)
 
 
 @_paged_attn_op.register_fake
-def _(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, cache_leftpad, alibi_slopes, sinks, ints, floats):
+def _(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, cache_leftpad, alibi_slopes, sinks, k_scale, v_scale,
+      ints, floats):
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else q.shape[:3]
-    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+    return q.new_empty((*q.shape[:-1], v_cache.shape[-1])), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 def paged_attention(q, k_cache, v_cache, seqused_k, block_table=None, *, cu_seqlens_q=None, max_seqlen_q=None,
                     causal=True, sm_scale=None, window_size=None, softcap=None, alibi_slopes=None, sinks=None,
-                    cache_leftpad=None, return_lse=False, num_splits=None, validate=False,
-                    _lengths_name="seqused_k"):
+                    cache_leftpad=None, k_scale=None, v_scale=None, mask_mod=None, return_lse=False,
+                    num_splits=None, validate=False, _lengths_name="seqused_k"):
     """Attention of each sequence's new tokens to its cached keys, for any serving step. Inference only.
 
     q: packed (total_q, Hq, D) with cu_seqlens_q (B + 1,) int32 prefix sums from 0 and max_seqlen_q (an int
-    bound on any sequence's new tokens, which sizes the tiles), or dense (B, Hq, Nq, D).
+    bound on any sequence's new tokens, which sizes the tiles), or dense (B, Hq, Nq, D); fp32, fp16, bf16.
     k_cache, v_cache: contiguous (B, Hkv, N_max, D), or with block_table (B, max_pages) int32/int64 a pool
     of pages (num_pages, Hkv, page_size, D), any page size, any strides (vLLM's (num_pages, page_size, Hkv, D)
-    pool as a permuted view). seqused_k (B,): where each sequence's keys end, its new ones included (write
-    them first with append_kv); cache_leftpad (B,): where they start (default 0).
+    pool as a permuted view). D up to 576 for q and k, v's head dim up to 512 and at most q's (MLA's
+    absorbed decode: v_cache = k_cache[..., :512], one latent cache read once). The cache may be fp8
+    (e4m3fn, e5m2) with k_scale and v_scale: (1,) per tensor, or one per cache row and kv head, shaped like
+    the cache's first three dims (value = stored * scale). seqused_k (B,): where each sequence's keys
+    end, its new ones included (write them first with append_kv); cache_leftpad (B,): where they start.
     causal: new token i of nq_b sees keys up to seqused_k[b] - nq_b + i. window_size, softcap,
     alibi_slopes and sinks as in flash_attention, distances measured from that diagonal.
+    mask_mod: a MaskMod (kernels/block_mask.py), e.g. kernels.mods.tree(ancestors) to verify a tree of
+    speculative tokens; it sees q_idx = the new token's index (0 .. nq_b - 1) and kv_idx = the key's
+    position relative to the first new token (negative: cached). It runs eagerly (outside a compiled graph).
     num_splits: split-KV chunks for few new tokens per sequence (None: from shapes and the SM count).
     validate: check the lengths, offsets and block table on the host first (a sync; clear errors).
     Without it nothing is read on the host, and a sequence with bad data outputs NaN rows.
-    Returns o in q's layout and dtype, and with return_lse also lse, (Hq, total_q) packed or (B, Hq, Nq)
-    dense, natural log, fp32. (_lengths_name: what errors call seqused_k; decode_attention's cache_seqlens.)
+    Returns o in q's layout and dtype (v's head dim), and with return_lse also lse, (Hq, total_q) packed
+    or (B, Hq, Nq) dense, natural log, fp32. (_lengths_name: what errors call seqused_k.)
     """
     batch, capacity, _ = check_paged_inputs(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q,
-                                            max_seqlen_q, sm_scale, cache_leftpad, MAX_HEAD_DIM, _lengths_name)
+                                            max_seqlen_q, sm_scale, cache_leftpad, MAX_HEAD_DIM_QK, _lengths_name,
+                                            k_scale, v_scale, MAX_HEAD_DIM_V)
     if q.dtype not in PAGED_DTYPES:
         raise TypeError(f"q has dtype {q.dtype}; paged attention supports float32, float16 and bfloat16")
     check_runnable(q, "q")
@@ -564,19 +688,30 @@ def paged_attention(q, k_cache, v_cache, seqused_k, block_table=None, *, cu_seql
         validate_paged_data(q, k_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, cache_leftpad, capacity,
                             _lengths_name)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    if torch.compiler.is_compiling():
+    mask_mod = as_mask_mod(mask_mod)
+    if mask_mod is not None:
+        check_mod_args(mask_mod.args, q.device, "mask_mod")
+        o, lse = _paged_fwd_with_mask(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q,
+                                      causal, sm_scale, window, softcap, alibi_slopes, sinks, cache_leftpad,
+                                      num_splits, k_scale, v_scale, mask_mod)
+    elif torch.compiler.is_compiling():
         o, lse = _paged_attn_op(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, cache_leftpad,
-                                alibi_slopes, sinks, [max_seqlen_q or 0, int(causal), *window, num_splits or 0],
+                                alibi_slopes, sinks, k_scale, v_scale,
+                                [max_seqlen_q or 0, int(causal), *window, num_splits or 0],
                                 [sm_scale, float(softcap or 0.0)])
     else:  # eager: the launcher itself, without the op's dispatch
         o, lse = _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, causal,
-                            sm_scale, window, softcap, alibi_slopes, sinks, cache_leftpad, num_splits)
+                            sm_scale, window, softcap, alibi_slopes, sinks, cache_leftpad, num_splits, k_scale,
+                            v_scale)
     return (o, lse) if return_lse else o
+
+
+_paged_fwd_with_mask = torch.compiler.disable(_paged_fwd)  # a Triton mask_mod is no value a graph can hold
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table=None, causal=True, sm_scale=None,
                      return_lse=False, num_splits=None, *, window_size=None, softcap=None, alibi_slopes=None,
-                     sinks=None, cache_leftpad=None, validate=False):
+                     sinks=None, cache_leftpad=None, k_scale=None, v_scale=None, mask_mod=None, validate=False):
     """paged_attention with dense q (B, Hq, Nq, D): Nq new tokens per sequence, cache_seqlens its keys' end.
 
     The decode step of a generation loop (Nq = 1), or a few speculative tokens to verify. See
@@ -586,5 +721,6 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table=None, causa
         raise ValueError(f"q must have rank 4 (B, Hq, Nq, D), got shape {tuple(q.shape)}")
     return paged_attention(q, k_cache, v_cache, cache_seqlens, block_table, causal=causal, sm_scale=sm_scale,
                            window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
-                           cache_leftpad=cache_leftpad, return_lse=return_lse, num_splits=num_splits,
-                           validate=validate, _lengths_name="cache_seqlens")
+                           cache_leftpad=cache_leftpad, k_scale=k_scale, v_scale=v_scale, mask_mod=mask_mod,
+                           return_lse=return_lse, num_splits=num_splits, validate=validate,
+                           _lengths_name="cache_seqlens")

@@ -250,22 +250,69 @@ def _tanh(x):
 
 
 @triton.jit
-def _scores(qk, q_idx, k_idx, offset, sm_scale, softcap, alibi_slope,
-            HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
-    """The modified score tile in base-2 units, and tanh(s / softcap) for the backward (or 0 if off).
+def _scores(qk, q_idx, k_idx, offset, sm_scale, softcap, alibi_slope, off_z, off_h, score_args, N_Q, N_K,
+            HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, SCORE_MOD: tl.constexpr):
+    """The modified score tile in base-2 units, tanh(s / softcap) for the backward (or 0 if off), and the
+    tile SCORE_MOD was given (natural units; 0 without one), which its derivative needs in the backward.
 
     qk is the raw q.k tile; q_idx and k_idx broadcast to it (the backward's
     dK/dV kernel works on the transposed tile and passes them transposed).
+    A user's SCORE_MOD(score, b, h, q_idx, kv_idx, score_args) sees the scaled
+    score in natural units, as FlexAttention's score_mod does, after the
+    built-in softcap and ALiBi; without one the scale folds into LOG2E. The mod's indices are
+    clamped to the sequences (N_Q, N_K), so whatever it reads stays in bounds; a padding row or
+    key it sees so is masked out of the result anyway.
     """
-    if HAS_SOFTCAP:
-        t = _tanh(qk * (sm_scale / softcap))
-        s = t * (softcap * LOG2E)
+    if SCORE_MOD is not None:
+        s = qk * sm_scale
+        if HAS_SOFTCAP:
+            t = _tanh(s / softcap)
+            s = t * softcap
+        else:
+            t = 0.0
+        if HAS_ALIBI:
+            s = s - alibi_slope * tl.abs(q_idx + offset - k_idx).to(tl.float32)
+        s_in = s
+        s = SCORE_MOD(s, off_z, off_h, tl.minimum(q_idx, N_Q - 1), tl.minimum(k_idx, N_K - 1), score_args) * LOG2E
     else:
-        t = 0.0
-        s = qk * (sm_scale * LOG2E)
-    if HAS_ALIBI:
-        s = s - (alibi_slope * LOG2E) * tl.abs(q_idx + offset - k_idx).to(tl.float32)
-    return s, t
+        if HAS_SOFTCAP:
+            t = _tanh(qk * (sm_scale / softcap))
+            s = t * (softcap * LOG2E)
+        else:
+            t = 0.0
+            s = qk * (sm_scale * LOG2E)
+        if HAS_ALIBI:
+            s = s - (alibi_slope * LOG2E) * tl.abs(q_idx + offset - k_idx).to(tl.float32)
+        s_in = 0.0
+    return s, t, s_in
+
+
+@triton.jit
+def _score_grad(ds, tanh_s, s_in, q_idx, k_idx, off_z, off_h, score_args, grad_args, N_Q, N_K,
+                HAS_SOFTCAP: tl.constexpr, SCORE_MOD_BWD: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """dS with respect to the scaled q.k, from dS with respect to the final score: _scores, differentiated.
+
+    SCORE_MOD_BWD(grad, score, b, h, q_idx, kv_idx, score_args, grad_args, ACCUMULATE) returns the
+    gradient with respect to the score it was given (s_in), and, when ACCUMULATE, adds the gradients
+    of the tensors the mod reads into grad_args (one kernel of the backward accumulates, so each
+    score's contribution is counted once). ALiBi adds a constant; softcap's derivative is 1 - tanh^2.
+    Indices are clamped as in _scores: a padding row's or key's ds is 0, so it adds nothing.
+    """
+    if SCORE_MOD_BWD is not None:
+        ds = SCORE_MOD_BWD(ds, s_in, off_z, off_h, tl.minimum(q_idx, N_Q - 1), tl.minimum(k_idx, N_K - 1), score_args,
+                           grad_args, ACCUMULATE)
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - tanh_s * tanh_s)
+    return ds
+
+
+@triton.jit
+def _mask_mod_visible(visible, q_idx, k_idx, off_z, off_h, mask_args, N_Q, N_K, MASK_MOD: tl.constexpr):
+    """visible, and MASK_MOD(b, h, q_idx, kv_idx, mask_args) where a user's mask_mod is given (indices clamped
+    to the sequences as in _scores: padding is masked by `visible` already)."""
+    if MASK_MOD is not None:
+        visible = visible & MASK_MOD(off_z, off_h, tl.minimum(q_idx, N_Q - 1), tl.minimum(k_idx, N_K - 1), mask_args)
+    return visible
 
 
 @triton.jit

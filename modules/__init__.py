@@ -12,3 +12,4 @@ from .attention import (
 from .variants import SinkAttention, SlidingWindowAttention, SoftCappedAttention
 from .padding import pad_input, padded_attention, unpad_input
 from .llama import Llama
+from .mla import MLAModel, MultiHeadLatentAttention

@@ -15,6 +15,13 @@ our own few lines:
 
 Left and right padding both work: only which positions are real matters,
 and a sequence's real tokens keep their order.
+
+Host syncs: unpadding reads the mask (`nonzero`: the packed size is data), so
+padded_attention makes one read per distinct mask (one in a prefill, where
+queries and keys share it; two in a decoding step), and bounds the longest
+sequence by the padded width instead of reading it. flash_attention_varlen's
+own input check reads cu_seqlens in eager mode. A left-padded batch avoids all
+of it on kernels.paged_attention (cache_leftpad), as modules/hf.py does.
 """
 import torch
 import torch.nn.functional as F
@@ -45,12 +52,20 @@ def unpad_input(x, attention_mask):
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a tensor of shape (batch, tokens, ...), got {getattr(x, 'shape', type(x))}")
     check_attention_mask(attention_mask, x.shape[0], x.shape[1])
-    seqlens = attention_mask.sum(dim=1, dtype=torch.int32)  # (B,)
-    indices = attention_mask.flatten().nonzero().flatten()  # row-major: sequence by sequence, in order
-    cu_seqlens = F.pad(seqlens.cumsum(dim=0, dtype=torch.int32), (1, 0))  # (B,) -> (B + 1,), starting at 0
-    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
+    indices, cu_seqlens = _unpad_indices(attention_mask)
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if attention_mask.shape[0] else 0
     # (B, N, ...) -> (B * N, ...) -> (total, ...)
     return x.flatten(0, 1)[indices], indices, cu_seqlens, max_seqlen
+
+
+def _unpad_indices(attention_mask):
+    """The real tokens' positions in the flattened (B * N), (total,) int64, and cu_seqlens (B + 1,) int32.
+
+    One read: nonzero's output size is the number of real tokens.
+    """
+    seqlens = attention_mask.sum(dim=1, dtype=torch.int32)  # (B,)
+    indices = attention_mask.flatten().nonzero().flatten()  # row-major: sequence by sequence, in order
+    return indices, F.pad(seqlens.cumsum(dim=0, dtype=torch.int32), (1, 0))  # (B,) -> (B + 1,), starting at 0
 
 
 def pad_input(x_unpadded, indices, batch, seqlen):
@@ -92,16 +107,17 @@ def padded_attention(q, k, v, attention_mask, causal=False, backend="triton", **
     check_attention_mask(attention_mask, batch, n_k)
     if n_q > n_k:
         raise ValueError(f"q has {n_q} tokens but k only {n_k}: the queries must be the last Nq of the Nk positions")
-    query_mask = attention_mask[:, n_k - n_q:]
-    # (B, H, N, D) -> (B, N, H, D) -> (total, H, D)
-    q_packed, q_indices, cu_seqlens_q, max_seqlen_q = unpad_input(q.transpose(1, 2), query_mask)
-    k_packed, _, cu_seqlens_k, max_seqlen_k = unpad_input(k.transpose(1, 2), attention_mask)
-    v_packed = unpad_input(v.transpose(1, 2), attention_mask)[0]
+    k_indices, cu_seqlens_k = _unpad_indices(attention_mask)
+    q_indices, cu_seqlens_q = (k_indices, cu_seqlens_k) if n_q == n_k else _unpad_indices(attention_mask[:, -n_q:])
+    # (B, H, N, D) -> (B, N, H, D) -> (B * N, H, D) -> (total, H, D)
+    q_packed, k_packed, v_packed = (t.transpose(1, 2).flatten(0, 1)[indices] for t, indices in (
+        (q, q_indices), (k, k_indices), (v, k_indices)))
     if backend == "triton":
         from kernels import flash_attention_varlen
 
-        out = flash_attention_varlen(q_packed, k_packed, v_packed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                     max_seqlen_k, causal=causal, **options)
+        # The padded widths bound the lengths: no read (a longer bound only adds programs that exit at once).
+        out = flash_attention_varlen(q_packed, k_packed, v_packed, cu_seqlens_q, cu_seqlens_k, n_q, n_k,
+                                     causal=causal, **options)
     else:
         out = naive_attention_varlen(q_packed, k_packed, v_packed, cu_seqlens_q, cu_seqlens_k, causal=causal,
                                      **options)

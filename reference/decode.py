@@ -58,9 +58,9 @@ def check_cache(k_cache, v_cache, cache_seqlens, block_table=None, lengths_name=
             what = "(num_blocks, Hkv, block_size, D)" if block_table is not None else "(B, Hkv, N_max, D)"
             raise ValueError(f"{name} must have rank 4 {what}, got shape {tuple(t.shape)}")
     shape, device = k_cache.shape, k_cache.device  # read once: this runs on every decode step
-    if shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(shape)} "
-                         f"and {tuple(v_cache.shape)}")
+    if shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"k_cache and v_cache must have the same shape but for the head dim, got "
+                         f"{tuple(shape)} and {tuple(v_cache.shape)}")
     if v_cache.dtype != k_cache.dtype:
         raise TypeError(f"v_cache has dtype {v_cache.dtype} but k_cache has {k_cache.dtype}")
     _index_tensor(cache_seqlens, lengths_name, 1)
@@ -132,10 +132,13 @@ def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table=None):
 # ----------------------------------------------------------------------------
 # Writing into the cache, reading a sequence back out
 # ----------------------------------------------------------------------------
-def _check_new_rows(k_new, v_new, k_cache, batch, h_kv, head_dim, cu_seqlens_new):
-    """Shapes, dtypes and devices of the new keys and values, dense or packed (no data read)."""
+def _check_new_rows(k_new, v_new, k_cache, v_cache, batch, h_kv, cu_seqlens_new):
+    """Shapes, dtypes and devices of the new keys and values, dense or packed (no data read).
+
+    Each has its cache's head dim (a value head dim may differ from the keys', as MLA's does).
+    """
     packed = cu_seqlens_new is not None
-    for name, t in (("k_new", k_new), ("v_new", v_new)):
+    for name, t, head_dim in (("k_new", k_new, k_cache.shape[3]), ("v_new", v_new, v_cache.shape[3])):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if packed and (t.dim() != 3 or (t.shape[1], t.shape[2]) != (h_kv, head_dim)):
@@ -148,9 +151,9 @@ def _check_new_rows(k_new, v_new, k_cache, batch, h_kv, head_dim, cu_seqlens_new
             raise ValueError(f"{name} is on {t.device} but k_cache is on {k_cache.device}")
         if t.dtype != k_cache.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but the cache has {k_cache.dtype}")
-    if k_new.shape != v_new.shape:
-        raise ValueError(f"k_new and v_new must have the same shape, got {tuple(k_new.shape)} and "
-                         f"{tuple(v_new.shape)}")
+    if k_new.shape[:-1] != v_new.shape[:-1]:
+        raise ValueError(f"k_new and v_new must have the same shape but for the head dim, got {tuple(k_new.shape)} "
+                         f"and {tuple(v_new.shape)}")
     if packed:
         _index_tensor(cu_seqlens_new, "cu_seqlens_new", 1)
         if cu_seqlens_new.shape[0] != batch + 1:
@@ -201,8 +204,8 @@ def append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=None, *
     sequence's range is not written. validate=True reads the lengths, offsets and block table on
     the host first (a device-to-host sync) and raises an error that names the argument.
     """
-    batch, h_kv, capacity, head_dim, block_size = check_cache(k_cache, v_cache, cache_seqlens, block_table)
-    _check_new_rows(k_new, v_new, k_cache, batch, h_kv, head_dim, cu_seqlens_new)
+    batch, h_kv, capacity, _, block_size = check_cache(k_cache, v_cache, cache_seqlens, block_table)
+    _check_new_rows(k_new, v_new, k_cache, v_cache, batch, h_kv, cu_seqlens_new)
     packed = cu_seqlens_new is not None
     device = k_cache.device
     if validate:
@@ -230,8 +233,8 @@ def append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=None, *
     else:
         n_new = k_new.shape[2]
         # (B, Hkv, Nnew, D) -> (B, Nnew, Hkv, D) -> (B * Nnew, Hkv, D): token (b, i) is row b * Nnew + i
-        k_rows = k_new.transpose(1, 2).reshape(-1, h_kv, head_dim)
-        v_rows = v_new.transpose(1, 2).reshape(-1, h_kv, head_dim)
+        k_rows = k_new.transpose(1, 2).reshape(-1, h_kv, k_new.shape[3])
+        v_rows = v_new.transpose(1, 2).reshape(-1, h_kv, v_new.shape[3])
         seq = torch.arange(batch, device=device).repeat_interleave(n_new)
         # (B, 1) + (1, Nnew) -> (B, Nnew) -> (B * Nnew,): logical positions n_b, n_b + 1, ...
         positions = (lengths[:, None] + torch.arange(n_new, device=device)).reshape(-1)

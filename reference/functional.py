@@ -1,8 +1,9 @@
 """Functional attention in plain PyTorch: the ground truth every kernel is held to.
 
 All tensors use the layout of `F.scaled_dot_product_attention`:
-    q: (B, Hq, Nq, D)    k, v: (B, Hkv, Nk, D)    output: (B, Hq, Nq, D)
-with Hq a multiple of Hkv (grouped-query attention; Hkv == 1 is multi-query).
+    q: (B, Hq, Nq, D)    k: (B, Hkv, Nk, D)    v: (B, Hkv, Nk, Dv)    output: (B, Hq, Nq, Dv)
+with Hq a multiple of Hkv (grouped-query attention; Hkv == 1 is multi-query), and Dv = D
+except in models such as DeepSeek's MLA (prefill: D = 192, Dv = 128).
 
 Causal masking is aligned bottom-right, as in FlashAttention 2 and SDPA's
 `causal_lower_right`: query i may see key j when j <= i + (Nk - Nq). With
@@ -22,16 +23,16 @@ def check_attention_inputs(q, k, v):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have rank 4 (batch, heads, tokens, head_dim), got shape {tuple(t.shape)}")
-    q_shape, k_shape = q.shape, k.shape
-    if k_shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k_shape)} and v {tuple(v.shape)}")
-    if q_shape[0] != k_shape[0]:
-        raise ValueError(f"q and k must have the same batch size, got {q_shape[0]} and {k_shape[0]}")
-    if q_shape[3] != k_shape[3]:
-        raise ValueError(f"q and k must have the same head_dim, got {q_shape[3]} and {k_shape[3]}")
-    if k_shape[1] == 0 or q_shape[1] % k_shape[1] != 0:
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"k and v must have the same shape but for the head dim (MLA's values are narrower), "
+                         f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must have the same head_dim, got {q.shape[3]} and {k.shape[3]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(
-            f"the number of query heads ({q_shape[1]}) must be a multiple of the number of kv heads ({k_shape[1]})"
+            f"the number of query heads ({q.shape[1]}) must be a multiple of the number of kv heads ({k.shape[1]})"
         )
 
 

@@ -43,8 +43,7 @@ class KVCache:
         self.lengths = [0] * batch
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
         if block_size is None:
-            self.k = torch.zeros(batch, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
-            self.v = torch.zeros_like(self.k)
+            self.k, self.v = self._new_storage((batch, num_kv_heads, capacity, head_dim), dtype, device)
             self.block_table = None
             return
         if not isinstance(block_size, int) or block_size < 1:
@@ -53,12 +52,16 @@ class KVCache:
         num_blocks = batch * blocks_per_seq if num_blocks is None else num_blocks
         # vLLM's pool layout, (num_blocks, block_size, Hkv, D); the attention functions read the
         # (num_blocks, Hkv, block_size, D) view of it through its strides, without a copy.
-        self.k_pool = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
-        self.v_pool = torch.zeros_like(self.k_pool)
+        self.k_pool, self.v_pool = self._new_storage((num_blocks, block_size, num_kv_heads, head_dim), dtype, device)
         self.k, self.v = self.k_pool.permute(0, 2, 1, 3), self.v_pool.permute(0, 2, 1, 3)
         self.free_blocks = list(range(num_blocks))
         self.blocks = [[] for _ in range(batch)]  # each sequence's pool blocks, in logical order
         self.block_table = torch.full((batch, blocks_per_seq), -1, dtype=torch.int32, device=device)
+
+    def _new_storage(self, shape, dtype, device):
+        """The K and V tensors (zeros) of one layout: two separate tensors here; a subclass may share one."""
+        return (torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device))
 
     @property
     def is_empty(self) -> bool:
@@ -89,15 +92,19 @@ class KVCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v (batch, Hkv, num_tokens, D) after each sequence's cached tokens."""
-        num_tokens = k.shape[2]
+        new_lengths = self._make_room(k.shape[2])
+        self.seqlens = append_kv(self.k, self.v, k, v, self.seqlens, self.block_table)
+        self.lengths = new_lengths
+
+    def _make_room(self, num_tokens):
+        """Check the capacity for num_tokens more per sequence and reserve their blocks; returns the new lengths."""
         new_lengths = [n + num_tokens for n in self.lengths]
         if max(new_lengths) > self.capacity:
             raise ValueError(f"the cache holds up to {self.capacity} tokens per sequence: appending {num_tokens} "
                              f"to {max(self.lengths)} would pass it")
         if self.block_table is not None:
             self._reserve(new_lengths)
-        self.seqlens = append_kv(self.k, self.v, k, v, self.seqlens, self.block_table)
-        self.lengths = new_lengths
+        return new_lengths
 
     def truncate(self, lengths) -> None:
         """Keep only the first lengths[b] tokens of sequence b (ragged prompts after a padded prefill)."""

@@ -44,8 +44,38 @@ def _index_vector(t, name, batch, device, dtypes=(torch.int32, torch.int64)):
         raise ValueError(f"{name} is on {t.device} but q is on {device}")
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def check_scales(k_cache, v_cache, k_scale, v_scale, q_dtype):
+    """An fp8 cache needs its dequantization scales, each (1,) or one per cache row and kv head, in fp32."""
+    fp8 = k_cache.dtype in FP8_DTYPES
+    if not fp8:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"k_scale and v_scale dequantize an fp8 cache; this one is {k_cache.dtype}")
+        return
+    if k_scale is None or v_scale is None:
+        raise ValueError(f"an fp8 cache ({k_cache.dtype}) needs k_scale and v_scale (stored value * scale = value)")
+    if q_dtype in FP8_DTYPES:
+        raise TypeError("q must be a 16-bit or fp32 tensor with an fp8 cache (its keys are dequantized to q's dtype)")
+    per_row = tuple(k_cache.shape[:3])
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            raise TypeError(f"{name} must be a float32 tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if tuple(t.shape) not in ((1,), per_row):
+            raise ValueError(f"{name} must have shape (1,) (per tensor) or {per_row} (per cache row and kv head, "
+                             f"like the cache's first three dims), got {tuple(t.shape)}")
+        if t.device != k_cache.device:
+            raise ValueError(f"{name} is on {t.device} but k_cache is on {k_cache.device}")
+    if k_scale.shape != v_scale.shape or (k_scale.dim() == 3 and k_scale.stride() != v_scale.stride()):
+        raise ValueError(f"k_scale and v_scale must have one shape and layout, got {tuple(k_scale.shape)} and "
+                         f"{tuple(v_scale.shape)}")
+
+
 def check_paged_inputs(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, sm_scale,
-                       cache_leftpad, max_head_dim=None, lengths_name="seqused_k"):
+                       cache_leftpad, max_head_dim=None, lengths_name="seqused_k", k_scale=None, v_scale=None,
+                       max_head_dim_v=None):
     """Raise a clear error, naming the argument, for inputs paged attention cannot take. Shapes only: no sync.
 
     Returns (batch, capacity, page_size or None).
@@ -69,11 +99,16 @@ def check_paged_inputs(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q
         raise ValueError(f"q has head_dim {q.shape[-1]} but k_cache has {head_dim}")
     if max_head_dim is not None and not 1 <= head_dim <= max_head_dim:
         raise ValueError(f"head_dim (q.shape[-1]) must be between 1 and {max_head_dim}, got {head_dim}")
+    if max_head_dim_v is not None and not 1 <= v_cache.shape[-1] <= min(max_head_dim_v, head_dim):
+        raise ValueError(f"v_cache's head dim must be between 1 and {min(max_head_dim_v, head_dim)} (at most "
+                         f"q's), got {v_cache.shape[-1]}")
     if h_kv == 0 or h_q % h_kv:
         raise ValueError(f"the number of query heads ({h_q}) must be a multiple of the number of kv heads ({h_kv})")
+    check_scales(k_cache, v_cache, k_scale, v_scale, q.dtype)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q and the cache must share one dtype")
+        if t.dtype != q.dtype and t.dtype not in FP8_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q and the cache must share one dtype "
+                            "(or the cache be fp8, with k_scale and v_scale)")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; q and the cache must share a device")
     if cache_leftpad is not None:
@@ -126,15 +161,26 @@ def validate_paged_data(q, k_cache, seqused_k, block_table, cu_seqlens_q, max_se
 # ----------------------------------------------------------------------------
 # Reading the cache, and the attention
 # ----------------------------------------------------------------------------
-def sequence_keys(cache, seq, start, end, block_table=None):
-    """Keys [start, end) of sequence `seq`, as a contiguous (Hkv, end - start, D) tensor."""
+def sequence_keys(cache, seq, start, end, block_table=None, scale=None):
+    """Keys [start, end) of sequence `seq`, as a contiguous (Hkv, end - start, D) tensor.
+
+    scale: an fp8 cache's dequantization, (1,) or one per cache row and kv head (laid out like the
+    cache's first three dims): the keys come back as fp32 stored value * scale.
+    """
     if block_table is None:
-        return cache[seq, :, start:end]
-    page_size = cache.shape[2]
-    positions = torch.arange(start, end, device=cache.device)
-    pages = block_table[seq].to(torch.int64)[positions // page_size]  # (n,)
-    # (n,) page and row indices into (num_pages, Hkv, page_size, D) -> (n, Hkv, D) -> (Hkv, n, D)
-    return cache[pages, :, positions % page_size].transpose(0, 1)
+        keys = cache[seq, :, start:end]
+        scales = None if scale is None or scale.numel() == 1 else scale[seq, :, start:end]
+    else:
+        page_size = cache.shape[2]
+        positions = torch.arange(start, end, device=cache.device)
+        pages = block_table[seq].to(torch.int64)[positions // page_size]  # (n,)
+        # (n,) page and row indices into (num_pages, Hkv, page_size, D) -> (n, Hkv, D) -> (Hkv, n, D)
+        keys = cache[pages, :, positions % page_size].transpose(0, 1)
+        scales = None if scale is None or scale.numel() == 1 else scale[pages, :, positions % page_size].t()
+    if scale is None:
+        return keys
+    scales = scale.reshape(1, 1) if scales is None else scales  # (Hkv, n) per row, or one for all
+    return keys.float() * scales[..., None]
 
 
 def new_token_counts(q, cu_seqlens_q, batch):
@@ -150,13 +196,14 @@ def new_token_counts(q, cu_seqlens_q, batch):
 
 def paged_attention(q, k_cache, v_cache, seqused_k, block_table=None, *, cu_seqlens_q=None, causal=True,
                     sm_scale=None, window_size=None, softcap=None, alibi_slopes=None, sinks=None, cache_leftpad=None,
-                    return_lse=False, dtype=None):
+                    return_lse=False, dtype=None, k_scale=None, v_scale=None):
     """Every sequence's new queries against its cached keys [cache_leftpad[b], seqused_k[b]).
 
     Returns o in q's layout (packed (total_q, Hq, D) or dense (B, Hq, Nq, D)) and with return_lse
     also the natural-log lse, (Hq, total_q) packed or (B, Hq, Nq) dense. dtype: compute in it
     (torch.float64 for the tests' reference); by default q's. A row that sees no key gives 0
-    (lse -inf, or the sink's logit with sinks).
+    (lse -inf, or the sink's logit with sinks). k_scale, v_scale: an fp8 cache's scales (dequantized
+    value = stored value * scale).
     """
     batch, _, _, head_dim, _ = check_cache(k_cache, v_cache, seqused_k, block_table)
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
@@ -165,8 +212,8 @@ def paged_attention(q, k_cache, v_cache, seqused_k, block_table=None, *, cu_seql
     starts = cache_leftpad.tolist() if cache_leftpad is not None else [0] * batch
     outputs, lses = [], []
     for b in range(batch):
-        k = sequence_keys(k_cache, b, starts[b], ends[b], block_table)[None]  # (1, Hkv, n_b, D)
-        v = sequence_keys(v_cache, b, starts[b], ends[b], block_table)[None]
+        k = sequence_keys(k_cache, b, starts[b], ends[b], block_table, k_scale)[None]  # (1, Hkv, n_b, D)
+        v = sequence_keys(v_cache, b, starts[b], ends[b], block_table, v_scale)[None]
         slopes = None if alibi_slopes is None else (alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes)
         o, lse = naive_attention(queries(b), k, v, causal, sm_scale, dtype or q.dtype, window_size=window_size,
                                  softcap=softcap, alibi_slopes=slopes, sinks=sinks, return_lse=True)

@@ -21,7 +21,7 @@ import warnings
 import pytest
 import torch
 
-from bench import plan, providers, report, sweep
+from bench import plan, providers, report, suites, sweep
 from bench.__main__ import build_parser, main
 from bench.flops import attention_flops, tflops_per_s
 from bench.overhead import noop_kernels
@@ -119,7 +119,7 @@ def test_cpu_timer_median_and_grad_reset():
 # Plans: the GPU plan is built (and checked) without a GPU
 # ----------------------------------------------------------------------------
 def _jobs(argv, device_type):
-    return plan.build_jobs(build_parser().parse_args(argv), device_type)[0]
+    return suites.build_jobs(build_parser().parse_args(argv), device_type)[0]
 
 
 def test_cpu_plan_never_times_triton():
@@ -128,7 +128,8 @@ def test_cpu_plan_never_times_triton():
     assert triton and all(j.kind == "check" for j in triton)
     # The host-cost rows time the Python around no-op kernels, never the interpreter.
     assert {j.provider for j in jobs if j.suite == "overhead"} == {"triton-noop", "sdpa"}
-    assert {j.suite for j in jobs} == {"attention", "softmax", "modules", "overhead", "decode"}  # no memory suite off the GPU
+    # No memory suite off the GPU.
+    assert {j.suite for j in jobs} == {"attention", "softmax", "modules", "overhead", *suites.registry.SUITES}
 
 
 def test_gpu_plan_is_the_standard_sweep():
@@ -200,7 +201,8 @@ def cpu_run(tmp_path_factory):
         try:
             assert main(["--device", "cpu", "--quick", "--out", str(out), "--n", "32", "64", "--head-dim", "16",
                          "--heads", "2", "--tokens", "64", "--providers", "boom", "naive", "sdpa-flash",
-                         "--softmax-n", "128", "256", "--suite", *plan.SUITES]) == 0  # window, varlen: test_bench_variants.py
+                         "--softmax-n", "128", "256", "--suite", *plan.SUITES, "decode"]) == 0
+            # window, varlen: tests/test_bench_variants.py; serving: tests/test_bench_serving.py; hf: tests/test_hf.py
             assert torch.get_num_threads() == 2, "main() puts torch's thread count back"
         finally:
             torch.set_num_threads(threads)

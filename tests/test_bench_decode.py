@@ -1,7 +1,7 @@
 """The decode suite of the benchmark (bench/decode_suite.py): its GPU plan, built without a GPU, and its CPU rows."""
 import torch
 
-from bench import decode_suite, plan, report
+from bench import decode_suite, report, suites
 from bench.__main__ import build_parser
 from bench.plan import Job
 from bench.sweep import CORRECTNESS_ONLY, Result, run_jobs
@@ -11,7 +11,7 @@ KIB = 1024
 
 
 def _jobs(argv, device_type):
-    return plan.build_jobs(build_parser().parse_args(["--suite", "decode", *argv]), device_type)[0]
+    return suites.build_jobs(build_parser().parse_args(["--suite", "decode", *argv]), device_type)[0]
 
 
 def test_gpu_plan_is_the_issue_sweep():

@@ -6,7 +6,9 @@ comes from a hub), and the same weights run once on eager and once on
 RoPE, Mistral a sliding window shorter than the sequence, Gemma 2
 soft-capping and a window on alternate layers, gpt-oss sinks and a window.
 Each case first checks that its features change eager's logits, so a match
-proves the kernels applied them.
+proves the kernels applied them. Generation is checked token for token, with
+the kernel each step ran on and the host syncs of the attention and mask
+functions counted (HostSyncs: none in a generation step).
 """
 import inspect
 import subprocess
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
 
@@ -155,28 +158,12 @@ def test_left_padded_batch_gives_each_prompt_its_logits_alone(name, device):
         torch.testing.assert_close(batch[row:row + 1, SEQLEN - length:], alone, atol=2e-5, rtol=1e-5)
 
 
-def test_greedy_generation_of_a_padded_batch_gives_eagers_tokens(device):
-    """Gemma 2: the cap, and a window that the prompts plus 32 tokens outgrow, on a hybrid cache (one layer
-    sliding, one full); two query heads over one key/value head keep the 64 interpreted decode calls quick."""
-    ids, mask, _ = left_padded([7, 3], device, seqlen=7)
-    model = build("gemma2", device)
-    config = transformers.GenerationConfig(max_new_tokens=32, do_sample=False, pad_token_id=PAD, eos_token_id=None)
-    tokens = {}
-    for implementation in ("eager", hf.NAME):
-        model.set_attn_implementation(implementation)
-        tokens[implementation] = model.generate(ids, attention_mask=mask, generation_config=config)
-    assert tokens["eager"].shape == (2, 7 + 32)
-    assert torch.equal(tokens[hf.NAME], tokens["eager"])
-
-
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Every call to the kernels' public functions, as (name, Nq) (Nq None for packed inputs), in order."""
     calls = []
-    for function_name in ("flash_attention", "flash_attention_varlen", "decode_attention"):
-        original = getattr(kernels, function_name, None)
-        if original is None:
-            continue
+    for function_name in ("flash_attention", "flash_attention_varlen", "paged_attention"):
+        original = getattr(kernels, function_name)
 
         def wrapper(q, *args, _name=function_name, _original=original, **kwargs):
             calls.append((_name, q.shape[-2] if q.dim() == 4 else None))
@@ -185,29 +172,142 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-def test_decode_steps_go_to_decode_attention_when_this_build_has_it(device, kernel_calls):
-    """Prefill on flash_attention; each one-token step on kernels.decode_attention where it exists, else on
-    flash_attention; an unpadded batch never on the varlen kernel."""
-    ids = torch.randint(3, VOCAB, (2, 6), device=device)
-    model = build("llama", device)
-    config = transformers.GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=PAD, eos_token_id=None)
-    model.set_attn_implementation("eager")
-    eager = model.generate(ids, generation_config=config)
-    model.set_attn_implementation(hf.NAME)
-    assert torch.equal(model.generate(ids, generation_config=config), eager)
-    decode = "decode_attention" if hasattr(kernels, "decode_attention") else "flash_attention"
+# ----------------------------------------------------------------------------
+# Host syncs. A minimal stand-in for tests/sync_guard.py's no_host_sync(), which another branch adds:
+# switch to it when it lands.
+# ----------------------------------------------------------------------------
+SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "is_nonzero", "item", "equal"})
+
+
+class HostSyncs(TorchDispatchMode):
+    """`with HostSyncs() as syncs:` lists in syncs.seen every operation that makes the host wait for the device.
+
+    Those are the ops that read device data on the host (_local_scalar_dense, behind item(), bool() and int();
+    nonzero, whose output size is data; is_nonzero; equal), copies from a device to the host, and Tensor.tolist,
+    which on the CPU reads memory without dispatching anything (on a GPU it dispatches a device-to-host copy).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._overloadpacket.__name__
+        if name in SYNC_OPS:
+            self.seen.append(name)
+        elif name in ("_to_copy", "copy_"):
+            source, target = (args[0], kwargs.get("device")) if name == "_to_copy" else (args[1], args[0].device)
+            if source.device.type != "cpu" and target is not None and torch.device(target).type == "cpu":
+                self.seen.append(f"{name} to the host")
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+        seen, tolist = self.seen, self._tolist
+
+        def recorded_tolist(tensor):
+            seen.append("tolist")
+            return tolist(tensor)
+        torch.Tensor.tolist = recorded_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
+def test_the_sync_guard_sees_every_kind_of_read():
+    t = torch.arange(4)
+    with HostSyncs() as syncs:
+        bool(t[1]), t[1].item(), int(t[2]), t.tolist(), t.nonzero(), torch.equal(t, t)
+        t.sum(), t.cumsum(0), t.index_select(0, t.argmax()[None])  # device-side work only (t[t.argmax()] reads)
+    assert syncs.seen == ["_local_scalar_dense"] * 3 + ["tolist", "nonzero", "equal"]
+
+
+@pytest.fixture
+def sync_log():
+    """Run each call of the playground attention and mask functions under HostSyncs: (function, Nq, syncs) in order."""
+    log = []
+
+    def watched(function, label, n_q):
+        def wrapper(*args, **kwargs):
+            with HostSyncs() as syncs:
+                out = function(*args, **kwargs)
+            log.append((label, n_q(args, kwargs), syncs.seen))
+            return out
+        return wrapper
+    transformers.AttentionInterface.register(hf.NAME, watched(hf.playground_attention, "attention",
+                                                              lambda args, kwargs: args[1].shape[2]))
+    mask_queries = (lambda args, kwargs: kwargs["q_length"] if "q_length" in kwargs
+                    else kwargs["cache_position"].shape[0])
+    transformers.masking_utils.AttentionMaskInterface.register(hf.NAME, watched(hf.playground_mask, "mask",
+                                                                                mask_queries))
+    yield log
+    hf.register()
+
+
+def generate_both(model, ids, mask, new_tokens, **config):
+    """Greedy generate() on eager and on ours: (eager's tokens, ours)."""
+    config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD,
+                                           eos_token_id=None, **config)
+    tokens = []
+    for implementation in ("eager", hf.NAME):
+        model.set_attn_implementation(implementation)
+        tokens.append(model.generate(ids, attention_mask=mask, generation_config=config))
+    return tokens
+
+
+def assert_generation_steps_are_paged_and_sync_free(sync_log, kernel_calls, layers, steps):
+    """Every one-token step: each layer on paged_attention, no sync in the attention or the mask function."""
+    decode = [entry for entry in sync_log if entry[1] == 1]
+    assert [entry for entry in decode if entry[0] == "attention"] == [("attention", 1, [])] * layers * steps
+    assert decode and all(syncs == [] for _, _, syncs in decode), decode
+    assert kernel_calls[-layers * steps:] == [("paged_attention", 1)] * layers * steps
+
+
+def test_greedy_generation_of_a_padded_batch_gives_eagers_tokens_on_paged_attention_without_a_sync(
+        device, sync_log, kernel_calls):
+    """Gemma 2: the cap, and a window that the prompts plus 12 tokens outgrow, on a hybrid cache (one layer
+    sliding, one full); two query heads over one key/value head keep the interpreted decode calls quick.
+    The left-padded prefill runs on paged_attention too (cache_leftpad), without the varlen path's unpadding."""
+    ids, mask, _ = left_padded([7, 3], device, seqlen=7)
+    model = build("gemma2", device)
+    eager, ours = generate_both(model, ids, mask, 12)
+    assert eager.shape == (2, 7 + 12)
+    assert torch.equal(ours, eager)
     layers = model.config.num_hidden_layers
-    assert kernel_calls == [("flash_attention", 6)] * layers + [(decode, 1)] * layers * 3
+    assert kernel_calls[:layers] == [("paged_attention", 7)] * layers, "the prefill"
+    assert_generation_steps_are_paged_and_sync_free(sync_log, kernel_calls, layers, 11)
 
 
-def test_decode_steps_that_decode_attention_cannot_express_stay_on_flash_attention(device, kernel_calls):
-    """A window that cuts the cache, a cap, sinks, or gradients: decode_attention takes none of them."""
+@pytest.mark.parametrize("name, cache, lengths", [
+    pytest.param("llama", "static", [6, 2], id="llama-static-cache"),
+    pytest.param("mistral", None, [6, 6], id="mistral-unpadded"),
+    pytest.param("gpt_oss", None, [6, 2], marks=MODELS[-1].marks, id="gpt_oss")])
+def test_generation_steps_run_on_paged_attention_with_no_sync_per_layer(name, cache, lengths, device, sync_log,
+                                                                         kernel_calls):
+    """Llama on a static cache (keys past the written length are empty slots), Mistral's window with no padding,
+    gpt-oss's sinks and window (Gemma 2's cap is above): eager's tokens, and every step on paged_attention with
+    no sync in the attention or mask function. Without padding the prefill's mask function finds none (one read
+    per forward) and the prefill runs on flash_attention; a padded or static-cache prefill on paged_attention."""
+    ids, mask, _ = left_padded(lengths, device, seqlen=6)
+    model = build(name, device)
+    eager, ours = generate_both(model, ids, mask, 4, cache_implementation=cache)
+    assert torch.equal(ours, eager)
+    layers = model.config.num_hidden_layers
+    prefill = "flash_attention" if min(lengths) == 6 and cache is None else "paged_attention"
+    assert kernel_calls[:layers] == [(prefill, 6)] * layers
+    assert_generation_steps_are_paged_and_sync_free(sync_log, kernel_calls, layers, 3)
+
+
+def test_cached_steps_with_gradients_stay_on_flash_attention(device, kernel_calls):
+    """paged_attention has no backward: a cached step that needs gradients runs on flash_attention."""
     module = build("llama", device).model.layers[0].self_attn
     q, k, v = torch.randn(1, 4, 1, 16, device=device), *torch.randn(2, 1, 2, 9, 16, device=device)
-    for options in (dict(sliding_window=WINDOW), dict(softcap=2.0), dict(s_aux=torch.zeros(4, device=device))):
-        hf.playground_attention(module, q, k, v, None, **options)
-    hf.playground_attention(module, q.requires_grad_(), k, v, None)
-    assert kernel_calls == [("flash_attention", 1)] * 4
+    hf.playground_attention(module, q, k, v, None, sliding_window=WINDOW, softcap=2.0)
+    hf.playground_attention(module, q.requires_grad_(), k, v, None, sliding_window=WINDOW, softcap=2.0)
+    assert kernel_calls == [("paged_attention", 1), ("flash_attention", 1)]
 
 
 def test_attention_dropout_reaches_the_kernel_in_training_only(device, monkeypatch):
@@ -267,32 +367,100 @@ def test_an_arbitrary_4d_mask_falls_back_with_one_warning_and_stays_exact(name, 
     torch.testing.assert_close(ours, eager, atol=2e-5, rtol=1e-5)
 
 
+def test_sequences_packed_through_position_ids_run_on_the_varlen_kernel(device, kernel_calls):
+    """transformers' packed convention (position_ids restart at 0 for each sequence in a row, no mask, no cache):
+    eager builds a document mask; ours hands the sequences to flash_attention_varlen, with Gemma 2's window (shorter
+    than both sequences of row 0) and cap. Each sequence comes out as if it ran alone."""
+    ids = torch.randint(3, VOCAB, (2, SEQLEN), device=device)
+    positions = torch.stack([torch.cat([torch.arange(5), torch.arange(SEQLEN - 5)]), torch.arange(SEQLEN)]).to(device)
+    model = build("gemma2", device)
+    eager = logits(model, "eager", ids, position_ids=positions, use_cache=False)
+    alone = logits(model, "eager", ids[:1, :5], use_cache=False)
+    torch.testing.assert_close(eager[:1, :5], alone, atol=2e-5, rtol=1e-5)  # eager's document mask
+    hf._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = logits(model, hf.NAME, ids, position_ids=positions, use_cache=False)
+    assert not [w for w in caught if hf.NAME in str(w.message)], "no fallback"
+    assert kernel_calls == [("flash_attention_varlen", None)] * model.config.num_hidden_layers
+    torch.testing.assert_close(ours, eager, atol=2e-5, rtol=1e-5)
+
+
+def mask_sizes(n_q, kv_length, past=0):
+    """The mask function's size arguments for Nq queries after `past` cached keys, in this transformers' names."""
+    if "q_length" in inspect.signature(transformers.masking_utils.sdpa_mask).parameters:  # transformers 5
+        return dict(q_length=n_q, q_offset=past, kv_length=kv_length)
+    return dict(cache_position=torch.arange(past, past + n_q), kv_length=kv_length)  # 4.x
+
+
+def spans_of(starts, ends):
+    return torch.tensor([starts, ends], dtype=torch.int32)[:, :, None, None]
+
+
 def test_the_mask_function_returns_what_the_kernels_can_use(device):
     from transformers.masking_utils import chunked_causal_mask_function, sdpa_mask, \
         sliding_window_causal_mask_function
 
-    _, mask, _ = left_padded([SEQLEN, 5], device)
-    mask = mask.bool()
-    args = dict(batch_size=2, kv_length=SEQLEN, kv_offset=0, device=device)
-    if "q_length" in inspect.signature(sdpa_mask).parameters:  # transformers 5; 4.x passes cache_position
-        args.update(q_length=SEQLEN, q_offset=0)
-    else:
-        args.update(cache_position=torch.arange(SEQLEN, device=device))
-    assert hf.playground_mask(**args) is None, "no padding: the kernel's own causal masking"
-    assert torch.equal(hf.playground_mask(**args, attention_mask=mask), mask)
+    left = left_padded([SEQLEN, 5], device)[1].bool()
+    right = left.flip(1)
+    args = dict(batch_size=2, kv_offset=0, device=device)
+    prefill = dict(args, **mask_sizes(SEQLEN, SEQLEN))
+    assert hf.playground_mask(**prefill) is None, "no padding: the kernel's own causal masking"
+    assert hf.playground_mask(**prefill, attention_mask=torch.ones_like(left)) is None, "a mask with no padding"
+    # Left padding: key spans [start, end) per row, for paged_attention's cache_leftpad and seqused_k.
+    assert torch.equal(hf.playground_mask(**prefill, attention_mask=left), spans_of([0, 7], [12, 12]))
+    assert torch.equal(hf.playground_mask(**prefill, attention_mask=right), right), "right padding: the varlen path"
     window = sliding_window_causal_mask_function(WINDOW)
-    assert torch.equal(hf.playground_mask(**args, attention_mask=mask, mask_function=window, local_size=WINDOW), mask)
-    hole = mask.clone()
+    assert torch.equal(hf.playground_mask(**prefill, attention_mask=right, mask_function=window, local_size=WINDOW),
+                       right)
+    hole = right.clone()
     hole[0, 3] = False  # a padded token between real ones would shift a packed window: transformers' own mask
     for mask_function, attention_mask in ((window, hole), (chunked_causal_mask_function(3, torch.zeros(2, dtype=int)),
-                                                          mask)):
-        full = sdpa_mask(**args, mask_function=mask_function, attention_mask=attention_mask,
+                                                          left)):
+        full = sdpa_mask(**prefill, mask_function=mask_function, attention_mask=attention_mask,
                          allow_is_causal_skip=False)
-        assert torch.equal(hf.playground_mask(**args, mask_function=mask_function, attention_mask=attention_mask),
+        assert torch.equal(hf.playground_mask(**prefill, mask_function=mask_function, attention_mask=attention_mask),
                            full)
     # A static cache of 20 slots holding 12 tokens: only the first 12 keys are real.
-    static = hf.playground_mask(**{**args, "kv_length": 20})
-    assert static.shape == (2, SEQLEN) and bool(static.all())
+    assert torch.equal(hf.playground_mask(**args, **mask_sizes(SEQLEN, 20)), spans_of([0, 0], [12, 12]))
+    # A generation step reads nothing: spans, whatever the mask; a row they cannot describe (a hole, or a padded
+    # query) gets start > end, which the kernel turns into NaN rather than a wrong answer.
+    step = dict(args, **mask_sizes(1, SEQLEN + 1, past=SEQLEN))
+    grown = torch.cat([torch.cat([left, right]), torch.ones(4, 1, dtype=torch.bool)], dim=1)
+    with HostSyncs() as syncs:
+        spans = hf.playground_mask(**dict(step, batch_size=4), attention_mask=grown)
+        assert hf.playground_mask(**step) is None
+    assert syncs.seen == [] and torch.equal(spans, spans_of([0, 7, 0, 14], [13, 13, 13, 13]))
+
+
+def test_a_row_with_a_hole_in_a_generation_step_comes_out_nan(device):
+    """A right-padded prompt leaves a hole before the new tokens: the step's spans cannot describe it, so paged
+    attention returns NaN for that row (exact values for the others), and the varlen path does the same."""
+    module = build("llama", device).model.layers[0].self_attn
+    mask = torch.tensor([[False, False, True, True, True], [True, True, False, True, True]], device=device)
+    spans = hf.playground_mask(batch_size=2, kv_offset=0, attention_mask=mask, device=device, **mask_sizes(1, 5, 4))
+    q, k, v = torch.randn(2, 4, 1, 16, device=device), *torch.randn(2, 2, 2, 5, 16, device=device)
+    paged, _ = hf.playground_attention(module, q, k, v, spans)
+    varlen, _ = hf.playground_attention(module, q.requires_grad_(), k, v, spans)
+    alone, _ = hf.playground_attention(module, q[:1], k[:1, :, 2:], v[:1, :, 2:], None)
+    for out in (paged, varlen.detach()):
+        torch.testing.assert_close(out[:1], alone.detach())
+        assert out[1].isnan().all()
+
+
+def test_a_left_padded_prefill_on_paged_attention_equals_the_varlen_path(device, kernel_calls):
+    """Key spans (paged_attention, dense queries, cache_leftpad: no unpadding, no sync) and the padding mask
+    (the varlen kernel) give the same real rows, with a window, a cap and sinks; padded queries are 0 in both."""
+    module = build("llama", device).model.layers[0].self_attn
+    padding = left_padded([9, 4], device, seqlen=9)[1].bool()
+    spans = hf.playground_mask(batch_size=2, kv_offset=0, attention_mask=padding, device=device, **mask_sizes(9, 9))
+    q, k, v = torch.randn(2, 4, 9, 16, device=device), *torch.randn(2, 2, 2, 9, 16, device=device)
+    options = dict(sliding_window=WINDOW, softcap=2.0, s_aux=torch.randn(4, device=device))
+    paged, _ = hf.playground_attention(module, q, k, v, spans, **options)
+    varlen, _ = hf.playground_attention(module, q, k, v, padding, **options)
+    assert kernel_calls == [("paged_attention", 9), ("flash_attention_varlen", None)]
+    torch.testing.assert_close(paged, varlen, atol=1e-6, rtol=1e-5)
+    assert not paged[1, :5].any(), "padded queries"
 
 
 def test_4d_masks_the_kernels_cannot_take_are_refused_with_the_reason():
@@ -360,15 +528,26 @@ def test_hf_bench_check_rows_run_our_kernels_against_float64_eager():
 # ----------------------------------------------------------------------------
 # torch.compile, and the name clash with Hugging Face's own `kernels` package
 # ----------------------------------------------------------------------------
-def test_a_compiled_model_runs_our_attention_in_one_graph(device):
-    """fullgraph=True: no graph break anywhere in Llama's forward, ours included (no mask: the flash path)."""
-    ids = torch.randint(3, VOCAB, (2, SEQLEN), device=device)
+def test_a_compiled_decode_step_on_a_static_cache_runs_our_attention_in_one_graph(device, kernel_calls):
+    """fullgraph=True: no graph break anywhere in a Llama decode step of a left-padded batch on transformers'
+    StaticCache, the mask function's key spans and paged_attention (a custom op) included; eager's logits.
+    (The prefill's flash path compiles in the next test.)"""
+    ids, mask, positions = left_padded([6, 3], device, seqlen=6)
     model = build("llama", device)
-    eager = logits(model, "eager", ids)
-    model.set_attn_implementation(hf.NAME)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(ids).logits, eager, atol=2e-5, rtol=1e-5)
+    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    step = dict(input_ids=torch.randint(3, VOCAB, (2, 1), device=device), position_ids=positions[:, -1:] + 1,
+                attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1))
+    results = []
+    for implementation in ("eager", hf.NAME):
+        model.set_attn_implementation(implementation)
+        cache = transformers.StaticCache(config=model.config, max_cache_len=10)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, position_ids=positions, **{cache_argument: cache})
+            forward = model if implementation == "eager" else torch.compile(model, backend="aot_eager",
+                                                                            fullgraph=True)
+            results.append(forward(**step, **{cache_argument: cache}).logits)
+    torch.testing.assert_close(results[1], results[0], atol=2e-5, rtol=1e-5)
+    assert ("paged_attention", 1) in kernel_calls
 
 
 def test_the_attention_function_compiles_with_window_cap_and_sinks_without_a_graph_break(device):

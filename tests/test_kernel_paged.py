@@ -15,7 +15,7 @@ import reference.decode as ref_decode
 import reference.paged as ref
 from conftest import DEVICE
 from kernels import append_kv, decode_attention, paged_attention
-from kernels.paged import _paged_fwd, choose_num_splits
+from kernels.paged import MAX_SPLIT_QUERIES, _paged_fwd, choose_num_splits
 from tests.cases import PAGED_CASES, PagedCase, dtype_params
 from tests.helpers import assert_close_to_reference, poisoned_like
 
@@ -37,16 +37,13 @@ def run_poisoned(inputs, case):
     options = case.kwargs(q.device)
     window = _window_bounds(options.pop("window_size", None), case.causal)
     lse_shape = (q.shape[1], q.shape[0]) if case.packed else q.shape[:3]
-    splits = case.num_splits or 1
-    tokens = q.shape[0] if case.packed else q.shape[0] * q.shape[2]
+    slots = (case.num_splits or 1, len(case.seqlens), MAX_SPLIT_QUERIES, q.shape[-2 if case.packed else 1])
     return _paged_fwd(q, *(inputs[name] for name in TENSORS), inputs["cu_seqlens_q"], inputs["max_seqlen_q"],
                       case.causal, 1.0 / math.sqrt(q.shape[-1]), window, options.get("softcap", 0.0),
                       options.get("alibi_slopes"), options.get("sinks"), inputs["cache_leftpad"], case.num_splits,
                       o=poisoned_like(q), lse=poisoned_like(q, shape=lse_shape, dtype=torch.float32),
-                      o_part=poisoned_like(q, shape=(splits, tokens, q.shape[-2 if case.packed else 1], q.shape[-1]),
-                                           dtype=torch.float32),
-                      lse_part=poisoned_like(q, shape=(splits, tokens, q.shape[-2 if case.packed else 1]),
-                                             dtype=torch.float32))
+                      o_part=poisoned_like(q, shape=(*slots, q.shape[-1]), dtype=torch.float32),
+                      lse_part=poisoned_like(q, shape=slots, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("dtype", dtype_params())
@@ -118,8 +115,9 @@ def test_num_splits_heuristic():
     assert choose_num_splits(8, 1, 132) == 1
 
 
-def test_long_chunks_run_unsplit_and_short_steps_split(monkeypatch, device):
-    """Split-KV is for few new tokens per sequence: a 40-token chunk in the batch turns it off."""
+def test_a_mixed_batch_splits_its_short_steps_and_not_its_chunks(monkeypatch, device):
+    """Split-KV is for few new tokens per sequence: in one launch, a decode over 2000 keys and 4 speculative
+    tokens split (the merge combines them), a 40-token chunk runs in its own tiles, written directly."""
     seen = []
     real = kernels.paged._paged_merge
 
@@ -129,15 +127,53 @@ def test_long_chunks_run_unsplit_and_short_steps_split(monkeypatch, device):
             return real[grid]
 
     monkeypatch.setattr(kernels.paged, "_paged_merge", CountingMerge())
-    decode = PagedCase(seqlens=(2000,), h_q=4, h_kv=4, new=1, head_dim=16, causal=True, num_splits=None)
-    chunk = PagedCase(seqlens=(2000, 100), h_q=4, h_kv=4, new=(1, 40), head_dim=16, causal=True, num_splits=None)
+    case = PagedCase(seqlens=(2000, 600, 100), h_q=4, h_kv=2, new=(1, 4, 40), head_dim=16, causal=True,
+                     num_splits=4, options=(("sinks", None),))
+    inputs = case.make_inputs(torch.float32, device)
     with torch.no_grad():
-        for case, merged in ((decode, True), (chunk, False)):
-            seen.clear()
-            inputs = case.make_inputs(torch.float32, device)
-            paged_attention(inputs["q"], *(inputs[name] for name in TENSORS), cu_seqlens_q=inputs["cu_seqlens_q"],
-                            max_seqlen_q=inputs["max_seqlen_q"])
-            assert bool(seen) == merged, case.id
+        o, lse = run_poisoned(inputs, case)
+    assert len(seen) == 1, "the split sequences need one merge"
+    o64, lse64 = reference_call(inputs, case, torch.float64)
+    assert_close_to_reference(o, o64, reference_call(inputs, case)[0], name="o")
+    assert_close_to_reference(lse, lse64, reference_call(inputs, case, torch.float32)[1], name="lse")
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_a_tree_of_speculative_tokens_through_a_mask_mod(num_splits, device):
+    """Verification of a token tree: each draft token sees the cache and its ancestors in the tree
+    (kernels.mods.tree), whatever each sequence's cached length; against float64 over the same mask."""
+    from kernels import mods
+
+    parents = [-1, 0, 0, 1, 2, 2]  # a root, two children, their children
+    n = len(parents)
+    ancestors = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        j = i
+        while j >= 0:
+            ancestors[i, j], j = True, parents[j]
+    case = PagedCase(seqlens=(40, 300), h_q=4, h_kv=2, new=n, head_dim=32, causal=False, num_splits=num_splits,
+                     block_size=16)
+    inputs = case.make_inputs(torch.float32, device)
+    q, k, v, seqlens, table = (inputs[name] for name in ("q", "k_cache", "v_cache", "seqused_k", "block_table"))
+    with torch.no_grad():
+        o = decode_attention(q, k, v, seqlens, table, causal=False, num_splits=num_splits,
+                             mask_mod=mods.tree(ancestors.to(device)))
+    for b, length in enumerate(case.seqlens):
+        visible = torch.cat([torch.ones(n, length - n, dtype=torch.bool), ancestors], 1).to(device)
+        keys = [ref.sequence_keys(cache, b, 0, length, table)[None] for cache in (k, v)]
+        expected = naive_attention_masked(q[b:b + 1], *keys, visible)
+        assert_close_to_reference(o[b:b + 1], expected.to(torch.float64),
+                                  naive_attention_masked(q[b:b + 1], *keys, visible, torch.float32), name=f"o[{b}]")
+
+
+def naive_attention_masked(q, k, v, visible, dtype=torch.float64):
+    """softmax(q k^T / sqrt(D), masked) v over a (Nq, Nk) bool mask, GQA by repeating k and v."""
+    from reference.functional import repeat_kv
+
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    k, v = (repeat_kv(t, q.shape[1] // t.shape[1]) for t in (k, v))
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1) @ v
 
 
 # ----------------------------------------------------------------------------

@@ -147,3 +147,20 @@ def test_triton_backend_hands_packed_inputs_to_the_varlen_kernel(monkeypatch):
     out = padded_attention(q, k, v, mask, causal=True)
     assert calls == [((20, 4, 8), (20, 4, 8), [0, 9, 9, 10, 14, 20], [0, 9, 9, 10, 14, 20], 9, 9)]
     assert_close(out, padded_attention(q, k, v, mask, causal=True, backend="naive"), "triton path vs naive path")
+
+
+def test_padded_attention_reads_each_distinct_mask_once(monkeypatch):
+    """Unpadding reads the mask (nonzero's output size is data): once in a prefill, where queries and keys share
+    it, twice in a decoding step. The longest length is bounded by the padded width, never read (item, int)."""
+    reads = []
+    for method in ("nonzero", "item", "__int__"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda t, *args, _m=method, _o=original, **kwargs: (
+            reads.append(_m), _o(t, *args, **kwargs))[1])
+    mask = padding_mask([5, 2], 5, "left")
+    q, k, v = torch.randn(3, 2, 2, 5, 8)
+    padded_attention(q, k, v, mask, causal=True)
+    assert reads == ["nonzero"]
+    reads.clear()
+    padded_attention(q[:, :, -1:], k, v, mask, causal=True)
+    assert reads == ["nonzero", "nonzero"]

@@ -5,6 +5,7 @@ here: tile kinds from a dense causal mask, bytes from the formulas written
 out, the kernel's running softmax state from a float64 recomputation of the
 keys seen so far. The pdb test drives a real debugger session through stdin.
 """
+import itertools
 import math
 import os
 import re
@@ -245,3 +246,64 @@ def test_variants_script_counts_window_tiles_linearly():
     window_growth = by_n[65536][1] / by_n[32768][1]
     assert 3.9 < causal_growth < 4.1 and 1.9 < window_growth < 2.1, out
     assert "identical" in out and "GiB" in out, out
+
+
+# ----------------------------------------------------------------------------
+# serving_step: the tile numbering against a linear scan, host reads, NaN rows (chapter 10)
+# ----------------------------------------------------------------------------
+def owner_by_scan(starts, tile):
+    """The sequence a tile belongs to, by walking the starts: the last b whose tiles begin at or before it."""
+    return max(b for b, start in enumerate(starts) if start <= tile)
+
+
+@pytest.mark.parametrize("counts", [(1, 4, 40, 20), (0, 0, 17), (16, 16, 16), (1,) * 9, (100, 0, 1, 31, 33)])
+@pytest.mark.parametrize("block_q", [1, 4, 16])
+def test_tile_numbering_leaves_room_for_every_sequence(counts, block_q):
+    """cu_seqlens_q[b] // BLOCK_Q + b gives each sequence all its tiles before the next one's, inside the grid."""
+    from tutorial.serving_step import find_sequence, grid_tiles, tile_starts
+
+    cu = [0, *itertools.accumulate(counts)]
+    starts, grid = tile_starts(cu, block_q), grid_tiles(cu, block_q)
+    ends = [start + math.ceil(n / block_q) for start, n in zip(starts, counts)]
+    assert all(end <= start for end, start in zip(ends, starts[1:] + [grid])), (starts, ends, grid)
+    for tile in range(grid):
+        assert find_sequence(starts, tile) == owner_by_scan(starts, tile), tile
+    assert grid - sum(math.ceil(n / block_q) for n in counts) <= len(counts), "at most one idle tile per sequence"
+
+
+def test_host_reads_counts_what_waits_for_the_device():
+    from tutorial.serving_step import HostReads
+
+    t = torch.tensor([3, 0])
+    tolist = torch.Tensor.tolist
+    with HostReads() as reads:
+        t[0].item(), t.tolist(), bool(t[0]), torch.nonzero(t), t + 1
+    assert reads.reads == ["aten::_local_scalar_dense", "tolist", "aten::_local_scalar_dense", "aten::nonzero"], \
+        reads.reads
+    assert torch.Tensor.tolist is tolist, "tolist is put back"
+
+
+def test_serving_step_script():
+    from tutorial.serving_step import BLOCK_Q, STEP, grid_tiles, tile_starts
+
+    out = run_script("serving_step")
+    cu = [0, *itertools.accumulate(new for _, new in STEP)]
+    starts = tile_starts(cu, BLOCK_Q)
+    assert f"tile_start = cu_seqlens_q[b] // {BLOCK_Q} + b = {starts}" in out, out
+    tiles = re.findall(r"^  tile +(\d+): seq (\d+), (?:new tokens (\d+)\.\.(\d+)|(returns at once))$", out, re.M)
+    assert len(tiles) == grid_tiles(cu, BLOCK_Q), out
+    for tile, seq, first, last, idle in tiles:
+        b = owner_by_scan(starts, int(tile))
+        assert int(seq) == b, f"tile {tile}"
+        offset = (int(tile) - starts[b]) * BLOCK_Q
+        if idle:
+            assert offset >= STEP[b][1], f"tile {tile} has tokens but returned"
+        else:
+            assert (int(first), int(last)) == (offset, min(offset + BLOCK_Q, STEP[b][1]) - 1), f"tile {tile}"
+    assert "  paged_attention: 0\n" in out, "the fast path reads nothing on the host"
+    # validate=True reads the lengths, cu_seqlens_q and each sequence's used block-table row
+    assert f"  paged_attention(validate=True): {2 + len(STEP)} (tolist)" in out, out
+    error = float(re.search(r"max \|kernel - float64 reference\| = (\S+)", out).group(1))
+    assert error < 1e-5, out
+    assert "all NaN: [2]; unchanged: [0, 1, 3]" in out, out
+    assert "validate=True: ValueError: block_table[2, 3] = " in out, out
