@@ -399,8 +399,10 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
     # Warp specialization is for the plain key loop: not for causal or windowed calls (their masked
     # diagonal blocks), nor packed sequences (with their early exit Triton 3.6 cannot compile the
     # kernel), nor mods (their block lists are more loops).
-    warp_specialize = not (constexprs["IS_CAUSAL"] or constexprs["HAS_WINDOW"] or constexprs["IS_VARLEN"] or mods)
-    if mods:
+    has_mods = mods is not NO_MODS and bool(mods)  # Mods.__bool__ walks its fields: ask once, and not for none
+    warp_specialize = not (constexprs["IS_CAUSAL"] or constexprs["HAS_WINDOW"] or constexprs["IS_VARLEN"]
+                           or has_mods)
+    if has_mods:
         block_mask, bm_strides, score_args, mask_args, mod_constexprs = mods.kernel_arguments(lse)
     else:
         block_mask, (bm_strides, score_args, mask_args) = lse, _NO_MOD_ARGUMENTS
@@ -410,7 +412,7 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
             h_q, h_q // h_kv, n_q, n_k, score_args, mask_args)
     programs = batch * h_q  # times the query blocks of the config: a 1-D grid
     with runtime.on_device(device):
-        if not mods:
+        if not has_mods:
             _launch(CONFIGS["fwd"], _attn_fwd, lambda c: (-(-n_q // c.kwargs["BLOCK_M"]) * programs,), args, plan,
                     n_q=n_q, n_k=n_k, tma=descriptors, warp_specialize=warp_specialize,
                     deterministic=deterministic, check=lambda c: _check_hopper_options(c, constexprs, descriptors),
@@ -516,7 +518,8 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
             sdk_view, sdv_view = strides(dk_view), strides(dv_view)
         dq_acc = torch.zeros(q.shape, dtype=lse.dtype, device=q.device) if fused_dq else dq
         grad_args = tuple(grad_args)
-        if mods:
+        has_mods = mods is not NO_MODS and bool(mods)
+        if has_mods:
             lists_t, bm_strides_t, score_args, mask_args, mod_constexprs = mods.kernel_arguments(
                 lse, transposed=True, backward=True)
         else:
@@ -534,7 +537,7 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
                     torch.zeros_like(dq_acc), *dkdv_args[9:-1], tuple(torch.zeros_like(g) for g in grad_args))
 
         dkdv_grid = lambda c: (-(-n_k // c.kwargs["BLOCK_N"]) * splits * batch * h_kv,)  # noqa: E731
-        if not mods:
+        if not has_mods:
             _launch(CONFIGS["bwd_dkdv"], _attn_bwd_dkdv, dkdv_grid, dkdv_args, plan, n_q=n_q, n_k=n_k,
                     deterministic=deterministic, scratch=dkdv_scratch)
         else:  # a block mask's blocks bound the tiles
@@ -553,11 +556,11 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
         if fused_dq:
             return dq.copy_(dq_acc), dk, dv
         dq_plan = _launch_plan("bwd_dq", variant, head_dim, v.shape[-1], group > 1)
-        lists, bm_strides = (mods.kernel_arguments(lse)[:2]) if mods else (lse, _NO_MOD_ARGUMENTS[0])
+        lists, bm_strides = (mods.kernel_arguments(lse)[:2]) if has_mods else (lse, _NO_MOD_ARGUMENTS[0])
         dq_args = (q, k, v, do, lse, delta, dq, *pointers, lists, *scalars, *sq, *sk, *sv, *sdo, *sdq,
                    *strides_lse_alibi, *bm_strides, h_q, group, n_q, n_k, score_args, mask_args)
         dq_grid = lambda c: (-(-n_q // c.kwargs["BLOCK_M"]) * batch * h_q,)  # noqa: E731
-        if not mods:
+        if not has_mods:
             _launch(CONFIGS["bwd_dq"], _attn_bwd_dq, dq_grid, dq_args, dq_plan, n_q=n_q, n_k=n_k,
                     deterministic=deterministic, scratch=lambda: (*dq_args[:6], torch.empty_like(dq), *dq_args[7:]))
         else:
