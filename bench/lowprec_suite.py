@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import providers, report, sweep
+from . import providers, registry, report, sweep
 from .flops import attention_flops
 from .plan import KIB, Job, dtype_name
 
@@ -390,17 +390,7 @@ def _decode_columns(base):
 
 
 def register():
-    """Wire the fp8 and mla suites into `python -m bench`: bench/registry.py's Suite records where it exists,
-    else the sweep's and the report's tables (there GB/s is not computed per row; `summary` computes it).
-    Returns the registered Suite records, or None on the fallback."""
-    try:
-        from . import registry
-    except ImportError:
-        sweep.BUILDERS[Fp8Case], sweep.CHECKERS[Fp8Case] = _fp8_build, _fp8_check
-        sweep.BUILDERS[MLADecodeCase], sweep.CHECKERS[MLADecodeCase] = _mla_build, _mla_check
-        report.BASELINE.setdefault(FP8_SUITE, "triton-bf16")
-        report.BASELINE.setdefault(MLA_SUITE, "triton-mha")
-        return None
+    """Wire the fp8 and mla suites into `python -m bench` (bench/suites.py calls this once). Returns their Suites."""
     return [registry.register(registry.Suite(FP8_SUITE, fp8_jobs, {Fp8Case: (_fp8_build, _fp8_check)},
                                              baseline="triton-bf16", rates=rates, summary=fp8_summary,
                                              note=NOTES[FP8_SUITE])),

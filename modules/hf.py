@@ -52,17 +52,15 @@ The attention function (`playground_attention`) routes each call:
     packed sequences                        -> kernels.flash_attention_varlen
     sliding_window / softcap / s_aux        -> the kernels' window_size / softcap / sinks options
     dropout (transformers passes 0 in eval) -> the kernels' dropout_p
-    anything the kernels cannot express     -> SDPA (or, with softcap or sinks, which SDPA lacks,
-      (another 4-D mask, v_head_dim != D)      plain dense math), with a one-time warning naming why
+    any other 4-D mask (documents,          -> kernels.flash_attention's dense-mask path: attn_mask (a block
+      prefix-LM, chunked, image tokens)        mask skips hidden key blocks) or, additive, attn_bias
 Padded query positions come out as zeros (flash_attention_2 does the same);
 eager gives them values that nothing downstream reads.
 """
 import warnings
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface, masking_utils
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import (
     AttentionMaskInterface,
     and_masks,
@@ -73,15 +71,11 @@ from transformers.masking_utils import (
 
 import kernels
 from kernels.paged import PAGED_DTYPES
-from reference.functional import causal_visibility, window_visibility
 
 from .padding import padded_attention
 
 NAME = "playground"
 DECODE_MAX_QUERIES = 16  # new tokens per cached step up to which it is a generation step: the mask is not read
-# Dense math masks with the most negative fp32, as eager does, not -inf: a fully masked (padding) row
-# then averages its values instead of turning NaN and spreading through the next layer's values.
-MASKED = torch.finfo(torch.float32).min
 
 _AND_MASK_CODE = and_masks(causal_mask_function).__code__
 _WINDOW_OVERLAY_CODE = sliding_window_overlay(1).__code__
@@ -311,54 +305,19 @@ def padding_from_4d(mask, n_q, n_k, causal, window_size):
 # ----------------------------------------------------------------------------
 # Fallback: what the kernels cannot express
 # ----------------------------------------------------------------------------
-def _dense_attention(module, query, key, value, mask, scaling, dropout, softcap, sinks):
-    """Eager-style math with a mask, for softcap and sinks, which SDPA lacks. (B, Hq, Nq, D) -> (B, Nq, Hq, D)."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scores = (query @ key.transpose(-2, -1)).float() * scaling  # (B, Hq, Nq, Nk)
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, MASKED) if mask.dtype == torch.bool else scores + mask.float()
-    if sinks is not None:
-        # (Hq,) -> (B, Hq, Nq, 1): a column that joins the normaliser and is dropped after the softmax
-        scores = torch.cat([scores, sinks.float()[None, :, None, None].expand(*scores.shape[:3], 1)], dim=-1)
-    weights = torch.softmax(scores, dim=-1)
-    weights = weights[..., :-1] if sinks is not None else weights
-    weights = F.dropout(weights, p=dropout, training=dropout > 0).to(value.dtype)
-    return (weights @ value).transpose(1, 2).contiguous()
-
-
-def _fallback(reason, module, query, key, value, mask, scaling, dropout, causal, window_size, softcap, sinks,
-              kwargs):
-    """The attention SDPA (or dense math) computes, with a warning naming the reason, once per reason.
-
-    mask: a 4-D mask, or the kernels' (B, Nk) padding (or None), which becomes the eager
-    (B, 1, Nq, Nk) mask: padding, causal and window by absolute position.
-    """
-    if mask is None or mask.dim() == 2:
-        n_q, n_k = query.shape[2], key.shape[2]
-        visible = causal_visibility(n_q, n_k, query.device) if causal else None
-        if window_size is not None:
-            window = window_visibility(n_q, n_k, window_size, query.device)
-            visible = window if visible is None else visible & window
-        if mask is not None:
-            padding = mask[:, None, None, :]  # (B, Nk) -> (B, 1, 1, Nk)
-            visible = padding if visible is None else padding & visible
-        mask = visible
-    lacking = [name for name, value_ in (("softcap", softcap), ("sinks", sinks)) if value_ is not None]
-    if lacking:
-        _warn_once(f"{reason}: the kernels cannot express it, and SDPA has no {' or '.join(lacking)}; "
-                   "computing this attention with dense math")
-        return _dense_attention(module, query, key, value, mask, scaling, dropout, softcap, sinks), None
-    _warn_once(f"{reason}: the kernels cannot express it; falling back to SDPA")
-    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
-                                  is_causal=causal and mask is None, **kwargs)
-
-
 # ----------------------------------------------------------------------------
 # The attention function
 # ----------------------------------------------------------------------------
+def _any_4d_mask(query, key, value, mask, scaling, options):
+    """A 4-D mask that is no causal/window/padding pattern (document masks, prefix-LM, chunked attention,
+    bidirectional image tokens, ...) on the kernels' dense-mask path: a bool mask as attn_mask (its all-hidden
+    key blocks are never loaded), an additive one as attn_bias (eager's exact scores, its gradient included).
+    The mask already holds causality and any window. (B, Hq, Nq, D) -> (B, Nq, Hq, D)."""
+    masks = {"attn_mask": mask} if mask.dtype == torch.bool else {"attn_bias": mask}
+    out = kernels.flash_attention(query, key, value, sm_scale=scaling, **masks, **options)
+    return out.transpose(1, 2).contiguous()
+
+
 def _window_size(sliding_window, causal):
     """transformers' sliding_window W as the kernels' (left, right), after masking_utils' overlays."""
     if sliding_window is None:
@@ -371,21 +330,6 @@ def _spans_to_padding(spans, n_k):
     """Key spans (2, B) as a (B, Nk) padding mask, and the rows they mark as inexpressible (start > end)."""
     columns = torch.arange(n_k, device=spans.device)
     return (columns >= spans[0, :, None]) & (columns < spans[1, :, None]), spans[0] > spans[1]
-
-
-def _packed_visibility(cu_seqlens, batch, n, causal, window_size):
-    """What packed sequences let each token see, (B, 1, N, N) bool, for the fallback: same sequence, causal, window.
-
-    Within a sequence, token indices differ as positions do, so the masks compare indices.
-    """
-    tokens = torch.arange(batch * n, device=cu_seqlens.device)
-    sequence = torch.searchsorted(cu_seqlens[1:], tokens, right=True).view(batch, n)  # (B, N)
-    visible = sequence[:, :, None] == sequence[:, None, :]  # (B, N, N)
-    if causal:
-        visible = visible & causal_visibility(n, n, cu_seqlens.device)
-    if window_size is not None:
-        visible = visible & window_visibility(n, n, window_size, cu_seqlens.device)
-    return visible[:, None]
 
 
 def _packed_attention(query, key, value, cu_seqlens, causal, scaling, window_size, options):
@@ -427,10 +371,6 @@ def playground_attention(module, query, key, value, attention_mask, scaling=None
                                                 ("dropout_p", dropout or None)) if value_ is not None}
     mask = attention_mask
     if mask is not None and mask.dim() == 1:  # packed sequences
-        if value.shape[-1] != query.shape[-1]:
-            mask = _packed_visibility(mask, query.shape[0], query.shape[2], causal, window_size)
-            return _fallback(f"value head dim {value.shape[-1]} != query head dim {query.shape[-1]}", module,
-                             query, key, value, mask, scaling, dropout, causal, window_size, softcap, sinks, kwargs)
         return _packed_attention(query, key, value, mask, causal, scaling, window_size, options), None
 
     paged = _paged_ok(query, key, value, causal, options)
@@ -454,13 +394,9 @@ def playground_attention(module, query, key, value, attention_mask, scaling=None
         padding = mask.bool()
     elif mask is not None:
         padding, reason = padding_from_4d(mask, query.shape[2], key.shape[2], causal, window_size)
-        if padding is None:
-            return _fallback(reason, module, query, key, value, mask, scaling, dropout, causal, window_size, softcap,
-                             sinks, kwargs)
+        if padding is None:  # any other pattern: the kernels' dense-mask path (a block mask skips hidden blocks)
+            return _any_4d_mask(query, key, value, mask, scaling, options), None
         padding = None if bool(padding.all()) else padding.expand(query.shape[0], -1)
-    if value.shape[-1] != query.shape[-1]:
-        return _fallback(f"value head dim {value.shape[-1]} != query head dim {query.shape[-1]}", module, query, key,
-                         value, padding, scaling, dropout, causal, window_size, softcap, sinks, kwargs)
 
     if padding is not None:
         out = padded_attention(query, key, value, padding, causal=causal, sm_scale=scaling,

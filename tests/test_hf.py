@@ -348,22 +348,26 @@ def test_a_4d_causal_padding_mask_reduces_to_the_varlen_path(device, kernel_call
     torch.testing.assert_close(ours[real], eager[real], atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2"])
-def test_an_arbitrary_4d_mask_falls_back_with_one_warning_and_stays_exact(name, device):
-    """Two sequences packed in one row (a block-diagonal causal mask): SDPA, or dense math under Gemma's softcap."""
+@pytest.mark.parametrize("name, as_bool", [("llama", False), ("gemma2", True)])
+def test_an_arbitrary_4d_mask_runs_on_the_kernels_dense_mask_path(name, as_bool, device, kernel_calls):
+    """Two sequences packed in one row (a block-diagonal causal mask), as eager's additive float mask or as a bool
+    one (Gemma 2's softcap and window too): the kernels' attn_bias or attn_mask path, no fallback, eager's logits."""
     ids = torch.randint(3, VOCAB, (1, SEQLEN), device=device)
     segment = torch.tensor([0] * 5 + [1] * (SEQLEN - 5))
     keep = (segment[:, None] == segment[None, :]) & torch.ones(SEQLEN, SEQLEN, dtype=torch.bool).tril()
     if name == "gemma2":
         keep = keep & torch.ones(SEQLEN, SEQLEN, dtype=torch.bool).triu(-(WINDOW - 1))  # the window, on all layers
-    four_d = additive(keep[None, None]).to(device)
+    eager_mask = additive(keep[None, None]).to(device)
     positions = torch.cat([torch.arange(5), torch.arange(SEQLEN - 5)])[None].to(device)
     model = build(name, device)
-    eager = logits(model, "eager", ids, attention_mask=four_d, position_ids=positions)
+    eager = logits(model, "eager", ids, attention_mask=eager_mask, position_ids=positions)
     hf._warned.clear()
-    with pytest.warns(UserWarning, match="not causal/sliding-window attention over a padding mask") as caught:
-        ours = logits(model, hf.NAME, ids, attention_mask=four_d, position_ids=positions)
-    assert len([w for w in caught if hf.NAME in str(w.message)]) == 1, "one warning, not one per layer"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = logits(model, hf.NAME, ids, attention_mask=keep[None, None].to(device) if as_bool else eager_mask,
+                      position_ids=positions)
+    assert not [w for w in caught if hf.NAME in str(w.message)], "no fallback"
+    assert kernel_calls == [("flash_attention", SEQLEN)] * model.config.num_hidden_layers
     torch.testing.assert_close(ours, eager, atol=2e-5, rtol=1e-5)
 
 
@@ -476,15 +480,17 @@ def test_4d_masks_the_kernels_cannot_take_are_refused_with_the_reason():
     assert "differs between heads" in hf.padding_from_4d(per_head, 4, 6, True, None)[1]
 
 
-def test_a_value_head_dim_the_kernels_cannot_take_falls_back_with_padding_causal_and_window(device):
-    """v_head_dim != head_dim (as in MLA): SDPA, on the eager mask rebuilt from the kernels' padding mask."""
+def test_a_value_head_dim_apart_from_the_query_one_runs_on_the_kernels(device):
+    """v_head_dim != head_dim (as in MLA's prefill) with padding, causal and a window: the varlen kernel, no fallback."""
     module = build("llama", device).model.layers[0].self_attn
     q, k = torch.randn(2, 4, 6, 16, device=device), torch.randn(2, 2, 6, 16, device=device)
     v = torch.randn(2, 2, 6, 8, device=device)
     padding = torch.tensor([[True] * 6, [False] * 2 + [True] * 4], device=device)
     hf._warned.clear()
-    with pytest.warns(UserWarning, match="value head dim 8 != query head dim 16"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         out, _ = hf.playground_attention(module, q, k, v, padding, scaling=0.3, sliding_window=3)
+    assert not [w for w in caught if hf.NAME in str(w.message)], "no fallback"
     keep = padding[:, None, None, :] & torch.ones(6, 6, dtype=torch.bool, device=device).tril() \
         & torch.ones(6, 6, dtype=torch.bool, device=device).triu(-2)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1),
