@@ -662,20 +662,21 @@ _flash_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 class _FlashAttention(torch.autograd.Function):
     """The ops' autograd in eager mode, on the launchers directly: the same kernels, without the dispatch.
 
-    forward(q, k, v, sinks, causal, sm_scale, return_lse, options) -> (o, lse), options being
-    _flash_fwd's keywords; lse is differentiable only when the caller returns it. torch.compile
-    traces the custom ops instead (_attention).
+    forward(q, k, v, sinks, call) -> (o, lse), call being (causal, sm_scale, return_lse, options) with
+    options _flash_fwd's keywords (one argument: apply's wrapper walks every argument of every call);
+    lse is differentiable only when the caller returns it. torch.compile traces the custom ops
+    instead (_attention).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, causal, sm_scale, return_lse, options):
+    def forward(ctx, q, k, v, sinks, call):
+        causal, sm_scale, return_lse, options = call
         prepared = []  # the options' kernel arguments, worked out once for both passes
         o, lse = _flash_fwd(q, k, v, causal, sm_scale, sinks=sinks, _prepared=prepared, **options)
         if not return_lse:
             ctx.mark_non_differentiable(lse)  # nobody can use it: one output less for autograd to track
         ctx.save_for_backward(q, k, v, o, lse, sinks)
-        ctx.causal, ctx.sm_scale, ctx.options = causal, sm_scale, options
-        ctx.prepared = prepared[0] if prepared else None
+        ctx.call, ctx.prepared = call, (prepared[0] if prepared else None)
         ctx.set_materialize_grads(False)  # as _setup_context
         return o, lse
 
@@ -685,9 +686,10 @@ class _FlashAttention(torch.autograd.Function):
         if do is None:  # only the lse was used
             do = torch.zeros_like(o)
         dsinks = None if sinks is None else torch.empty(sinks.shape, dtype=lse.dtype, device=q.device)
-        dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, dlse=dlse, sinks=sinks, dsinks=dsinks,
-                                _prepared=ctx.prepared, **ctx.options)
-        return dq, dk, dv, (dsinks.to(sinks.dtype) if sinks is not None else None), None, None, None, None
+        causal, sm_scale, _, options = ctx.call
+        dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=dlse, sinks=sinks, dsinks=dsinks,
+                                _prepared=ctx.prepared, **options)
+        return dq, dk, dv, (dsinks.to(sinks.dtype) if sinks is not None else None), None
 
 
 # ----------------------------------------------------------------------------
@@ -726,9 +728,9 @@ def _attention(q, k, v, causal, sm_scale, window, softcap, alibi_slopes, sinks, 
         window = None  # no window (causal's right bound comes from causal): no bounds to read again
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                     or (sinks is not None and sinks.requires_grad)):
-        return _FlashAttention.apply(q, k, v, sinks, causal, sm_scale, return_lse, dict(
+        return _FlashAttention.apply(q, k, v, sinks, (causal, sm_scale, return_lse, dict(
             window_size=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed,
-            cu_seqlens=cu_seqlens, max_seqlens=max_seqlens, deterministic=deterministic))
+            cu_seqlens=cu_seqlens, max_seqlens=max_seqlens, deterministic=deterministic)))
     return _flash_fwd(q, k, v, causal, sm_scale, window_size=window, softcap=softcap, alibi_slopes=alibi_slopes,
                       sinks=sinks, dropout_p=dropout_p, seed=seed, cu_seqlens=cu_seqlens, max_seqlens=max_seqlens,
                       deterministic=deterministic)
