@@ -40,8 +40,10 @@ steadier than either time. The issue-17 floors: decode (contiguous and paged)
          torch thread.
 
 Each time is the median of ROUNDS rounds of ROUND_SECONDS of back-to-back
-calls. The row's `launches` column counts the kernels one call launched (CPU,
-from the stubs); the GPU leaves it empty.
+calls, in the thread's CPU time on the CPU (other work on a shared machine
+stretches wall time, not that) and in wall time on a GPU. The row's `launches`
+column counts the kernels one call launched (CPU, from the stubs); the GPU
+leaves it empty.
 """
 import contextlib
 import statistics

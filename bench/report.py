@@ -330,8 +330,9 @@ CPU_SOFTMAX_NOTE = ("On the CPU, GB/s is the bytes a softmax must move over the 
                     "idle cores, the thread pool's wait for a busy core can take longer than the work: the times "
                     "then stay flat across N, and GB/s grows with N whatever the code does. The plot shows the "
                     "times.")
-OVERHEAD_NOTE = ("The host cost of one call at a tiny shape (bench/overhead.py): wall time per call of many calls in "
-                 "a row, the median of 15 rounds. fwd and fwd+bwd are flash_attention (inputs without and with "
+OVERHEAD_NOTE = ("The host cost of one call at a tiny shape (bench/overhead.py): time per call of many calls in a "
+                 "row (on the CPU the thread's CPU time, which other work on a shared machine does not stretch; on "
+                 "a GPU wall time), the median of 15 rounds. fwd and fwd+bwd are flash_attention (inputs without and with "
                  "grad), decode and decode-paged decode_attention of one new token per sequence over a contiguous "
                  "cache or 16-key pages (N: cached keys). `triton` (GPU) is the call itself. `triton-noop` (CPU) is "
                  "the call with every Triton kernel stubbed at its launch by a no-op recorder: everything above "
