@@ -500,7 +500,7 @@ def head_dim_tiles(head_dim):
     return main, 0 if head_dim == main else _head_dim_pad(head_dim - main)
 
 
-def plan(q, k_cache, v_cache, block_table, cu_seqlens_q, max_seqlen_q, switches):
+def plan_tiles(q, k_cache, v_cache, block_table, cu_seqlens_q, max_seqlen_q, switches):
     """The launch of one call, from shapes: (config, heads, block_q, head_blocks, tiles, capacity)."""
     h_q = q.shape[-2] if cu_seqlens_q is not None else q.shape[1]
     group = h_q // k_cache.shape[1]
@@ -526,31 +526,33 @@ def shares_storage(k_cache, v_cache):
 # ----------------------------------------------------------------------------
 # Launcher: allocate, choose, launch on the inputs' device
 # ----------------------------------------------------------------------------
-def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, causal, sm_scale,
-               window=(UNLIMITED, UNLIMITED), softcap=0.0, alibi_slopes=None, sinks=None, cache_leftpad=None,
-               num_splits=None, k_scale=None, v_scale=None, mask_mod=None, o=None, lse=None, o_part=None,
-               lse_part=None):
-    """Run the paged kernel (and the merge when split). Returns o in q's layout and lse in fp32.
+class _Launch:
+    """Everything a paged call's launch takes that its shapes decide: kept per call signature, so a decode
+    loop builds it once (paged_attention's plan cache) and each step only allocates and launches."""
 
-    Packed q (total_q, Hq, D) gives lse (Hq, total_q); dense (B, Hq, Nq, D) gives (B, Hq, Nq); o has
-    v_cache's head dim. window: (left, right) as kernel ints, UNLIMITED for an open side (causal sets
-    right = 0). k_scale, v_scale: an fp8 cache's scales, (1,) or one per cache row and kv head.
-    o, lse and the fp32 partials may be passed in (tests pass NaN-filled buffers).
-    """
+    __slots__ = ("o_shape", "lse_shape", "parts", "grid", "scalars", "constexprs", "merge_grid", "merge_scalars",
+                 "merge_constexprs", "config", "device", "empty")
+
+
+def _plan_launch(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, causal, sm_scale, window,
+                 softcap, alibi_slopes, sinks, cache_leftpad, num_splits, k_scale, v_scale, has_mask_mod, o, lse):
+    """The _Launch of one call, from shapes, strides and options (o and lse: its output buffers)."""
+    plan = _Launch()
     packed = cu_seqlens_q is not None
     head_dim_v = v_cache.shape[-1]
     if packed:
         num_tokens, h_q, head_dim = q.shape
         batch, n_q = cu_seqlens_q.shape[0] - 1, 0
-        lse_shape, q_strides = (h_q, num_tokens), (0, q.stride(1), q.stride(0), q.stride(2))
+        q_strides = (0, q.stride(1), q.stride(0), q.stride(2))
+        o_strides, lse_strides = (0, o.stride(1), o.stride(0), o.stride(2)), (0, lse.stride(0), lse.stride(1))
     else:
         batch, h_q, n_q, head_dim = q.shape
         num_tokens, max_seqlen_q = batch * n_q, n_q
-        lse_shape, q_strides = (batch, h_q, n_q), q.stride()
-    o = torch.empty((*q.shape[:-1], head_dim_v), dtype=q.dtype, device=q.device) if o is None else o
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if lse is None else lse
-    if num_tokens == 0 or batch == 0:
-        return o, lse
+        q_strides, o_strides, lse_strides = q.stride(), o.stride(), lse.stride()
+    plan.o_shape, plan.lse_shape, plan.device = o.shape, lse.shape, q.device
+    plan.empty = num_tokens == 0 or batch == 0
+    if plan.empty:
+        return plan
     paged = block_table is not None
     window_left, window_right = window
     if causal:
@@ -560,64 +562,99 @@ def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_se
                 ("HAS_WINDOW", window_left < UNLIMITED or (window_right < UNLIMITED and not causal)),
                 ("HAS_SOFTCAP", bool(softcap)), ("HAS_ALIBI", alibi_slopes is not None),
                 ("HAS_SINKS", sinks is not None), ("HAS_LEFTPAD", cache_leftpad is not None),
-                ("KV_SCALES", kv_scales), ("HAS_MASK_MOD", mask_mod is not None))
-    config, heads, block_q, head_blocks, tiles, capacity = plan(q, k_cache, v_cache, block_table, cu_seqlens_q,
-                                                                max_seqlen_q, switches)
+                ("KV_SCALES", kv_scales), ("HAS_MASK_MOD", has_mask_mod))
+    config, heads, block_q, head_blocks, tiles, capacity = plan_tiles(q, k_cache, v_cache, block_table,
+                                                                      cu_seqlens_q, max_seqlen_q, switches)
     h_kv = k_cache.shape[1]
     # Split programs serve the sequences with at most MAX_SPLIT_QUERIES new tokens: this many tiles each.
     split_tiles = -(-min(max_seqlen_q, MAX_SPLIT_QUERIES) // block_q)
     if num_splits is None:
         num_splits = choose_num_splits(batch * split_tiles * h_kv * head_blocks, capacity, sm_count(q.device))
     split = num_splits > 1 and max_seqlen_q > 0
-    if split:
-        slots = (num_splits, batch, MAX_SPLIT_QUERIES, h_q)  # (split, b, token, head)
-        if o_part is None:
-            o_part = torch.empty((*slots, head_dim_v), dtype=torch.float32, device=q.device)
-        if lse_part is None:
-            lse_part = torch.empty(slots, dtype=torch.float32, device=q.device)
-    else:
-        o_part, lse_part = o, lse  # never read: the kernel writes o and lse itself
-    o_strides = (0, o.stride(1), o.stride(0), o.stride(2)) if packed else o.stride()
-    lse_strides = (0, lse.stride(0), lse.stride(1)) if packed else lse.stride()
-    placeholder = seqused_k  # a switched-off option's pointer is never read
-    alibi = alibi_slopes.float().contiguous() if alibi_slopes is not None else placeholder
-    alibi_strides = (0, 0) if alibi_slopes is None else (
-        (0, alibi.stride(0)) if alibi.dim() == 1 else (alibi.stride(0), alibi.stride(1)))
-    sinks_arg = sinks.float().contiguous() if sinks is not None else placeholder
-    table = block_table if paged else placeholder
+    slots = (num_splits, batch, MAX_SPLIT_QUERIES, h_q)  # partials: (split, b, token, head)
+    plan.parts = (slots + (head_dim_v,), slots) if split else None
+    alibi_strides = (0, 0) if alibi_slopes is None else ((0, 1) if alibi_slopes.dim() == 1 else (h_q, 1))
     table_strides = block_table.stride() if paged else (0, 0)
     scale_strides = k_scale.stride() if kv_scales == 2 else (0, 0, 0)
-    flags = {name: value for name, value in switches if name not in ("KV_SCALES", "HAS_MASK_MOD")}
     head_dim_pad, head_dim_tail = head_dim_tiles(head_dim)
     head_dim_v_pad = _head_dim_pad(head_dim_v)
-    with runtime.on_device(q.device):
-        CONFIGS["paged"].last_config = config
-        programs = tiles + (batch * split_tiles * (num_splits - 1) if split else 0)
-        _paged_attn_fwd[(programs, h_kv * head_blocks)](
-            q, k_cache, v_cache, o, lse, o_part, lse_part,
-            cu_seqlens_q if packed else placeholder, seqused_k,
-            cache_leftpad if cache_leftpad is not None else placeholder, table, sinks_arg, alibi,
-            k_scale if k_scale is not None else placeholder, v_scale if v_scale is not None else placeholder,
-            sm_scale, float(softcap or 0.0), window_left, window_right,
-            *q_strides, *k_cache.stride(), *v_cache.stride(), *o_strides, *lse_strides, *table_strides,
-            *alibi_strides, *scale_strides, batch, n_q, h_q, h_q // h_kv, head_blocks, capacity, k_cache.shape[0],
-            num_splits, tiles, split_tiles, max(1, (batch - 1).bit_length()),
-            mask_mod.args if mask_mod is not None else (),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, HEAD_DIM_TAIL=head_dim_tail, HEAD_DIM_V=head_dim_v,
-            HEAD_DIM_V_PAD=head_dim_v_pad, HEADS=heads, PAGE_SIZE=k_cache.shape[2] if paged else 1, **flags,
-            SPLIT=split, SHARED_KV=shares_storage(k_cache, v_cache), KV_SCALES=kv_scales,
-            UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
-            MASK_MOD=mask_mod.fn if mask_mod is not None else None, **config.all_kwargs(),
-        )
-        if split:
-            slots = batch * MAX_SPLIT_QUERIES * h_q
-            _paged_merge[(-(-slots // MERGE_BLOCK_R),)](
-                o_part, lse_part, o, lse, sinks_arg, cu_seqlens_q if packed else placeholder, *o_strides,
-                *lse_strides, batch, h_q, n_q, num_splits, HEAD_DIM=head_dim_v, HEAD_DIM_PAD=head_dim_v_pad,
-                BLOCK_R=MERGE_BLOCK_R, IS_VARLEN=packed, HAS_SINKS=sinks is not None, UPCAST=upcast_tiles(q.dtype),
-                num_warps=MERGE_WARPS,
-            )
+    plan.config = config
+    plan.grid = (tiles + (batch * split_tiles * (num_splits - 1) if split else 0), h_kv * head_blocks)
+    plan.scalars = (sm_scale, float(softcap or 0.0), window_left, window_right,
+                    *q_strides, *k_cache.stride(), *v_cache.stride(), *o_strides, *lse_strides, *table_strides,
+                    *alibi_strides, *scale_strides, batch, n_q, h_q, h_q // h_kv, head_blocks, capacity,
+                    k_cache.shape[0], num_splits, tiles, split_tiles, max(1, (batch - 1).bit_length()))
+    flags = {name: value for name, value in switches if name not in ("KV_SCALES", "HAS_MASK_MOD")}
+    plan.constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, HEAD_DIM_TAIL=head_dim_tail,
+                           HEAD_DIM_V=head_dim_v, HEAD_DIM_V_PAD=head_dim_v_pad, HEADS=heads,
+                           PAGE_SIZE=k_cache.shape[2] if paged else 1, **flags, SPLIT=split,
+                           SHARED_KV=shares_storage(k_cache, v_cache), KV_SCALES=kv_scales,
+                           UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype), MASK_MOD=None,
+                           **config.all_kwargs())
+    if split:
+        plan.merge_grid = (-(-(batch * MAX_SPLIT_QUERIES * h_q) // MERGE_BLOCK_R),)
+        plan.merge_scalars = (*o_strides, *lse_strides, batch, h_q, n_q, num_splits)
+        plan.merge_constexprs = dict(HEAD_DIM=head_dim_v, HEAD_DIM_PAD=head_dim_v_pad, BLOCK_R=MERGE_BLOCK_R,
+                                     IS_VARLEN=packed, HAS_SINKS=sinks is not None, UPCAST=upcast_tiles(q.dtype),
+                                     num_warps=MERGE_WARPS)
+    return plan
+
+
+def _run(plan, q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, cache_leftpad, alibi_slopes, sinks,
+         k_scale, v_scale, mask_mod, o, lse, o_part=None, lse_part=None):
+    """Launch a planned call on these tensors (the kernel, and the merge when split). Returns o, lse."""
+    if plan.empty:
+        return o, lse
+    if plan.parts is not None:
+        o_part = torch.empty(plan.parts[0], dtype=torch.float32, device=plan.device) if o_part is None else o_part
+        lse_part = torch.empty(plan.parts[1], dtype=torch.float32, device=plan.device) if lse_part is None else lse_part
+    else:
+        o_part, lse_part = o, lse  # never read: the kernel writes o and lse itself
+    placeholder = seqused_k  # a switched-off option's pointer is never read
+    sinks = sinks.float().contiguous() if sinks is not None else placeholder
+    constexprs = plan.constexprs if mask_mod is None else dict(plan.constexprs, MASK_MOD=mask_mod.fn)
+    with runtime.on_device(plan.device):
+        CONFIGS["paged"].last_config = plan.config
+        _paged_attn_fwd[plan.grid](
+            q, k_cache, v_cache, o, lse, o_part, lse_part, placeholder if cu_seqlens_q is None else cu_seqlens_q,
+            seqused_k, placeholder if cache_leftpad is None else cache_leftpad,
+            placeholder if block_table is None else block_table, sinks,
+            placeholder if alibi_slopes is None else alibi_slopes.float().contiguous(),
+            placeholder if k_scale is None else k_scale, placeholder if v_scale is None else v_scale,
+            *plan.scalars, () if mask_mod is None else mask_mod.args, **constexprs)
+        if plan.parts is not None:
+            _paged_merge[plan.merge_grid](o_part, lse_part, o, lse, sinks,
+                                          placeholder if cu_seqlens_q is None else cu_seqlens_q,
+                                          *plan.merge_scalars, **plan.merge_constexprs)
     return o, lse
+
+
+def _outputs(q, head_dim_v, packed):
+    """o in q's layout with v's head dim, and the fp32 lse: (Hq, total_q) packed, (B, Hq, Nq) dense."""
+    o = q.new_empty((*q.shape[:-1], head_dim_v))
+    lse = q.new_empty((q.shape[1], q.shape[0]) if packed else q.shape[:3], dtype=torch.float32)
+    return o, lse
+
+
+def _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, causal, sm_scale,
+               window=(UNLIMITED, UNLIMITED), softcap=0.0, alibi_slopes=None, sinks=None, cache_leftpad=None,
+               num_splits=None, k_scale=None, v_scale=None, mask_mod=None, o=None, lse=None, o_part=None,
+               lse_part=None):
+    """Plan and run one call: the paged kernel, and the merge when split. Returns o in q's layout and lse in fp32.
+
+    Packed q (total_q, Hq, D) gives lse (Hq, total_q); dense (B, Hq, Nq, D) gives (B, Hq, Nq); o has
+    v_cache's head dim. window: (left, right) as kernel ints, UNLIMITED for an open side (causal sets
+    right = 0). k_scale, v_scale: an fp8 cache's scales, (1,) or one per cache row and kv head.
+    o, lse and the fp32 partials may be passed in (tests pass NaN-filled buffers).
+    """
+    if o is None or lse is None:
+        o_new, lse_new = _outputs(q, v_cache.shape[-1], cu_seqlens_q is not None)
+        o, lse = o if o is not None else o_new, lse if lse is not None else lse_new
+    plan = _plan_launch(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, causal, sm_scale,
+                        window, softcap, alibi_slopes, sinks, cache_leftpad, num_splits, k_scale, v_scale,
+                        mask_mod is not None, o, lse)
+    return _run(plan, q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, cache_leftpad, alibi_slopes, sinks,
+                k_scale, v_scale, mask_mod, o, lse, o_part, lse_part)
 
 
 # ----------------------------------------------------------------------------
@@ -669,41 +706,85 @@ def paged_attention(q, k_cache, v_cache, seqused_k, block_table=None, *, cu_seql
     Returns o in q's layout and dtype (v's head dim), and with return_lse also lse, (Hq, total_q) packed
     or (B, Hq, Nq) dense, natural log, fp32. (_lengths_name: what errors call seqused_k.)
     """
-    batch, capacity, _ = check_paged_inputs(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q,
-                                            max_seqlen_q, sm_scale, cache_leftpad, MAX_HEAD_DIM_QK, _lengths_name,
-                                            k_scale, v_scale, MAX_HEAD_DIM_V)
-    if q.dtype not in PAGED_DTYPES:
-        raise TypeError(f"q has dtype {q.dtype}; paged attention supports float32, float16 and bfloat16")
-    check_runnable(q, "q")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+    causal = check_flag(causal, "causal")
+    return_lse = check_flag(return_lse, "return_lse")
+    validate = check_flag(validate, "validate")
+    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
         raise ValueError("paged attention has no backward pass, but q or the cache requires grad: "
                          "call it under torch.no_grad() (or torch.inference_mode())")
-    check_flash_options(q, batch, softcap, alibi_slopes, sinks)
-    causal, return_lse, validate = (check_flag(value, name) for value, name in (
-        (causal, "causal"), (return_lse, "return_lse"), (validate, "validate")))
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
-    window = _window_bounds(window_size, causal)
+    eager = mask_mod is None and not torch.compiler.is_compiling()
+    key = _call_signature(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, causal, sm_scale,
+                          window_size, softcap, alibi_slopes, sinks, cache_leftpad, k_scale, v_scale, num_splits,
+                          _lengths_name) if eager else None
+    known = _PLANS.get(key) if key is not None else None
+    if known is None:  # a call signature not seen yet: every check, then its plan
+        batch, capacity, _ = check_paged_inputs(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q,
+                                                max_seqlen_q, sm_scale, cache_leftpad, MAX_HEAD_DIM_QK, _lengths_name,
+                                                k_scale, v_scale, MAX_HEAD_DIM_V)
+        if q.dtype not in PAGED_DTYPES:
+            raise TypeError(f"q has dtype {q.dtype}; paged attention supports float32, float16 and bfloat16")
+        check_runnable(q, "q")
+        check_flash_options(q, batch, softcap, alibi_slopes, sinks)
+        if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                       or num_splits < 1):
+            raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
+        window = _window_bounds(window_size, causal)
+        sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    else:
+        capacity, plan = known
     if validate:
         validate_paged_data(q, k_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, cache_leftpad, capacity,
                             _lengths_name)
-    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    mask_mod = as_mask_mod(mask_mod)
-    if mask_mod is not None:
+    if eager:  # the launch itself, without the op's dispatch; planned once per call signature
+        o, lse = _outputs(q, v_cache.shape[-1], cu_seqlens_q is not None)
+        if known is None:
+            plan = _plan_launch(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, causal,
+                                sm_scale, window, softcap, alibi_slopes, sinks, cache_leftpad, num_splits, k_scale,
+                                v_scale, False, o, lse)
+            if key is not None:
+                if len(_PLANS) >= MAX_PLANS:
+                    _PLANS.clear()
+                _PLANS[key] = (capacity, plan)
+        o, lse = _run(plan, q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, cache_leftpad, alibi_slopes,
+                      sinks, k_scale, v_scale, None, o, lse)
+    elif mask_mod is not None:
+        mask_mod = as_mask_mod(mask_mod)
         check_mod_args(mask_mod.args, q.device, "mask_mod")
         o, lse = _paged_fwd_with_mask(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q,
                                       causal, sm_scale, window, softcap, alibi_slopes, sinks, cache_leftpad,
                                       num_splits, k_scale, v_scale, mask_mod)
-    elif torch.compiler.is_compiling():
+    else:
         o, lse = _paged_attn_op(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, cache_leftpad,
                                 alibi_slopes, sinks, k_scale, v_scale,
                                 [max_seqlen_q or 0, int(causal), *window, num_splits or 0],
                                 [sm_scale, float(softcap or 0.0)])
-    else:  # eager: the launcher itself, without the op's dispatch
-        o, lse = _paged_fwd(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, causal,
-                            sm_scale, window, softcap, alibi_slopes, sinks, cache_leftpad, num_splits, k_scale,
-                            v_scale)
     return (o, lse) if return_lse else o
+
+
+# Plans by call signature: (shape, strides, dtype, device of every tensor, and every option). A decode
+# loop meets a handful; the bound only keeps a pathological caller from growing the dict forever.
+_PLANS = {}
+MAX_PLANS = 1024
+
+
+def _described(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _call_signature(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, causal, sm_scale,
+                    window_size, softcap, alibi_slopes, sinks, cache_leftpad, k_scale, v_scale, num_splits,
+                    lengths_name):
+    """What decides a call's checks and plan, or None if some argument is no tensor or not hashable."""
+    try:
+        key = (_described(q), _described(k_cache), _described(v_cache), k_cache.data_ptr() == v_cache.data_ptr(),
+               _described(seqused_k), _described(block_table), _described(cu_seqlens_q), max_seqlen_q, causal,
+               sm_scale, tuple(window_size) if isinstance(window_size, list) else window_size, softcap,
+               _described(alibi_slopes), _described(sinks), _described(cache_leftpad), _described(k_scale),
+               _described(v_scale), num_splits, lengths_name)
+        hash(key)
+    except (AttributeError, TypeError):
+        return None
+    return key
 
 
 _paged_fwd_with_mask = torch.compiler.disable(_paged_fwd)  # a Triton mask_mod is no value a graph can hold

@@ -44,6 +44,8 @@ def _index_tensor(t, name, rank):
         raise TypeError(f"{name} must have dtype torch.int32 or torch.int64, got {t.dtype}")
     if t.dim() != rank:
         raise ValueError(f"{name} must have rank {rank}, got shape {tuple(t.shape)}")
+    if rank == 1 and t.shape[0] > 1 and t.stride(0) != 1:  # the kernels read it with unit stride
+        raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}; pass {name}.contiguous()")
 
 
 def check_cache(k_cache, v_cache, cache_seqlens, block_table=None, lengths_name="cache_seqlens"):

@@ -42,6 +42,8 @@ def _index_vector(t, name, batch, device, dtypes=(torch.int32, torch.int64)):
         raise ValueError(f"{name} must be a ({batch},) {kinds} tensor, got {t.dtype} of shape {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    if batch > 1 and t.stride(0) != 1:  # the kernels read it with unit stride
+        raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}; pass {name}.contiguous()")
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)

@@ -241,6 +241,8 @@ def test_dtypes_devices_and_index_types_must_match():
             seqlens, table)
     _expect(ValueError, r"cache_leftpad must be a \(2,\) int32 or int64 tensor", q, k, v, seqlens, table,
             cache_leftpad=torch.zeros(3, dtype=torch.int32, device=DEVICE))
+    strided = torch.stack([seqlens, seqlens], dim=1)[:, 0]  # the kernel reads index vectors with unit stride
+    _expect(ValueError, r"seqused_k must be contiguous, got stride 2", q, k, v, strided, table)
 
 
 def test_shapes_and_limits_are_checked():
