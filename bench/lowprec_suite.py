@@ -6,8 +6,8 @@ ratio is the speed-up).
 
     triton-bf16   kernels.flash_attention on bf16 q, k, v (the baseline)
     triton-fp8    kernels.flash_attention on e4m3 q, k, v with FlashAttention-3's q_descale, k_descale,
-                  v_descale, one per (sequence, kv head), bf16 output; "unsupported" until
-                  flash_attention takes them (checked on its signature), and on a GPU below sm_89
+                  v_descale, one per (sequence, kv head), bf16 output (kernels/fp8.py); "unsupported"
+                  on a GPU below sm_89
     sdpa-flash    F.scaled_dot_product_attention's flash backend in bf16 (GPU only), for scale
 
 mla: one decode step of DeepSeek-V3's attention (128 query heads, one new
@@ -29,17 +29,19 @@ the model, outside attention). Pages are 64 rows, FlashMLA's page size, and
 shuffled.
 
 On the CPU both suites are correctness rows only (the interpreter), at tiny
-shapes: max abs error against float64 attention on the dequantized inputs.
+shapes: max abs error against float64 attention on the dequantized inputs
+(for triton-fp8 mostly P's rounding to e4m3: a few 2^-7 on outputs of size 1).
 GPU figures: not measured yet (no session has had a GPU).
 
 The module is standalone: `register()` wires both suites into bench's
 registry (bench/registry.py where it exists, else the sweep's and the
 report's tables, with GB/s then left to `summary`).
 """
-import inspect
 from dataclasses import dataclass
 
 import torch
+
+from reference.fp8 import dequantize_fp8, quantize_fp8
 
 from . import providers, registry, report, sweep
 from .flops import attention_flops
@@ -120,31 +122,8 @@ class MLADecodeCase:
 # ----------------------------------------------------------------------------
 # fp8 inputs and providers
 # ----------------------------------------------------------------------------
-def quantize_fp8(x, group=1):
-    """x (B, H, N, D) -> (e4m3 x, descale (B, H // group) fp32): one scale per sequence and group of `group`
-    heads (q's heads per kv head, so q_descale is FlashAttention-3's (B, Hkv)), amax mapped to 448.
-    Dequantized: x8.float() * descale (broadcast over the group's heads)."""
-    b, h, n, d = x.shape
-    # (B, H, N, D) -> (B, H // group, group * N * D): heads h of one kv group are adjacent
-    amax = x.float().reshape(b, h // group, -1).abs().amax(-1)
-    descale = amax.clamp(min=torch.finfo(torch.float32).tiny) / FP8_MAX
-    per_head = descale.repeat_interleave(group, dim=1)[:, :, None, None]  # (B, H, 1, 1)
-    return (x.float() / per_head).to(FP8), descale
-
-
-def dequantize_fp8(x8, descale):
-    group = x8.shape[1] // descale.shape[1]
-    return x8.float() * descale.repeat_interleave(group, dim=1)[:, :, None, None]
-
-
 def fp8_forward_support(device):
-    """None if kernels.flash_attention takes fp8 with descales here, else the reason it does not."""
-    import kernels
-
-    names = inspect.signature(kernels.flash_attention).parameters
-    missing = [name for name in ("q_descale", "k_descale", "v_descale") if name not in names]
-    if missing:
-        return f"kernels.flash_attention takes no {', '.join(missing)} yet (the fp8 forward has not landed)"
+    """None if the fp8 forward runs here, else the reason it does not (a GPU without fp8 tensor cores)."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY:
         major, minor = torch.cuda.get_device_capability(device)
@@ -166,7 +145,8 @@ def fp8_inputs(case, device, provider, seed=0):
                for h in (case.heads_q, case.heads_kv, case.heads_kv))
     if provider != "triton-fp8":
         return Fp8Inputs(q, k, v, {})
-    (q8, qd), (k8, kd), (v8, vd) = quantize_fp8(q, case.heads_q // case.heads_kv), quantize_fp8(k), quantize_fp8(v)
+    (q8, qd), (k8, kd), (v8, vd) = (quantize_fp8(t, FP8, group) for t, group in
+                                    ((q, case.heads_q // case.heads_kv), (k, 1), (v, 1)))
     return Fp8Inputs(q8, k8, v8, dict(q_descale=qd, k_descale=kd, v_descale=vd))
 
 

@@ -141,7 +141,8 @@ def chip_for(device: torch.device):
 # descriptors and the chip has TMA, and warp specialization only to the plain
 # non-causal key loop.
 # ----------------------------------------------------------------------------
-PRECISIONS = {torch.float16: "16-bit", torch.bfloat16: "16-bit", torch.float32: "fp32", torch.float64: "fp64"}
+PRECISIONS = {torch.float16: "16-bit", torch.bfloat16: "16-bit", torch.float32: "fp32", torch.float64: "fp64",
+              torch.float8_e4m3fn: "fp8", torch.float8_e5m2: "fp8"}
 HEAD_DIM_CLASSES = (128, 256)  # a padded head dim takes the smallest class that holds it
 
 
@@ -160,6 +161,11 @@ FWD_CANDIDATES = {
     ("16-bit", 256): _configs((128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (64, 32, 4, 1),
                               (32, 32, 4, 1))
     + _configs((128, 64, 8, 2), **_TMA),
+    # fp8 (forward only, sm_89 and later): a K or V tile is half the bytes of a 16-bit one, so the key
+    # tiles double; the fp8 MMA's K is 32 (head dims pad to at least 32, key tiles are at least 32).
+    ("fp8", 128): _configs((128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 2))
+    + _configs((128, 128, 8, 3), **_TMA) + _configs((128, 128, 4, 3), **_TMA_WS),
+    ("fp8", 256): _configs((128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)) + _configs((128, 64, 8, 2), **_TMA),
     ("fp32", 128): _configs((16, 16, 4, 2), (16, 16, 4, 1)),
     ("fp32", 256): _configs((16, 16, 4, 2), (16, 16, 4, 1)),
     ("fp64", 128): _configs((16, 16, 4, 2), (16, 16, 4, 1)),

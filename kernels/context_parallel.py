@@ -42,7 +42,8 @@ import torch.distributed as dist
 import reference.context_parallel as plain
 from reference.functional import repeat_kv
 
-from .flash_attention import _flash_bwd, _flash_fwd, check_flash_inputs, flash_attention
+from .flash_attention import _flash_bwd, _flash_fwd, check_flash_inputs
+from .ops import flash_attention
 from .runtime import accumulator_dtype, check_flag
 
 KV_TAG, DKV_TAG = 1, 2  # two exchanges can be in flight between the same pair of ranks

@@ -1,13 +1,13 @@
-"""Flash attention's launchers, its torch.library op with autograd, and `flash_attention`.
+"""Flash attention's launchers: check the contract, allocate, choose a config, launch on the inputs' device.
 
 The kernels live one family per file, read in this order:
     kernels/tiles.py       tile loads and the causal key range, shared by every kernel
     kernels/flash_fwd.py   the forward kernel (the online softmax, derived in its docstring)
     kernels/flash_bwd.py   the backward kernels (delta, dK/dV, dQ)
     kernels/configs.py     the launch configurations: which fit which GPU, and how one is chosen
-    this file              option checks -> launchers (allocate, choose a config, launch on the inputs' device) ->
-                           the torch.library ops with their autograd -> `flash_attention`,
-                           `flash_attention_varlen`
+    this file              option checks -> the launchers _flash_fwd and _flash_bwd
+    kernels/ops.py         the torch.library ops with their autograd -> `flash_attention`,
+                           `flash_attention_varlen` (and kernels/fp8.py for fp8 inputs)
 
 Every option is a compile-time switch of the same three kernels: a call pays
 only for what it asks for, and the forward and backward share one
@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from triton.runtime import _allocation
 
+from reference.fp8 import FP8_DTYPES
 from reference.functional import check_attention_inputs
 
 from . import runtime
@@ -29,7 +30,7 @@ from .configs import KERNELS as CONFIGS
 from .configs import autotune_enabled, launch
 from .flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .flash_fwd import _attn_fwd
-from .runtime import accumulator_dtype, check_flag, check_runnable, dot_precision, has_tma, upcast_tiles
+from .runtime import SUPPORTED_DTYPES, accumulator_dtype, check_runnable, dot_precision, has_tma, upcast_tiles
 from .tiles import MAX_HEAD_DIM, UNLIMITED, _dropout_mask_kernel, _head_dim_pad
 
 PREPROCESS_BLOCK_M = 64  # delta = rowsum(dO * O) is a streaming reduction: one fixed tile
@@ -57,7 +58,7 @@ def check_flash_inputs(q, k, v, sm_scale=None):
         raise ValueError(f"head_dim (q.shape[-1]) must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
     if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale)):
         raise TypeError(f"sm_scale must be a finite float or None, got {sm_scale!r}")
-    check_runnable(q, "q")
+    check_runnable(q, "q", SUPPORTED_DTYPES + FP8_DTYPES)  # fp8: kernels/fp8.py's forward
     if dtype == torch.float64 and head_dim > 128 and device.type == "cuda":
         # Even the smallest float64 tiles of D > 128 exceed an H100's shared memory.
         raise ValueError(f"float64 inputs support head_dim up to 128 on a GPU, got {head_dim}")
@@ -267,6 +268,11 @@ def _launch_plan(kernel, variant, head_dim, head_dim_v, gqa):
                           HEAD_DIM_V_PAD=_head_dim_pad(head_dim_v), **flags, UPCAST=upcast_tiles(dtype),
                           DOT_PRECISION=dot_precision(dtype), ACC_DTYPE=_tl_dtype(acc_dtype),
                           **_NO_MOD_CONSTEXPRS["fwd" if kernel == "fwd" else "bwd"])
+        if dtype in FP8_DTYPES:
+            # q.k and P.V on fp8 tensor cores, whose K is 32 wide; the interpreter's fp8 and bf16 casts
+            # round wrongly, so the kernel rounds P and the output by hand there.
+            constexprs.update(HAS_DESCALE=True, ROUND_BY_HAND=runtime.INTERPRET,
+                              HEAD_DIM_PAD=max(32, constexprs["HEAD_DIM_PAD"]))
         plan = _launch_plans[key] = (constexprs, switches,
                                      max(constexprs["HEAD_DIM_PAD"], constexprs["HEAD_DIM_V_PAD"]))
     return plan
@@ -350,7 +356,7 @@ def _descriptor_views_allowed(q, k, v, sq, sk, sv):
 
 def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None, softcap=None, alibi_slopes=None,
                sinks=None, dropout_p=0.0, seed=None, cu_seqlens=None, max_seqlens=None, deterministic=True,
-               mods=NO_MODS, _prepared=None):
+               mods=NO_MODS, descale=None, out_dtype=None, _prepared=None):
     """Run the forward kernel. Returns o in q's layout and dtype, and lse in fp32 (float64 for float64).
 
     Padded: q (B, Hq, Nq, D) -> lse (B, Hq, Nq). Packed: q (total_q, Hq, D) with
@@ -359,6 +365,8 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
     seed is a one-element int64 tensor, needed when dropout_p > 0. deterministic=False lets opt-in
     autotuning (kernels/configs.py) time the candidates for a new shape. mods: the call's
     score_mod, mask_mod and block_mask (kernels/block_mask.py).
+    fp8 (kernels/fp8.py): descale = (DESCALE, its (kind, batch, kv head) strides), the q, k, v
+    dequantization factors; o is then in out_dtype (bf16 or fp16).
     Reads shapes and strides only, never data: no host-device sync.
     _prepared: a list that receives the kernel arguments worked out from the options
     (_variant_arguments' result), which _flash_bwd(_prepared=...) then reuses.
@@ -366,7 +374,10 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
     batch, h_q, h_kv, n_q, n_k, strides = _layout(q, k, cu_seqlens, max_seqlens)
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
     if o is None:
-        o = _empty_contiguous(q) if head_dim_v == head_dim else q.new_empty((*q.shape[:-1], head_dim_v))
+        if descale is not None:
+            o = q.new_empty((*q.shape[:-1], head_dim_v), dtype=out_dtype)
+        else:
+            o = _empty_contiguous(q) if head_dim_v == head_dim else q.new_empty((*q.shape[:-1], head_dim_v))
     if lse is None:
         lse = q.new_empty((batch, h_q, n_q) if cu_seqlens is None else (h_q, q.shape[0]),
                           dtype=accumulator_dtype(q.dtype))
@@ -390,6 +401,8 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
     pointers, sinks_arg, scalars, strides_lse_alibi, variant = prepared
     plan = _launch_plan("fwd", variant, head_dim, head_dim_v, h_q != h_kv)
     constexprs = plan[0]
+    # fp8 (the plan's HAS_DESCALE): the descales' pointer and strides; else a placeholder, never read.
+    descale_tensor, descale_strides = (lse, (0, 0, 0)) if descale is None else descale
 
     # Descriptor (TMA) loads of q, k, v are a config option when their layout allows them.
     device = q.device
@@ -406,9 +419,8 @@ def _flash_fwd(q, k, v, causal, sm_scale, o=None, lse=None, *, window_size=None,
         block_mask, bm_strides, score_args, mask_args, mod_constexprs = mods.kernel_arguments(lse)
     else:
         block_mask, (bm_strides, score_args, mask_args) = lse, _NO_MOD_ARGUMENTS
-    # After the block mask, the fp8 descales' pointer and strides (none yet: a placeholder with zero strides).
-    args = (q, k, v, o, lse, pointers[0], pointers[1], sinks_arg, pointers[2], pointers[3], block_mask, lse,
-            *scalars, *sq, *sk, *sv, *so, *strides_lse_alibi, *bm_strides, 0, 0, 0,
+    args = (q, k, v, o, lse, pointers[0], pointers[1], sinks_arg, pointers[2], pointers[3], block_mask,
+            descale_tensor, *scalars, *sq, *sk, *sv, *so, *strides_lse_alibi, *bm_strides, *descale_strides,
             h_q, h_q // h_kv, n_q, n_k, score_args, mask_args)
     programs = batch * h_q  # times the query blocks of the config: a 1-D grid
     with runtime.on_device(device):
@@ -569,281 +581,6 @@ def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=None, dq=None, dk=Non
                    scratch=lambda: (*dq_args[:6], torch.empty_like(dq), *dq_args[7:]),
                    fits=lambda c: _fits_block_mask(c, mods.block_mask, "dQ"), **limits)
     return dq, dk, dv
-
-
-# ----------------------------------------------------------------------------
-# The torch.library ops and their autograd, and the eager autograd.Function
-#
-# Registering the kernels as custom ops, each with a fake (shape-only)
-# implementation, lets torch.compile trace a model that calls them without a
-# graph break; register_autograd makes the forward op differentiable through
-# the backward op (torch builds the autograd.Function from these two pieces).
-# The options travel packed in two lists, since the dispatcher's cost per call
-# grows with the number of arguments (its default filling above all):
-#     ints    (causal, window_left, window_right, max_seqlen_q, max_seqlen_k, deterministic), -1 for an open side
-#     floats  (sm_scale, softcap, dropout_p), softcap 0.0 when off
-# In eager mode the ops' dispatch is pure host cost, paid on every call:
-# `_attention` below goes around it.
-# ----------------------------------------------------------------------------
-def _op_options(window_left, window_right, softcap, alibi_slopes, sinks, dropout_p, seed, cu_seqlens_q,
-                cu_seqlens_k, max_seqlen_q, max_seqlen_k):
-    """The launchers' keyword options from the ops' (window bounds as ints, -1 for an open side; softcap 0.0 off)."""
-    varlen = cu_seqlens_q is not None
-    return dict(window_size=(window_left, window_right), softcap=softcap or None, alibi_slopes=alibi_slopes,
-                sinks=sinks, dropout_p=dropout_p, seed=seed,
-                cu_seqlens=(cu_seqlens_q, cu_seqlens_k) if varlen else None,
-                max_seqlens=(max_seqlen_q, max_seqlen_k) if varlen else None)
-
-
-def _unpack(ints, floats, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k):
-    """(causal, sm_scale, the launchers' keyword options) from the ops' packed arguments."""
-    causal, window_left, window_right, max_seqlen_q, max_seqlen_k, deterministic = ints
-    sm_scale, softcap, dropout_p = floats
-    options = _op_options(window_left, window_right, softcap, alibi_slopes, sinks, dropout_p, seed, cu_seqlens_q,
-                          cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return bool(causal), sm_scale, dict(options, deterministic=bool(deterministic))
-
-
-@torch.library.custom_op("attention_playground::flash_attn_fwd", mutates_args=())
-def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slopes: torch.Tensor | None,
-                       sinks: torch.Tensor | None, seed: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
-                       cu_seqlens_k: torch.Tensor | None, ints: list[int],
-                       floats: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    causal, sm_scale, options = _unpack(ints, floats, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k)
-    return _flash_fwd(q, k, v, causal, sm_scale, **options)
-
-
-@_flash_attn_fwd_op.register_fake
-def _(q, k, v, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k, ints, floats):
-    lse_shape = q.shape[:3] if cu_seqlens_q is None else (q.shape[1], q.shape[0])
-    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(lse_shape, dtype=accumulator_dtype(q.dtype))
-
-
-@torch.library.custom_op("attention_playground::flash_attn_bwd", mutates_args=())
-def _flash_attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                       lse: torch.Tensor, dlse: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
-                       sinks: torch.Tensor | None, seed: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
-                       cu_seqlens_k: torch.Tensor | None, ints: list[int], floats: list[float],
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    causal, sm_scale, options = _unpack(ints, floats, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k)
-    dsinks = torch.empty(sinks.shape if sinks is not None else (0,), dtype=lse.dtype, device=q.device)
-    dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=dlse, dsinks=dsinks, **options)
-    return dq, dk, dv, dsinks
-
-
-@_flash_attn_bwd_op.register_fake
-def _(do, q, k, v, o, lse, dlse, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k, ints, floats):
-    dsinks = lse.new_empty(sinks.shape if sinks is not None else (0,))
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k, ints, floats = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k)
-    ctx.ints, ctx.floats = ints, floats
-    # An lse nobody uses gets no gradient: keep it None instead of a tensor of zeros.
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, do, dlse):
-    q, k, v, o, lse, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    if do is None:  # only the lse was used
-        do = torch.zeros_like(o)
-    dq, dk, dv, dsinks = _flash_attn_bwd_op(do, q, k, v, o, lse, dlse, alibi_slopes, sinks, seed, cu_seqlens_q,
-                                            cu_seqlens_k, ctx.ints, ctx.floats)
-    dsinks = dsinks.to(sinks.dtype) if sinks is not None else None
-    return dq, dk, dv, None, dsinks, None, None, None, None, None
-
-
-_flash_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _FlashAttention(torch.autograd.Function):
-    """The ops' autograd in eager mode, on the launchers directly: the same kernels, without the dispatch.
-
-    forward(q, k, v, sinks, call) -> (o, lse), call being (causal, sm_scale, return_lse, options) with
-    options _flash_fwd's keywords (one argument: apply's wrapper walks every argument of every call);
-    lse is differentiable only when the caller returns it. torch.compile traces the custom ops
-    instead (_attention).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, sinks, call):
-        causal, sm_scale, return_lse, options = call
-        prepared = []  # the options' kernel arguments, worked out once for both passes
-        o, lse = _flash_fwd(q, k, v, causal, sm_scale, sinks=sinks, _prepared=prepared, **options)
-        if not return_lse:
-            ctx.mark_non_differentiable(lse)  # nobody can use it: one output less for autograd to track
-        ctx.save_for_backward(q, k, v, o, lse, sinks)
-        ctx.call, ctx.prepared = call, (prepared[0] if prepared else None)
-        ctx.set_materialize_grads(False)  # as _setup_context
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, o, lse, sinks = ctx.saved_tensors
-        if do is None:  # only the lse was used
-            do = torch.zeros_like(o)
-        dsinks = None if sinks is None else torch.empty(sinks.shape, dtype=lse.dtype, device=q.device)
-        causal, sm_scale, _, options = ctx.call
-        dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, dlse=dlse, sinks=sinks, dsinks=dsinks,
-                                _prepared=ctx.prepared, **options)
-        return dq, dk, dv, (dsinks.to(sinks.dtype) if sinks is not None else None), None
-
-
-# ----------------------------------------------------------------------------
-# Public API
-# ----------------------------------------------------------------------------
-def _dropout_seed(dropout_p, device):
-    """A Philox seed drawn from torch's default generator: torch.manual_seed makes dropout repeatable."""
-    if not dropout_p:
-        return None
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
-
-
-def _op_window(window_size, causal):
-    left, right = _window_bounds(window_size, causal)
-    return (-1 if left >= UNLIMITED else left), (-1 if right >= UNLIMITED else right)
-
-
-def _attention(q, k, v, causal, sm_scale, window, softcap, alibi_slopes, sinks, dropout_p, deterministic,
-               return_lse, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
-    """One checked call down the cheapest path that serves it; window: (left, right), -1 for an open side.
-
-        torch.compile tracing, or a tensor subclass (FakeTensor, ...)  the custom op, which they dispatch
-        eager, and q, k, v or sinks require grad                       _FlashAttention (autograd)
-        eager, nothing to differentiate                                _flash_fwd, the launcher itself
-    Every path runs the same launchers on the same arguments, so they give the same bits.
-    """
-    seed = _dropout_seed(dropout_p, q.device)
-    if torch.compiler.is_compiling() or type(q) is not torch.Tensor or type(k) is not torch.Tensor or \
-            type(v) is not torch.Tensor:
-        return _flash_attn_fwd_op(q, k, v, alibi_slopes, sinks, seed, cu_seqlens_q, cu_seqlens_k,
-                                  [int(causal), window[0], window[1], max_seqlen_q, max_seqlen_k, int(deterministic)],
-                                  [sm_scale, float(softcap or 0.0), float(dropout_p)])
-    cu_seqlens = None if cu_seqlens_q is None else (cu_seqlens_q, cu_seqlens_k)
-    max_seqlens = None if cu_seqlens_q is None else (max_seqlen_q, max_seqlen_k)
-    if window[0] == -1 and (window[1] == -1 or causal):
-        window = None  # no window (causal's right bound comes from causal): no bounds to read again
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                    or (sinks is not None and sinks.requires_grad)):
-        return _FlashAttention.apply(q, k, v, sinks, (causal, sm_scale, return_lse, dict(
-            window_size=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed,
-            cu_seqlens=cu_seqlens, max_seqlens=max_seqlens, deterministic=deterministic)))
-    return _flash_fwd(q, k, v, causal, sm_scale, window_size=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                      sinks=sinks, dropout_p=dropout_p, seed=seed, cu_seqlens=cu_seqlens, max_seqlens=max_seqlens,
-                      deterministic=deterministic)
-
-
-def flash_attention(q, k, v, causal=False, sm_scale=None, return_lse=False, window_size=None, softcap=None,
-                    alibi_slopes=None, sinks=None, dropout_p=0.0, deterministic=True):
-    """softmax(q k^T * sm_scale) v, fused in Triton, differentiable.
-
-    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D), with Hq a multiple of Hkv (GQA/MQA)
-    and 1 <= D <= 256; fp32, fp16 or bf16 (float64 too, for gradcheck); any strides. causal masks bottom-right
-    (query i sees key j <= i + Nk - Nq). sm_scale defaults to 1/sqrt(D).
-    Options (FlashAttention's names and conventions; `reference.naive_attention` spells each out):
-      window_size   (left, right): query i sees keys i + Nk - Nq - left .. i + Nk - Nq + right;
-                    None or -1 on a side = unlimited; causal sets right = 0. Blocks outside are skipped.
-      softcap       scores become softcap * tanh(s / softcap); None or 0 = off
-      alibi_slopes  (Hq,) or (B, Hq): the score gets -slope * |i + Nk - Nq - j|
-      sinks         (Hq,): one logit per head in every row's normaliser, with no value (gpt-oss); trainable
-      dropout_p     dropout on the probabilities, seeded from torch's default generator
-      deterministic True: the backward sums in a fixed order (bitwise reproducible); False: one fused
-                    backward kernel adds dQ with atomics (FlashAttention-2's scheme; faster, not reproducible)
-    Returns o (B, Hq, Nq, D) in q's dtype, and with return_lse=True also the
-    natural-log log-sum-exp of each row's scores (the sink included), lse (B, Hq, Nq) in fp32
-    (float64 for float64 inputs; -inf for a row with no visible key and no sink, whose output is 0).
-    Shapes only are read on the host: no host-device sync. Under torch.compile it is a custom op;
-    in eager mode it calls the launcher directly (see _attention).
-    """
-    check_flash_inputs(q, k, v, sm_scale)
-    check_flash_options(q, q.shape[0], softcap, alibi_slopes, sinks, dropout_p)
-    causal = check_flag(causal, "causal")
-    return_lse = check_flag(return_lse, "return_lse")
-    deterministic = check_flag(deterministic, "deterministic")
-    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    o, lse = _attention(q, k, v, causal, sm_scale, _op_window(window_size, causal), softcap, alibi_slopes, sinks,
-                        dropout_p, deterministic, return_lse)
-    return (o, lse) if return_lse else o
-
-
-def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sm_scale=None,
-                        validate=False):
-    """Raise a clear error, naming the argument, for packed inputs the kernels cannot take.
-
-    Shapes, dtypes and devices always (no data read). validate=True also reads the offsets on the
-    host (a device-to-host sync) and checks that they start at 0, never decrease, end at the packed
-    token count and fit max_seqlen_*; skipped under torch.compile, where reading would break the graph.
-    """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must have rank 3 (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
-    # The padded-layout checks apply to a (1, H, total, D) view of the same tensors.
-    check_flash_inputs(*(t.transpose(0, 1)[None] for t in (q, k, v)), sm_scale)
-    for name, cu, max_name, max_len in (("cu_seqlens_q", cu_seqlens_q, "max_seqlen_q", max_seqlen_q),
-                                        ("cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k)):
-        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
-            described = f"{cu.dtype} of shape {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
-            raise TypeError(f"{name} must be a 1-D int32 tensor of B + 1 offsets, got {described}")
-        if cu.device != q.device:
-            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
-            raise TypeError(f"{max_name} must be a non-negative int, got {max_len!r}")
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
-                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
-    if validate and not torch.compiler.is_compiling():
-        validate_varlen_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-
-
-def validate_varlen_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
-    """Read cu_seqlens on the host and raise, naming the argument, on offsets the kernels cannot take (a sync)."""
-    for name, cu, total, max_name, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q",
-                                                max_seqlen_q),
-                                               ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k",
-                                                max_seqlen_k)):
-        offsets = cu.tolist()
-        if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
-            raise ValueError(f"{name} must start at 0 and never decrease, got {offsets[:8]}...")
-        if offsets[-1] != total:
-            raise ValueError(f"{name} must end at the number of packed tokens ({total}), got {offsets[-1]}")
-        longest = max(b - a for a, b in zip(offsets, offsets[1:]))
-        if max_len < longest:
-            raise ValueError(f"{max_name} ({max_len}) is shorter than the longest sequence in {name} ({longest})")
-
-
-def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
-                           sm_scale=None, return_lse=False, window_size=None, softcap=None, alibi_slopes=None,
-                           sinks=None, dropout_p=0.0, deterministic=True, validate=False):
-    """Attention over packed sequences of different lengths, with no compute spent on padding.
-
-    q: (total_q, Hq, D) and k, v: (total_k, Hkv, D) hold B sequences one after
-    another; cu_seqlens_q and cu_seqlens_k are (B + 1,) int32 prefix sums from 0
-    (sequence b owns rows cu_seqlens[b]:cu_seqlens[b + 1]); max_seqlen_* bound
-    the lengths. A sequence never attends across its boundary, an empty one is
-    allowed, and causal is bottom-right within each sequence. Options are
-    `flash_attention`'s (alibi_slopes may be (B, Hq)). Returns o (total_q, Hq, D),
-    and with return_lse=True also lse (Hq, total_q).
-    validate: read cu_seqlens on the host and check them first (one device-to-host sync; clear
-    errors). Without it nothing is read on the host and the offsets are trusted, as FlashAttention's
-    flash_attn_varlen_func trusts them: offsets that decrease or pass the packed tokens make the
-    kernels read and write outside the sequences.
-    """
-    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sm_scale,
-                        check_flag(validate, "validate"))
-    check_flash_options(q, cu_seqlens_q.shape[0] - 1, softcap, alibi_slopes, sinks, dropout_p)
-    causal = check_flag(causal, "causal")
-    return_lse = check_flag(return_lse, "return_lse")
-    deterministic = check_flag(deterministic, "deterministic")
-    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    o, lse = _attention(q, k, v, causal, sm_scale, _op_window(window_size, causal), softcap, alibi_slopes, sinks,
-                        dropout_p, deterministic, return_lse, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                        int(max_seqlen_k))
-    return (o, lse) if return_lse else o
 
 
 def dropout_keep_mask(seed, dropout_p, streams, n_rows, n_cols, row_offset=0, stream_offset=0):

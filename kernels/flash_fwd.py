@@ -73,7 +73,7 @@ import triton
 import triton.language as tl
 
 from .tiles import (LN2, LOG2E, _cast_for_store, _dropout_keep, _key_range, _load_rows, _mask_mod_visible,
-                    _row_descriptor, _scores, _sequence_bounds, _visible)
+                    _round_to_fp8, _row_descriptor, _scores, _sequence_bounds, _visible)
 
 
 @triton.jit
@@ -86,7 +86,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m
                     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
                     WARP_SPECIALIZE: tl.constexpr, SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr,
-                    SPARSE_BLOCK_N: tl.constexpr):
+                    SPARSE_BLOCK_N: tl.constexpr, ROUND_P: tl.constexpr):
     """Walk key blocks, updating the online-softmax state (the inner loop of reference/tiled.py).
 
     The blocks are [lo, hi) in steps of BLOCK_N, or with a block mask (SPARSE_BLOCK_N, its
@@ -94,6 +94,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m
     sub-tile i is BLOCK_N keys of mask block KV_LIST[1 + i // (SPARSE_BLOCK_N // BLOCK_N)].
     k_src and v_src are tensor descriptors (USE_TMA) or pointer tiles of the first key block: see _load_rows.
     MASKED applies the element mask (the band, the sequence's end, and the user's MASK_MOD).
+    ROUND_P: round p to v's fp8 by hand (the interpreter's cast rounds wrongly: tiles.py, _round_to_fp8).
     """
     if SPARSE_BLOCK_N > 0:
         STEP: tl.constexpr = 1
@@ -137,8 +138,13 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m
             keep = _dropout_keep(seed, stream, offs_m[:, None] + dropout_row0, cur_n[None, :], dropout_p)
             p = tl.where(keep, p, 0.0)
         v = _load_rows(v_src, start_n, stride_vn, cur_n, N_K, offs_dv, HEAD_DIM_V, MASKED, PAD_DV, UPCAST, USE_TMA)
-        # acc = acc * alpha + p @ v, with p rounded to v's dtype for the tensor cores.
-        acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+        # acc = acc * alpha + p @ v, with p rounded to v's dtype for the tensor cores (for fp8 v,
+        # to e4m3/e5m2: p <= 1 under the running max, so it needs no scale of its own).
+        if ROUND_P:
+            p_low = _round_to_fp8(p, v.dtype)
+        else:
+            p_low = p.to(v.dtype)
+        acc = tl.dot(p_low, v, acc=acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=acc.dtype)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -160,7 +166,8 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, 
               IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
               ACC_DTYPE: tl.constexpr, SCORE_MOD: tl.constexpr = None, MASK_MOD: tl.constexpr = None,
               MASK_BLOCK_M: tl.constexpr = 0, MASK_BLOCK_N: tl.constexpr = 0, HAS_DESCALE: tl.constexpr = False,
-              ROUND_OUT: tl.constexpr = False, USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False):
+              ROUND_BY_HAND: tl.constexpr = False, USE_TMA: tl.constexpr = False,
+              WARP_SPECIALIZE: tl.constexpr = False):
     """One program: BLOCK_M query rows of one (batch, query head). Writes O and the natural-log LSE.
 
     N_Q and N_K are the lengths, or for packed sequences (IS_VARLEN) the longest ones.
@@ -172,8 +179,8 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, 
     fp8 (HAS_DESCALE): q, k and v are e4m3/e5m2 and DESCALE[kind, z, kv head] holds their
     dequantization factors (kind 0, 1, 2: q, k, v, FlashAttention-3's descales): q.k is taken in
     fp8 and scaled by q's and k's, P is rounded to v's fp8 for the P.V product (as FA3 and the
-    Triton tutorial do), and v's scales the output. ROUND_OUT: round a bf16 output to nearest
-    under the interpreter (whose own cast truncates; tiles.py: _cast_for_store).
+    Triton tutorial do), and v's scales the output. ROUND_BY_HAND: under the interpreter, whose
+    own casts round wrongly, round P to fp8 and a bf16 output to nearest by hand (tiles.py).
     USE_TMA and WARP_SPECIALIZE are Hopper options of the launch configs
     (kernels/configs.py): Q, K and V through tensor descriptors, and the key loop
     split into producer and consumer warps.
@@ -291,7 +298,8 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, 
                                         score_args, mask_args, kv_list, HEAD_DIM, HEAD_DIM_V, PAD_D, PAD_DV, BLOCK_N,
                                         HAS_WINDOW and MASK_BLOCK_N == 0, MASK_RIGHT and MASK_BLOCK_N == 0,
                                         HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, MASKED, UPCAST, DOT_PRECISION, USE_TMA,
-                                        WARP_SPECIALIZE and stage == 2, SCORE_MOD, MASK_MOD, MASK_BLOCK_N)
+                                        WARP_SPECIALIZE and stage == 2, SCORE_MOD, MASK_MOD, MASK_BLOCK_N,
+                                        HAS_DESCALE and ROUND_BY_HAND)
 
     # Normalise once, at the end. A row that saw no key (and has no sink) has
     # l_i == 0 and acc == 0: its output is 0 and its lse is -inf, never NaN.
@@ -306,5 +314,5 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, 
     tl.store(LSE + off_z * stride_lz + off_h * stride_lh + q_start + offs_m, lse, mask=offs_m < seqlen_q)
     o_ptrs = (O + off_z * stride_oz + off_h * stride_oh + q_row0 * stride_om
               + rows[:, None] * stride_om + offs_dv[None, :] * stride_ok)
-    tl.store(o_ptrs, _cast_for_store(acc, O.dtype.element_ty, UPCAST or ROUND_OUT),
+    tl.store(o_ptrs, _cast_for_store(acc, O.dtype.element_ty, UPCAST or ROUND_BY_HAND),
              mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V))

@@ -30,9 +30,12 @@ import triton.language as tl
 
 from .block_mask import (NO_MODS, BlockMask, MaskMod, Mods, ScoreMod, as_mask_mod, as_score_mod,
                          block_mask_from_dense, check_mod_args, check_mod_shapes)
-from .flash_attention import (_dropout_seed, _flash_bwd, _flash_fwd, _op_options, _op_window, check_flash_inputs,
-                              check_flash_options)
-from .flash_attention import flash_attention as _plain_flash_attention
+from reference.fp8 import FP8_DTYPES
+
+from .flash_attention import _flash_bwd, _flash_fwd, check_flash_inputs, check_flash_options
+from .fp8 import check_fp8_call, check_no_descales, fp8_forward
+from .ops import _dropout_seed, _op_options, _op_window
+from .ops import flash_attention as _plain_flash_attention
 from .runtime import accumulator_dtype, check_flag
 
 
@@ -139,9 +142,8 @@ class _FlashAttentionWithMods(torch.autograd.Function):
         return dq, dk, dv, dsinks.to(sinks.dtype) if sinks is not None else None, None, None, *grads
 
 
-@torch.compiler.disable
-def _attention_with_mods(q, k, v, causal, sm_scale, window_size, softcap, alibi_slopes, sinks, dropout_p,
-                         deterministic, score_mod, mask_mod, block_mask, attn_mask, attn_bias):
+def _call_mods(q, k, causal, window_size, score_mod, mask_mod, block_mask, attn_mask, attn_bias):
+    """A call's Mods, checked (a dense attn_mask and attn_bias become mods), and its dense bias or None."""
     shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if (attn_bias is not None and score_mod is not None) or (attn_mask is not None and
                                                             (mask_mod is not None or block_mask is not None)):
@@ -162,6 +164,14 @@ def _attention_with_mods(q, k, v, causal, sm_scale, window_size, softcap, alibi_
         if mod is not None:
             check_mod_args(mod.args, q.device, name)
             check_mod_shapes(mod, *shape)
+    return Mods(score_mod, mask_mod, block_mask), bias
+
+
+@torch.compiler.disable
+def _attention_with_mods(q, k, v, causal, sm_scale, window_size, softcap, alibi_slopes, sinks, dropout_p,
+                         deterministic, score_mod, mask_mod, block_mask, attn_mask, attn_bias):
+    mods, bias = _call_mods(q, k, causal, window_size, score_mod, mask_mod, block_mask, attn_mask, attn_bias)
+    score_mod = mods.score_mod
     differentiable = () if score_mod is None or bias is not None else score_mod.differentiable
     needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or differentiable
                                               or (bias is not None and bias.requires_grad))
@@ -175,8 +185,16 @@ def _attention_with_mods(q, k, v, causal, sm_scale, window_size, softcap, alibi_
     options = dict(causal=causal, sm_scale=sm_scale, deterministic=deterministic, kernel=kernel_options,
                    dense_bias=bias is not None)
     grad_tensors = differentiable if bias is None else ((bias,) if bias.requires_grad else ())
-    return _FlashAttentionWithMods.apply(q, k, v, sinks, options, Mods(score_mod, mask_mod, block_mask),
-                                         *grad_tensors)
+    return _FlashAttentionWithMods.apply(q, k, v, sinks, options, mods, *grad_tensors)
+
+
+@torch.compiler.disable
+def _fp8_with_mods(q, k, v, causal, sm_scale, window_size, softcap, alibi_slopes, sinks, descales, out_dtype,
+                   score_mod, mask_mod, block_mask, attn_mask, attn_bias):
+    """The fp8 forward (kernels/fp8.py) with mods: forward-only, so no autograd around it."""
+    mods, _ = _call_mods(q, k, causal, window_size, score_mod, mask_mod, block_mask, attn_mask, attn_bias)
+    return fp8_forward(q, k, v, causal, sm_scale, _op_window(window_size, causal), softcap, alibi_slopes, sinks,
+                       descales, out_dtype, mods=mods)
 
 
 def check_block_mask(block_mask, q, k, causal, window_size):
@@ -199,7 +217,8 @@ def check_block_mask(block_mask, q, k, causal, window_size):
 
 def flash_attention(q, k, v, causal=False, sm_scale=None, return_lse=False, window_size=None, softcap=None,
                     alibi_slopes=None, sinks=None, dropout_p=0.0, deterministic=True, *, score_mod=None,
-                    mask_mod=None, block_mask=None, attn_mask=None, attn_bias=None):
+                    mask_mod=None, block_mask=None, attn_mask=None, attn_bias=None, q_descale=None, k_descale=None,
+                    v_descale=None, out_dtype=None):
     """softmax(q k^T * sm_scale) v, fused in Triton, differentiable, with any attention pattern.
 
     Without score_mod, mask_mod, block_mask, attn_mask or attn_bias this is
@@ -214,10 +233,13 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, return_lse=False, wind
                   blocks are skipped
       attn_bias   float, broadcastable to (B, Hq, Nq, Nk), added to the scaled scores; gets a gradient
     A row that sees no key outputs 0 (lse -inf). Mods run eagerly, outside torch.compile's graph.
+    fp8 q, k, v take q_descale, k_descale, v_descale and out_dtype (kernels/ops.py's flash_attention says
+    how), with mods too (a score_mod sees the dequantized scores); forward-only.
     """
     if score_mod is None and mask_mod is None and block_mask is None and attn_mask is None and attn_bias is None:
         return _plain_flash_attention(q, k, v, causal, sm_scale, return_lse, window_size, softcap, alibi_slopes,
-                                      sinks, dropout_p, deterministic)
+                                      sinks, dropout_p, deterministic, q_descale=q_descale, k_descale=k_descale,
+                                      v_descale=v_descale, out_dtype=out_dtype)
     check_flash_inputs(q, k, v, sm_scale)
     check_flash_options(q, q.shape[0], softcap, alibi_slopes, sinks, dropout_p)
     causal, return_lse, deterministic = (check_flag(value, name) for value, name in (
@@ -226,6 +248,14 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, return_lse=False, wind
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    descales = (q_descale, k_descale, v_descale)
+    if q.dtype in FP8_DTYPES:
+        out_dtype = check_fp8_call(q, k, v, dropout_p, out_dtype, descales)
+        o, lse = _fp8_with_mods(q, k, v, causal, sm_scale, window_size, softcap, alibi_slopes, sinks, descales,
+                                out_dtype, score_mod, mask_mod, block_mask, attn_mask, attn_bias)
+        return (o, lse) if return_lse else o
+    if q_descale is not None or k_descale is not None or v_descale is not None or out_dtype is not None:
+        check_no_descales(q, out_dtype, descales)
     o, lse = _attention_with_mods(q, k, v, causal, sm_scale, window_size, softcap, alibi_slopes, sinks,
                                   float(dropout_p), deterministic, score_mod, mask_mod, block_mask, attn_mask,
                                   attn_bias)

@@ -31,10 +31,10 @@ CPU_HINT = (
 )
 
 
-def check_runnable(t: torch.Tensor, name: str) -> None:
-    """Raise a clear error if a kernel cannot run on tensor `t` here."""
-    if t.dtype not in SUPPORTED_DTYPES:
-        names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+def check_runnable(t: torch.Tensor, name: str, dtypes=SUPPORTED_DTYPES) -> None:
+    """Raise a clear error if a kernel cannot run on tensor `t` here (in one of `dtypes`)."""
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} has dtype {t.dtype}; the Triton kernels support {names}")
     if t.device.type != "cuda" and not INTERPRET:
         raise RuntimeError(f"{name} is on {t.device} but the Triton interpreter is off. {CPU_HINT}")

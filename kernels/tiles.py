@@ -124,6 +124,33 @@ def _cast_for_store(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _round_to_fp8(x, dtype: tl.constexpr):
+    """Non-negative fp32 x (probabilities, at most 1) rounded to nearest even in the fp8 `dtype`.
+
+    The interpreter's own fp32 -> fp8 cast rounds wrongly (0.49 becomes 0.25 in e4m3), while a
+    GPU's conversion rounds to nearest even. Rounded here first, the cast is exact, so the CPU
+    computes the bits a GPU would. Normal values keep MANTISSA bits (rounded on the fp32 bit
+    pattern, where a carry runs into the exponent as it should); below the smallest normal the
+    steps are even (MIN_NORMAL * 2**-MANTISSA), and adding MAGIC, whose fp32 step is that, rounds there.
+    """
+    if dtype == tl.float8e4nv:  # e4m3fn
+        MANTISSA: tl.constexpr = 3
+        MIN_NORMAL: tl.constexpr = 0.015625  # 2**-6
+        MAGIC: tl.constexpr = 16384.0  # 2**14: its fp32 step is 2**-9, e4m3's subnormal step
+    else:  # e5m2
+        MANTISSA: tl.constexpr = 2
+        MIN_NORMAL: tl.constexpr = 0.00006103515625  # 2**-14
+        MAGIC: tl.constexpr = 128.0  # 2**7: its fp32 step is 2**-16, e5m2's subnormal step
+    SHIFT: tl.constexpr = 23 - MANTISSA
+    HALF: tl.constexpr = (1 << (SHIFT - 1)) - 1
+    KEEP: tl.constexpr = 0xFFFFFFFF ^ ((1 << SHIFT) - 1)
+    bits = x.to(tl.uint32, bitcast=True)
+    normal = ((bits + (HALF + ((bits >> SHIFT) & 1))) & KEEP).to(tl.float32, bitcast=True)
+    subnormal = (x + MAGIC) - MAGIC
+    return tl.where(x < MIN_NORMAL, subnormal, normal).to(dtype)
+
+
+@triton.jit
 def _sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_z, N_Q, N_K, IS_VARLEN: tl.constexpr):
     """(q_start, k_start, seqlen_q, seqlen_k) of sequence off_z.
 

@@ -29,6 +29,7 @@ import math
 
 import torch
 
+from .fp8 import FP8_DTYPES, check_scales, quantize_rows
 from .functional import repeat_kv
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -137,8 +138,10 @@ def check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table=None):
 def _check_new_rows(k_new, v_new, k_cache, v_cache, batch, h_kv, cu_seqlens_new):
     """Shapes, dtypes and devices of the new keys and values, dense or packed (no data read).
 
-    Each has its cache's head dim (a value head dim may differ from the keys', as MLA's does).
+    Each has its cache's head dim (a value head dim may differ from the keys', as MLA's does), and
+    its dtype, or for an fp8 cache a 16-bit or fp32 dtype (quantized on write).
     """
+    quantized = k_cache.dtype in FP8_DTYPES
     packed = cu_seqlens_new is not None
     for name, t, head_dim in (("k_new", k_new, k_cache.shape[3]), ("v_new", v_new, v_cache.shape[3])):
         if not isinstance(t, torch.Tensor):
@@ -151,7 +154,10 @@ def _check_new_rows(k_new, v_new, k_cache, v_cache, batch, h_kv, cu_seqlens_new)
                              f"(or (total_new, {h_kv}, {head_dim}) with cu_seqlens_new), got {tuple(t.shape)}")
         if t.device != k_cache.device:
             raise ValueError(f"{name} is on {t.device} but k_cache is on {k_cache.device}")
-        if t.dtype != k_cache.dtype:
+        if quantized and t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{name} has dtype {t.dtype}; an fp8 cache ({k_cache.dtype}) takes new rows in "
+                            "float16, bfloat16 or float32 and quantizes them with k_scale and v_scale")
+        if not quantized and t.dtype != k_cache.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but the cache has {k_cache.dtype}")
     if k_new.shape[:-1] != v_new.shape[:-1]:
         raise ValueError(f"k_new and v_new must have the same shape but for the head dim, got {tuple(k_new.shape)} "
@@ -185,7 +191,7 @@ def _validate_offsets(cu_seqlens_new, total):
 
 
 def append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=None, *, cu_seqlens_new=None,
-              validate=False):
+              k_scale=None, v_scale=None, validate=False):
     """Write each sequence's new keys and values into the cache after its cache_seqlens[b] keys. In place.
 
     New tokens come dense, k_new and v_new (B, Hkv, Nnew, D) (the same count for every sequence:
@@ -202,12 +208,17 @@ def append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=None, *
     index is computed and masked on the device; see the end of the function). Its sequence's
     returned length still counts it, so paged attention then sees a length past the capacity,
     or the bad block, and gives that sequence NaN rows instead of a silently wrong answer.
+    An fp8 cache (e4m3fn, e5m2) takes k_scale and v_scale, paged attention's: new rows (16-bit
+    or fp32) are quantized on write, with the per-tensor scale (1,) (saturating), or per row and
+    kv head, each new row's scale computed from it and written into k_scale / v_scale beside it
+    (reference/fp8.py: quantize_rows).
     Packed offsets that do not count up are not checked either: a token outside every
     sequence's range is not written. validate=True reads the lengths, offsets and block table on
     the host first (a device-to-host sync) and raises an error that names the argument.
     """
     batch, h_kv, capacity, _, block_size = check_cache(k_cache, v_cache, cache_seqlens, block_table)
     _check_new_rows(k_new, v_new, k_cache, v_cache, batch, h_kv, cu_seqlens_new)
+    check_scales(k_cache, v_cache, k_scale, v_scale, k_new.dtype)
     packed = cu_seqlens_new is not None
     device = k_cache.device
     if validate:
@@ -260,7 +271,12 @@ def append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=None, *
     spare_slot = torch.where(any_valid, slots.index_select(0, first)[0], 0)
     rows, slots = torch.where(valid, rows, spare_row), torch.where(valid, slots, spare_slot)
     keep = valid[:, None, None]
-    for cache, new in ((k_cache, k_rows), (v_cache, v_rows)):
+    for cache, new, scale in ((k_cache, k_rows, k_scale), (v_cache, v_rows, v_scale)):
+        if scale is not None:  # an fp8 cache: quantize, and write per-row scales beside their rows
+            new, row_scale = quantize_rows(new, scale, cache.dtype)
+            if row_scale is not None:
+                spare = torch.where(any_valid, row_scale.index_select(0, first)[0], scale[0, :, 0])  # (Hkv,)
+                scale[rows, :, slots] = torch.where(valid[:, None], row_scale, spare)
         spare = torch.where(any_valid, new.index_select(0, first)[0], cache[0, :, 0])  # (Hkv, D)
         # Two index tensors around a slice: the indexed view is (T, Hkv, D).
         cache[rows, :, slots] = torch.where(keep, new, spare)

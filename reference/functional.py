@@ -84,7 +84,7 @@ def alibi_bias(alibi_slopes: torch.Tensor, n_q: int, n_k: int, dtype) -> torch.T
 
 
 def naive_attention(q, k, v, causal=False, sm_scale=None, dtype=None, *, window_size=None, softcap=None,
-                    alibi_slopes=None, sinks=None, dropout_mask=None, dropout_p=0.0, return_lse=False):
+                    alibi_slopes=None, sinks=None, dropout_mask=None, dropout_p=0.0, p_dtype=None, return_lse=False):
     """softmax(q k^T * sm_scale) v, materialising the full (Nq, Nk) score matrix.
 
     dtype: compute (and return) in this dtype, e.g. torch.float64 for the
@@ -98,6 +98,8 @@ def naive_attention(q, k, v, causal=False, sm_scale=None, dtype=None, *, window_
                     but has no value (gpt-oss); a row with no visible key then
                     outputs 0 with lse = the sink
       dropout_mask  bool (B, Hq, Nq, Nk), True = kept: P * mask / (1 - dropout_p)
+      p_dtype       round the unnormalised probabilities exp(s - row max) to this dtype before
+                    P.V, dividing by their unrounded sum after (what an fp8 kernel does: reference/fp8.py)
     With return_lse, also the natural-log normaliser of each row (the sink included).
     """
     check_attention_inputs(q, k, v)
@@ -126,7 +128,12 @@ def naive_attention(q, k, v, causal=False, sm_scale=None, dtype=None, *, window_
         sink_column = sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
         scores = torch.cat([scores, sink_column], dim=-1)
     lse = torch.logsumexp(scores, dim=-1)  # (B, Hq, Nq)
-    weights = torch.softmax(scores, dim=-1)
+    if p_dtype is None:
+        weights = torch.softmax(scores, dim=-1)
+    else:
+        row_max = scores.amax(dim=-1, keepdim=True)
+        p = torch.exp(scores - row_max.masked_fill(row_max == float("-inf"), 0.0))
+        weights = p.to(p_dtype).to(p.dtype) / p.sum(dim=-1, keepdim=True)
     if sinks is not None:
         weights = weights[..., :-1]
     if visible is not None:

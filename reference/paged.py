@@ -28,6 +28,7 @@ import math
 import torch
 
 from .decode import check_cache
+from .fp8 import FP8_DTYPES, check_scales
 from .functional import naive_attention
 
 
@@ -44,35 +45,6 @@ def _index_vector(t, name, batch, device, dtypes=(torch.int32, torch.int64)):
         raise ValueError(f"{name} is on {t.device} but q is on {device}")
     if batch > 1 and t.stride(0) != 1:  # the kernels read it with unit stride
         raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}; pass {name}.contiguous()")
-
-
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-def check_scales(k_cache, v_cache, k_scale, v_scale, q_dtype):
-    """An fp8 cache needs its dequantization scales, each (1,) or one per cache row and kv head, in fp32."""
-    fp8 = k_cache.dtype in FP8_DTYPES
-    if not fp8:
-        if k_scale is not None or v_scale is not None:
-            raise ValueError(f"k_scale and v_scale dequantize an fp8 cache; this one is {k_cache.dtype}")
-        return
-    if k_scale is None or v_scale is None:
-        raise ValueError(f"an fp8 cache ({k_cache.dtype}) needs k_scale and v_scale (stored value * scale = value)")
-    if q_dtype in FP8_DTYPES:
-        raise TypeError("q must be a 16-bit or fp32 tensor with an fp8 cache (its keys are dequantized to q's dtype)")
-    per_row = tuple(k_cache.shape[:3])
-    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
-            raise TypeError(f"{name} must be a float32 tensor, got "
-                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if tuple(t.shape) not in ((1,), per_row):
-            raise ValueError(f"{name} must have shape (1,) (per tensor) or {per_row} (per cache row and kv head, "
-                             f"like the cache's first three dims), got {tuple(t.shape)}")
-        if t.device != k_cache.device:
-            raise ValueError(f"{name} is on {t.device} but k_cache is on {k_cache.device}")
-    if k_scale.shape != v_scale.shape or (k_scale.dim() == 3 and k_scale.stride() != v_scale.stride()):
-        raise ValueError(f"k_scale and v_scale must have one shape and layout, got {tuple(k_scale.shape)} and "
-                         f"{tuple(v_scale.shape)}")
 
 
 def check_paged_inputs(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, sm_scale,

@@ -336,3 +336,38 @@ PAGED_CASES = [
     PagedCase(seqlens=(80, 64), h_q=4, h_kv=2, new=5, head_dim=32, causal=True, num_splits=None,
               leftpad=(3, 30), options=(("alibi", None),)),
 ]
+
+
+# ----------------------------------------------------------------------------
+# fp8 attention (kernels/fp8.py): e4m3 or e5m2 q, k, v with descales, a 16-bit output
+# ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Fp8Case:
+    shape: AttentionCase
+    fp8: torch.dtype = torch.float8_e4m3fn
+    out: torch.dtype = torch.bfloat16
+    per_head: bool = True  # descales (B, Hkv) per sequence and kv head, else one per tensor
+    why: str = ""
+
+    @property
+    def id(self) -> str:
+        fp8 = "e4m3" if self.fp8 == torch.float8_e4m3fn else "e5m2"
+        out = str(self.out).removeprefix("torch.")
+        return f"{self.shape.id}-{fp8}-{out}-{'per_head' if self.per_head else 'per_tensor'}"
+
+
+FP8_CASES = [
+    Fp8Case(AttentionCase(2, 4, 2, 97, 97, 64, False), why="GQA over a ragged length, per-head descales"),
+    Fp8Case(AttentionCase(2, 4, 2, 97, 97, 64, True), out=torch.float16, per_head=False,
+            why="causal, fp16 out, one descale per tensor"),
+    Fp8Case(AttentionCase(1, 4, 1, 7, 130, 32, True), why="MQA, a short query over a long cache (bottom-right)"),
+    Fp8Case(AttentionCase(1, 4, 2, 130, 7, 32, True), per_head=False,
+            why="Nq > Nk, causal: 123 rows see no key and output exactly 0"),
+    Fp8Case(AttentionCase(1, 2, 2, 257, 257, 80, False), fp8=torch.float8_e5m2,
+            why="e5m2, head dim 80 padded to 128, a 1-row tail block"),
+    Fp8Case(AttentionCase(1, 2, 1, 70, 70, 256, True), why="the largest head dim"),
+    Fp8Case(AttentionCase(1, 2, 2, 70, 33, 16, False), out=torch.float16, per_head=False,
+            why="head dim 16, padded to 32 (the fp8 MMA's K)"),
+    Fp8Case(AttentionCase(2, 2, 1, 1, 130, 40, False), fp8=torch.float8_e5m2, out=torch.float16,
+            why="a decode-shaped single query, e5m2, head dim 40"),
+]

@@ -18,6 +18,7 @@ from tests.cases import PagedCase
 from tests.sync_guard import HostSyncError, no_host_sync
 
 fa = importlib.import_module("kernels.flash_attention")
+ops = importlib.import_module("kernels.ops")
 
 
 # ----------------------------------------------------------------------------
@@ -132,11 +133,11 @@ class Count:
 @pytest.fixture
 def paths(monkeypatch):
     """Counters on the three paths: the custom op, the eager autograd.Function, the launcher."""
-    op, launcher = Count(fa._flash_attn_fwd_op), Count(fa._flash_fwd)
-    function = Count(fa._FlashAttention.apply)
-    monkeypatch.setattr(fa, "_flash_attn_fwd_op", op)
-    monkeypatch.setattr(fa, "_flash_fwd", launcher)
-    monkeypatch.setattr(fa._FlashAttention, "apply", function)
+    op, launcher = Count(ops._flash_attn_fwd_op), Count(ops._flash_fwd)
+    function = Count(ops._FlashAttention.apply)
+    monkeypatch.setattr(ops, "_flash_attn_fwd_op", op)
+    monkeypatch.setattr(ops, "_flash_fwd", launcher)
+    monkeypatch.setattr(ops._FlashAttention, "apply", function)
     return op, function, launcher
 
 
@@ -196,7 +197,7 @@ def test_the_eager_autograd_function_and_the_ops_give_the_same_bits(device):
     for through_op in (False, True):
         q, k, v, sinks = (t.clone().requires_grad_() for t in leaves)
         if through_op:
-            o, lse = fa._flash_attn_fwd_op(q, k, v, slopes, sinks, None, None, None, [1, 5, 0, 0, 0, 1],
+            o, lse = ops._flash_attn_fwd_op(q, k, v, slopes, sinks, None, None, None, [1, 5, 0, 0, 0, 1],
                                            [0.3, 8.0, 0.0])
         else:
             o, lse = flash_attention(q, k, v, causal=True, sm_scale=0.3, window_size=(5, 0), softcap=8.0,

@@ -25,6 +25,7 @@ from tests.helpers import GRADIENT_FACTOR, assert_close_to_reference
 
 configs = importlib.import_module("kernels.configs")
 fa = importlib.import_module("kernels.flash_attention")
+ops = importlib.import_module("kernels.ops")
 paged = importlib.import_module("kernels.paged")
 runtime = importlib.import_module("kernels.runtime")
 ROOT = Path(__file__).resolve().parent.parent
@@ -237,7 +238,7 @@ def test_timing_runs_never_touch_the_callers_gradients(on_chip, stand_in_timer, 
     case = AttentionCase(batch=1, h_q=4, h_kv=2, n_q=64, n_k=64, head_dim=64, causal=True)
     q, k, v = case.make_inputs(dtype, "cpu", requires_grad=True)
     do = torch.randn_like(q)
-    o = fa.flash_attention(q, k, v, causal=True, deterministic=False)
+    o = ops.flash_attention(q, k, v, causal=True, deterministic=False)
     grads = torch.autograd.grad(o, (q, k, v), do)
     assert stand_in_timer, "no config was timed: the test proves nothing"
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -336,7 +337,7 @@ def test_only_config_runs_the_real_kernel_with_that_config(name):
     do = torch.randn_like(q)
     forced = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
     with configs.only_config(name, forced) as kernel:
-        o = fa.flash_attention(q, k, v, causal=True)
+        o = ops.flash_attention(q, k, v, causal=True)
         grads = torch.autograd.grad(o, (q, k, v), do)
         assert kernel.last_config is forced
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -439,7 +440,7 @@ def test_fused_backward_is_right_with_autotuning_on_a_gpu(device):
     do = torch.randn_like(q)
     configs.set_autotune(True)
     try:
-        o = fa.flash_attention(q, k, v, causal=True, deterministic=False)
+        o = ops.flash_attention(q, k, v, causal=True, deterministic=False)
         grads = torch.autograd.grad(o, (q, k, v), do)
         timed = dict(configs.KERNELS["bwd_dkdv"].timings)
     finally:

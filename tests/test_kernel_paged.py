@@ -390,3 +390,78 @@ def test_append_kv_without_validate_drops_what_does_not_fit(device):
     before = k.clone(), v.clone()
     append_kv(k, v, k_new, v_new, torch.tensor([8, 100], dtype=torch.int32, device=device))  # nothing fits
     assert torch.equal(k, before[0]) and torch.equal(v, before[1])
+
+# ----------------------------------------------------------------------------
+# fp8 caches: quantized on write by append_kv, dequantized by the kernel
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("fp8, per_row", [(torch.float8_e4m3fn, False), (torch.float8_e4m3fn, True),
+                                          (torch.float8_e5m2, True)],
+                         ids=["e4m3-per-tensor", "e4m3-per-row", "e5m2-per-row"])
+def test_fp8_cache_written_by_append_kv_and_read_by_paged_attention(fp8, per_row, device):
+    """vLLM's two schemes over a shuffled vLLM pool: append_kv quantizes packed prompts on write (the
+    stored bits and per-row scales are exactly reference/fp8.py's), then one packed step (a decode token,
+    a 3-token verification, a 20-token chunk) obeys the tolerance rule against float64 on the same cache."""
+    from reference.fp8 import quantize_rows
+
+    torch.manual_seed(5)
+    h_q, h_kv, d, page = 4, 2, 48, 16
+    lengths, new = (21, 5, 40), (1, 3, 20)
+    pages = [-(-n // page) for n in lengths]
+    pool_k = torch.full((sum(pages) + 1, page, h_kv, d), float("nan"), device=device).to(fp8)
+    pool_v = pool_k.clone()
+    k_cache, v_cache = pool_k.permute(0, 2, 1, 3), pool_v.permute(0, 2, 1, 3)  # (pages, Hkv, page, D) views
+    order = torch.randperm(sum(pages) + 1)[:sum(pages)].tolist()
+    table = torch.zeros(3, max(pages), dtype=torch.int32)
+    for b, n in enumerate(pages):
+        table[b, :n] = torch.tensor(order[sum(pages[:b]):sum(pages[:b + 1])])
+    table = table.to(device)
+    if per_row:
+        k_scale, v_scale = (torch.full(k_cache.shape[:3], float("nan"), device=device) for _ in range(2))
+    else:
+        k_scale, v_scale = torch.tensor([0.02], device=device), torch.tensor([0.015], device=device)
+    k_new, v_new = (torch.randn(sum(lengths), h_kv, d, device=device, dtype=torch.bfloat16) * 3 for _ in range(2))
+    cu_new = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    seqlens = append_kv(k_cache, v_cache, k_new, v_new, torch.zeros(3, dtype=torch.int32, device=device), table,
+                        cu_seqlens_new=cu_new, k_scale=k_scale, v_scale=v_scale)
+    assert seqlens.tolist() == list(lengths)
+    for name, cache, rows, scale in (("k", k_cache, k_new, k_scale), ("v", v_cache, v_new, v_scale)):
+        stored, row_scale = quantize_rows(rows, scale, fp8)
+        for b, n in enumerate(lengths):
+            mine = slice(int(cu_new[b]), int(cu_new[b + 1]))
+            got = ref_decode.gather_cache(cache, b, n, table).transpose(0, 1)  # (n, Hkv, D)
+            assert torch.equal(got.view(torch.uint8), stored[mine].view(torch.uint8)), f"{name} bits, seq {b}"
+            if per_row:
+                got_scale = ref_decode.gather_cache(scale[..., None], b, n, table)[..., 0].transpose(0, 1)
+                assert torch.equal(got_scale, row_scale[mine]), f"{name} scales, seq {b}"
+    if per_row:  # each row's largest |value| lands on the format's largest value
+        assert ref_decode.gather_cache(k_cache, 2, 40, table).float().abs().amax(-1).eq(torch.finfo(fp8).max).all()
+
+    cu_q = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    q = torch.randn(sum(new), h_q, d, device=device, dtype=torch.bfloat16)
+    args = (q, k_cache, v_cache, seqlens, table)
+    options = dict(cu_seqlens_q=cu_q, causal=True, k_scale=k_scale, v_scale=v_scale)
+    with torch.no_grad():
+        out = paged_attention(*args, max_seqlen_q=max(new), **options)
+    expected = ref.paged_attention(*args, **options, dtype=torch.float64)
+    assert_close_to_reference(out, expected, ref.paged_attention(*args, **options), name="fp8 cache")
+
+
+def test_fp8_cache_inputs_are_checked(device):
+    k = torch.zeros(2, 2, 8, 4, dtype=torch.float8_e4m3fn, device=device)
+    lengths = torch.tensor([1, 2], dtype=torch.int32, device=device)
+    rows = torch.randn(2, 2, 1, 4, device=device)
+    with pytest.raises(ValueError, match=r"an fp8 cache \(torch.float8_e4m3fn\) needs k_scale and v_scale"):
+        append_kv(k, k.clone(), rows, rows, lengths)
+    with pytest.raises(ValueError, match=r"k_scale must have shape \(1,\) \(per tensor\) or \(2, 2, 8\)"):
+        append_kv(k, k.clone(), rows, rows, lengths, k_scale=torch.ones(2, device=device),
+                  v_scale=torch.ones(1, device=device))
+    with pytest.raises(TypeError, match="k_new has dtype torch.float8_e4m3fn; an fp8 cache"):
+        append_kv(k, k.clone(), rows.to(torch.float8_e4m3fn), rows, lengths, k_scale=torch.ones(1, device=device),
+                  v_scale=torch.ones(1, device=device))
+    with pytest.raises(ValueError, match="k_scale and v_scale dequantize an fp8 cache; this one is torch.float32"):
+        append_kv(k.float(), k.float(), rows, rows, lengths, k_scale=torch.ones(1, device=device),
+                  v_scale=torch.ones(1, device=device))
+    q = torch.randn(2, 2, 1, 4, device=device)
+    with pytest.raises(TypeError, match="k_scale must be a float32 tensor"):
+        decode_attention(q, k, k.clone(), lengths, k_scale=torch.ones(1, dtype=torch.float64, device=device),
+                         v_scale=torch.ones(1, device=device))

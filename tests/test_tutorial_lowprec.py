@@ -50,6 +50,9 @@ def test_each_operand_in_fp8_costs_precision(output):
               for what in ("nothing (float64)", "q, k", "q, k, v", "q, k, v and P")]
     assert errors[0] < 1e-12 and errors == sorted(errors), errors
     assert errors[-1] < 0.1
+    # The kernel rounds as the last line does, running max aside, and stores bf16 (relative 2^-9 of outputs < 4).
+    kernel = _number(output, r"\n   the fp8 kernel\s+(\S+)")
+    assert kernel <= 2 * (errors[-1] + 4 * 2.0 ** -9), (kernel, errors[-1])
 
 
 def test_kv_cache_schemes(output):

@@ -13,7 +13,8 @@ the fp8 KV cache's two scale schemes, and what MLA's latent cache saves.
 3. Where precision goes in attention: the forward emulated in float64 with
    one more operand rounded at each line (q and k to e4m3, then v, then P for
    the P.V product as FlashAttention-3 and the Triton tutorial do), each
-   line's max error against float64 attention on the unrounded inputs.
+   line's max error against float64 attention on the unrounded inputs; last,
+   `kernels.flash_attention` itself on the e4m3 inputs (kernels/fp8.py).
 4. The fp8 KV cache through `kernels.decode_attention` (under Triton's
    interpreter: it sets TRITON_INTERPRET=1 unless the variable is set), with
    one scale per tensor and one per (token, kv head), on a cache whose kv
@@ -96,8 +97,25 @@ def attention_stages(n=256, head_dim=64):
     stages = [("nothing (float64)", forward(q, k, v, False)),
               ("q, k", forward(to_fp8(q), to_fp8(k), v, False)),
               ("q, k, v", forward(to_fp8(q), to_fp8(k), to_fp8(v), False)),
-              ("q, k, v and P", forward(to_fp8(q), to_fp8(k), to_fp8(v), True))]
+              ("q, k, v and P", forward(to_fp8(q), to_fp8(k), to_fp8(v), True)),
+              ("the fp8 kernel", fp8_kernel(q, k, v))]
     return [(what, (out - exact).abs().max().item()) for what, out in stages]
+
+
+def fp8_kernel(q, k, v):
+    """kernels.flash_attention on the same q, k, v in e4m3 with one descale per tensor (kernels/fp8.py): q.k and
+    P.V in fp8, P rounded to e4m3 after the running max, a bf16 output."""
+    import torch
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels is imported: Triton reads it then
+    from kernels import flash_attention
+    from reference.fp8 import quantize_fp8
+
+    # (N, D) -> (1, 1, N, D), one scale for the whole tensor
+    (q8, qd), (k8, kd), (v8, vd) = (quantize_fp8(t.float()[None, None]) for t in (q, k, v))
+    with torch.no_grad():
+        out = flash_attention(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd)
+    return out[0, 0].double()
 
 
 def kv_cache_schemes(small_head, batch=2, heads_q=8, heads_kv=2, n=100, head_dim=64):

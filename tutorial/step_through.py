@@ -82,10 +82,9 @@ def make_inputs(seed=SEED):
 
 
 def load_kernel_module():
-    """kernels/flash_attention.py, imported under the interpreter."""
+    """kernels/ops.py (flash_attention's entry point), imported under the interpreter."""
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the import: triton reads it when kernels are decorated
-    # import_module, not `import kernels.flash_attention as m`: the package exports a function of that name.
-    module = importlib.import_module("kernels.flash_attention")
+    module = importlib.import_module("kernels.ops")
     if not importlib.import_module("kernels.runtime").INTERPRET:
         sys.exit("step_through needs Triton's interpreter: run it with TRITON_INTERPRET=1 (or unset)")
     return module
