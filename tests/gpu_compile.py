@@ -45,7 +45,8 @@ Speed: each job is compiled in a process forked from this one (kernels
 already imported; a compiler crash or hang costs one row, not the run), the
 slowest (fp64, fp32, head dim 256) first so no worker is left alone with a
 long one at the end, and jobs that would compile exactly the same thing
-share one compile.
+share one compile. The full matrix (834 compiles) took 20-23 minutes of wall
+time on two cores with an empty Triton cache, on Triton 3.6 and 3.9 alike.
 """
 import argparse
 import datetime
