@@ -24,9 +24,9 @@ TRITON      ?= triton==3.6.0
 # It goes into its own folder, put first on PYTHONPATH, so .venv keeps 3.6.
 TRITON_NEWEST     ?= triton==3.9.0
 TRITON_NEWEST_DIR := .triton39
-# Every kernel test file but the sm_90 compile test (slow, and a compiler check rather than
+# Every kernel test file but the GPU compile test (slow, and a compiler check rather than
 # an interpreter one): new tests/test_kernel_*.py files join by themselves.
-KERNEL_TESTS := $(filter-out tests/test_kernel_hopper_compile.py,$(sort $(wildcard tests/test_kernel_*.py)))
+KERNEL_TESTS := $(filter-out tests/test_kernel_gpu_compile.py,$(sort $(wildcard tests/test_kernel_*.py)))
 # The interpreter runs one thread per test process (conftest.py): two pytest workers keep both cores
 # of the project's machines busy (measured: 4 min 34 s instead of about 7 min). A file stays on one
 # worker (--dist loadfile), so module-scoped fixtures, such as the gloo process pools, start once.

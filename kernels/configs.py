@@ -143,7 +143,7 @@ def chip_for(device: torch.device):
 # ----------------------------------------------------------------------------
 PRECISIONS = {torch.float16: "16-bit", torch.bfloat16: "16-bit", torch.float32: "fp32", torch.float64: "fp64",
               torch.float8_e4m3fn: "fp8", torch.float8_e5m2: "fp8"}
-HEAD_DIM_CLASSES = (128, 256)  # a padded head dim takes the smallest class that holds it
+HEAD_DIM_CLASSES = (128, 256, 576)  # a padded head dim takes the smallest class that holds it (576: MLA decode)
 
 
 def _configs(*shapes, **options):
@@ -155,8 +155,8 @@ def _configs(*shapes, **options):
 _TMA = dict(USE_TMA=True)
 _TMA_WS = dict(USE_TMA=True, WARP_SPECIALIZE=True)
 FWD_CANDIDATES = {
-    ("16-bit", 128): _configs((128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 4, 2),
-                              (64, 64, 4, 2), (64, 32, 4, 2))
+    ("16-bit", 128): _configs((128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 2), (128, 64, 8, 4),
+                              (64, 64, 4, 3), (128, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2))
     + _configs((128, 64, 8, 3), (128, 128, 8, 2), **_TMA) + _configs((128, 64, 4, 3), (128, 128, 4, 2), **_TMA_WS),
     ("16-bit", 256): _configs((128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (64, 32, 4, 1),
                               (32, 32, 4, 1))
@@ -166,25 +166,26 @@ FWD_CANDIDATES = {
     ("fp8", 128): _configs((128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 2))
     + _configs((128, 128, 8, 3), **_TMA) + _configs((128, 128, 4, 3), **_TMA_WS),
     ("fp8", 256): _configs((128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)) + _configs((128, 64, 8, 2), **_TMA),
-    ("fp32", 128): _configs((16, 16, 4, 2), (16, 16, 4, 1)),
+    ("fp32", 128): _configs((16, 16, 4, 2), (16, 32, 8, 2), (16, 16, 8, 1), (16, 16, 4, 1)),
     ("fp32", 256): _configs((16, 16, 4, 2), (16, 16, 4, 1)),
     ("fp64", 128): _configs((16, 16, 4, 2), (16, 16, 4, 1)),
     ("fp64", 256): _configs((16, 16, 4, 1)),
 }
 DKDV_CANDIDATES = {
-    # dK/dV holds two key tiles and two accumulators and walks 16-row query tiles.
-    ("16-bit", 128): _configs((16, 128, 8, 2), (16, 64, 4, 2), (16, 32, 4, 2)),
-    ("16-bit", 256): _configs((16, 32, 8, 2), (16, 32, 8, 3), (16, 32, 4, 1), (16, 16, 4, 1)),
-    ("fp32", 128): _configs((16, 64, 8, 2), (16, 32, 4, 2), (16, 16, 4, 1)),
+    # dK/dV holds two key tiles and two accumulators and walks 16-row query tiles; fused dQ
+    # (deterministic=False) adds a third product: the small tiles keep it out of local memory.
+    ("16-bit", 128): _configs((16, 128, 8, 2), (16, 64, 4, 2), (16, 32, 8, 2), (16, 32, 4, 2), (16, 16, 8, 1)),
+    ("16-bit", 256): _configs((16, 32, 8, 2), (16, 32, 8, 3), (16, 32, 4, 1), (16, 16, 8, 1), (16, 16, 4, 1)),
+    ("fp32", 128): _configs((16, 64, 8, 2), (16, 32, 4, 2), (16, 16, 8, 1), (16, 16, 4, 1)),
     ("fp32", 256): _configs((16, 32, 8, 2), (16, 16, 4, 1)),
     ("fp64", 128): _configs((16, 16, 8, 1), (16, 16, 4, 1)),
     ("fp64", 256): _configs((16, 16, 4, 1)),
 }
 DQ_CANDIDATES = {
-    ("16-bit", 128): _configs((128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2),
-                              (64, 32, 4, 2)),
+    ("16-bit", 128): _configs((128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3),
+                              (64, 32, 8, 3), (64, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)),
     ("16-bit", 256): _configs((128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1)),
-    ("fp32", 128): _configs((32, 64, 8, 2), (16, 32, 4, 2), (16, 16, 4, 1)),
+    ("fp32", 128): _configs((32, 64, 8, 2), (16, 32, 4, 2), (16, 16, 8, 1), (16, 16, 4, 1)),
     ("fp32", 256): _configs((16, 32, 8, 2), (16, 16, 4, 1)),
     ("fp64", 128): _configs((16, 32, 8, 2), (16, 16, 4, 1)),
     ("fp64", 256): _configs((16, 16, 4, 1)),
@@ -192,12 +193,15 @@ DQ_CANDIDATES = {
 # Paged attention (kernels/paged.py): BLOCK_M rows of new tokens x the query heads of a kv group (GQA
 # packing), BLOCK_N keys. The rows come from the call (group x the longest run of new tokens): the
 # longest row tile that holds them and fits is chosen, 16 rows for a decode step of a small group,
-# 128 for a prefill chunk.
+# 128 for a prefill chunk. The 576 class is MLA's absorbed decode (q/k 512 + 64, v 512, one kv head):
+# its 512-wide fp32 accumulator is what limits the rows.
 PAGED_CANDIDATES = {
     ("16-bit", 128): _configs((128, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2)),
     ("16-bit", 256): _configs((64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
-    ("fp32", 128): _configs((32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)),
-    ("fp32", 256): _configs((16, 32, 4, 2), (16, 16, 4, 1)),
+    ("16-bit", 576): _configs((64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)),
+    ("fp32", 128): _configs((32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 8, 2), (16, 16, 4, 1)),
+    ("fp32", 256): _configs((16, 32, 4, 2), (16, 16, 4, 2), (16, 16, 4, 1)),
+    ("fp32", 576): _configs((16, 16, 8, 1), (16, 16, 4, 1)),
 }
 
 # Under the interpreter: BLOCK_M != BLOCK_N so the tests exercise uneven causal splits.
@@ -231,12 +235,18 @@ def footprint_key(kernel: str, precision: str, head_dim_pad: int, config) -> str
 # ----------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def footprints() -> dict:
-    """{arch: {footprint_key: (shared bytes, spill-store bytes per thread)}}, as measured by compiling."""
+    """{arch: {footprint_key: (shared bytes, spill bytes plain, spill bytes with variants)}}, measured by compiling.
+
+    Shared memory is the larger of the plain and the every-switch compile (a config must fit
+    whatever switches a call brings); spill-store bytes per thread are kept apart, so a plain
+    call ranks configs by the plain kernel's spills and a call with variants by the worst case.
+    """
     if not FOOTPRINTS_PATH.exists():
         return {}
     with open(FOOTPRINTS_PATH) as f:
         data = json.load(f)
-    return {arch: {key: tuple(value) for key, value in table.items()} for arch, table in data["archs"].items()}
+    return {arch: {key: (value[0], value[1], value[-1]) for key, value in table.items()}
+            for arch, table in data["archs"].items()}
 
 
 def gpu_slug(name: str) -> str:
@@ -307,6 +317,13 @@ def reset() -> None:
     tuned_table.cache_clear()
 
 
+# The switches on in the plain compile of tests/gpu_compile.py, besides which any switch on makes a call one
+# "with variants" (ranked by the every-switch compile's spills). Paged attention's plain compile is a
+# serving step: a packed batch over a paged cache.
+PLAIN_SWITCHES = frozenset({"IS_CAUSAL", "IS_GQA"})
+PAGED_PLAIN_SWITCHES = PLAIN_SWITCHES | {"PAGED", "IS_VARLEN"}
+
+
 class NoConfigFits(ValueError):
     """No candidate of a kernel fits the chip for this dtype and head dim."""
 
@@ -314,9 +331,11 @@ class NoConfigFits(ValueError):
 class KernelConfigs:
     """The candidates of one kernel, and the choice among them for each launch."""
 
-    def __init__(self, name: str, candidates: dict, interpreter=lambda dtype, head_dim_pad, n_q, n_k: INTERPRETER_CONFIG):
+    def __init__(self, name: str, candidates: dict, interpreter=lambda dtype, head_dim_pad, n_q, n_k: INTERPRETER_CONFIG,
+                 plain_switches=PLAIN_SWITCHES):
         self.name = name
         self.candidates = candidates
+        self.plain_switches = plain_switches  # on in the plain compile: a call with no other switch on is plain
         self.interpreter = interpreter  # (dtype, head_dim_pad, n_q, n_k) -> the config the CPU runs
         self.memo = {}  # (device, dtype, head dim, switches, buckets, options) -> Config
         self.forced = None  # only_config's config
@@ -327,10 +346,12 @@ class KernelConfigs:
     def all_configs(self):
         return list(dict.fromkeys(config for configs in self.candidates.values() for config in configs))
 
-    def fitting(self, chip: Chip, dtype, head_dim_pad: int, tma=False, warp_specialize=False):
+    def fitting(self, chip: Chip, dtype, head_dim_pad: int, tma=False, warp_specialize=False, variants=False):
         """The candidates `chip` can run for this dtype and head dim: measured there, within its shared memory.
 
-        Sorted spill-free first (each group in the list's order); descriptor and
+        Sorted spill-free first (each group in the list's order), by the plain
+        kernel's spills or, with `variants` (a call with switches beyond the
+        plain compile's), by the every-switch compile's; descriptor and
         warp-specialized configs only where allowed.
         """
         precision = PRECISIONS.get(dtype)
@@ -344,7 +365,7 @@ class KernelConfigs:
                 continue
             footprint = measured.get(footprint_key(self.name, precision, head_dim_pad, config))
             if footprint is not None and footprint[0] <= chip.shared_bytes:
-                fits.append((footprint[1] > 0, config))
+                fits.append((footprint[2 if variants else 1] > 0, config))
         return [config for _, config in sorted(fits, key=lambda item: item[0])]
 
     def choose(self, device, dtype, head_dim_pad, n_q, n_k, switches, *, tma=False, warp_specialize=False,
@@ -369,7 +390,8 @@ class KernelConfigs:
         chip = chip_for(device)
         if chip is None:
             return self.interpreter(dtype, head_dim_pad, n_q, n_k)
-        fitting = self.fitting(chip, dtype, head_dim_pad, tma, warp_specialize)
+        variants = any(value and name not in self.plain_switches for name, value in switches)
+        fitting = self.fitting(chip, dtype, head_dim_pad, tma, warp_specialize, variants)
         if not fitting:
             raise NoConfigFits(
                 f"no {self.name} launch configuration fits {chip.describe()} for {str(dtype).removeprefix('torch.')} "
@@ -420,7 +442,7 @@ KERNELS = {
     "fwd": KernelConfigs("fwd", FWD_CANDIDATES),
     "bwd_dkdv": KernelConfigs("bwd_dkdv", DKDV_CANDIDATES),
     "bwd_dq": KernelConfigs("bwd_dq", DQ_CANDIDATES),
-    "paged": KernelConfigs("paged", PAGED_CANDIDATES, _paged_on_the_interpreter),
+    "paged": KernelConfigs("paged", PAGED_CANDIDATES, _paged_on_the_interpreter, PAGED_PLAIN_SWITCHES),
 }
 
 

@@ -250,7 +250,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS
             if MASK_BLOCK_M > 0:
                 q_list = column + stage * stride_bmk
                 stage_lo, stage_hi = 0, tl.load(q_list) * (MASK_BLOCK_M // BLOCK_M)
-                MASKED: tl.constexpr = stage == 0
+                MASKED = stage == 0
             else:
                 q_list = BLOCK_MASK
                 if stage == 0:
@@ -259,7 +259,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS
                     stage_lo, stage_hi = full_lo, full_hi
                 else:
                     stage_lo, stage_hi = full_hi, hi
-                MASKED: tl.constexpr = stage != 1 or MASK_MOD is not None
+                MASKED = stage != 1 or MASK_MOD is not None
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_row, stride_qm,
                                           stride_dom, stride_dqm, offs_n, offs_m, offs_d, offs_dv, stage_lo, stage_hi,
                                           seqlen_q, seqlen_k, offset, sm_scale, softcap, alibi_slope, window_left,
@@ -412,7 +412,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_
         if MASK_BLOCK_N > 0:
             kv_list = mask_row + stage * stride_bmk
             stage_lo, stage_hi = 0, tl.load(kv_list) * (MASK_BLOCK_N // BLOCK_N)
-            MASKED: tl.constexpr = stage == 0
+            MASKED = stage == 0
         else:
             kv_list = BLOCK_MASK
             if stage == 0:
@@ -421,7 +421,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_
                 stage_lo, stage_hi = full_lo, full_hi
             else:
                 stage_lo, stage_hi = full_hi, hi
-            MASKED: tl.constexpr = stage != 1 or MASK_MOD is not None
+            MASKED = stage != 1 or MASK_MOD is not None
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                 offs_dv, stage_lo, stage_hi, seqlen_q, seqlen_k, offset, sm_scale, softcap,
                                 alibi_slope, window_left, window_right, seed, stream, q_start, dropout_p, off_z, off_h,

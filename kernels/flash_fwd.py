@@ -277,7 +277,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, 
             # Stage 0: the partly visible key blocks; stage 1: the wholly visible ones.
             kv_list = mask_row + stage * stride_bmk
             stage_lo, stage_hi = 0, tl.load(kv_list) * (MASK_BLOCK_N // BLOCK_N)
-            MASKED: tl.constexpr = stage == 0
+            MASKED = stage == 0
         else:
             # Stage 0: key blocks on the window's left edge, masked element by element (none without
             # a window); stage 1: key blocks wholly visible to every row, with no mask at all (unless
@@ -290,7 +290,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, 
                 stage_lo, stage_hi = full_lo, full_hi
             else:
                 stage_lo, stage_hi = full_hi, hi
-            MASKED: tl.constexpr = stage != 1 or MASK_MOD is not None
+            MASKED = stage != 1 or MASK_MOD is not None
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                         offs_dv, stage_lo, stage_hi, seqlen_q, seqlen_k, offset, sm_scale, softcap,
                                         alibi_slope,

@@ -9,16 +9,21 @@ block), and what spills (registers parked in local memory).
 
 The matrix: for each arch of configs.CHIPS, each kernel of configs.KERNELS
 and each candidate of each (precision, head-dim class), two compiles:
-    plain     head dim = the class (128 or 256), every variant switch off, causal on;
-    variants  a padded head dim inside the class (80 or 192) and every switch the kernel has
-              on: causal, window, softcap, ALiBi, sinks, dropout, varlen, fused dQ (dK/dV),
-              a paged cache of 16-key blocks (decode).
+    plain     head dim = the class (128 or 256), every variant switch off, causal on; paged
+              attention as a serving step: a packed batch over a paged cache of 16-key pages,
+              GQA group 8 (the 576 class: MLA's decode, 128 heads over one latent kv head,
+              q/k 512 + 64, v the latent's first 512 columns);
+    variants  a padded head dim inside the class (80 or 192; 576 stays) and every switch the
+              kernel has on: causal, window, softcap, ALiBi, sinks, dropout, varlen, fused dQ
+              (dK/dV); for paged attention also left padding, split-KV and an fp8 (e4m3) cache
+              with per-row scales.
 Warp-specialized configs are compiled with the switches the launcher may give
 them: never causal, windowed or packed (plain: every switch off).
-16-bit compiles as bf16 (fp16 is the same code), fp32 and fp64 in true fp32/fp64.
+16-bit compiles as bf16 (fp16 is the same code), fp32 and fp64 in true fp32/fp64,
+fp8 (the forward only, on sm_89 and later) as e4m3 with a bf16 output.
 Descriptor-load (USE_TMA) and warp-specialized configs only where the chip
-has TMA. The helper kernels (delta, softmax, decode merge, dropout mask) once
-per arch. The arguments are specialised as Triton's JIT does at launch: a
+has TMA. The helper kernels (delta, softmax, the split-KV merge, dropout mask)
+once per arch. The arguments are specialised as Triton's JIT does at launch: a
 stride equal to 1 becomes a constant, pointers and other strides are marked
 divisible by 16 (without that the compiler cannot prove the loads contiguous
 and does not pipeline them).
@@ -35,7 +40,7 @@ Run from the repository root, without TRITON_INTERPRET:
 It prints one JSON line per job:
     {"job": "sm_90 fwd 16-bit d128 M128 N64 w8 s3 plain", "arch", "triton", "variant", "kernel", "dtype",
      "head_dim", "block_m", "block_n", "warps", "stages", "options", "footprint_key",
-     "async_copies", "tma_loads", "warp_specialized", "wgmma", "tcgen05_mma", "shared_bytes",
+     "async_copies", "tma_loads", "warp_specialized", "wgmma", "tcgen05_mma", "fp8_mma", "shared_bytes",
      "registers", "spill_stores", "spill_loads", "stack_frame", "seconds"}
 (bytes per thread, except shared_bytes: per block); a job that does not
 compile has "error" instead of the measurements. --write-footprints merges
@@ -74,26 +79,32 @@ from triton.compiler import ASTSource  # noqa: E402
 configs = importlib.import_module("kernels.configs")
 fwd = importlib.import_module("kernels.flash_fwd")
 bwd = importlib.import_module("kernels.flash_bwd")
-dec = importlib.import_module("kernels.decode")
+paged = importlib.import_module("kernels.paged_fwd")
+paged_launch = importlib.import_module("kernels.paged")
 sm = importlib.import_module("kernels.softmax")
 tiles = importlib.import_module("kernels.tiles")
 
 KERNELS = {"fwd": fwd._attn_fwd, "bwd_dkdv": bwd._attn_bwd_dkdv, "bwd_dq": bwd._attn_bwd_dq,
-           "decode": dec._decode_split_kv, "bwd_preprocess": bwd._attn_bwd_preprocess,
-           "softmax": sm._softmax_online, "decode_merge": dec._decode_merge, "dropout_mask": tiles._dropout_mask_kernel}
-PRECISION_DTYPES = {"16-bit": "bf16", "fp32": "fp32", "fp64": "fp64"}  # fp16 compiles to the same code as bf16
-VARIANT_HEAD_DIMS = {128: 80, 256: 192}  # padded inside the class: the padded-column masks are compiled in
-PAGED_BLOCK_SIZE = 16  # decode's smallest cache block: the most block-table lookups per key tile
+           "paged": paged._paged_attn_fwd, "bwd_preprocess": bwd._attn_bwd_preprocess,
+           "softmax": sm._softmax_online, "paged_merge": paged._paged_merge, "dropout_mask": tiles._dropout_mask_kernel}
+# fp16 compiles to the same code as bf16; fp8 is e4m3 (e5m2 takes the same instructions)
+PRECISION_DTYPES = {"16-bit": "bf16", "fp32": "fp32", "fp64": "fp64", "fp8": "fp8e4nv"}
+FP8_ARCHS = ("sm_89", "sm_90", "sm_100", "sm_120")  # fp8 tensor cores; the launcher refuses fp8 below sm_89
+VARIANT_HEAD_DIMS = {128: 80, 256: 192, 576: 576}  # padded inside the class: the padded-column masks compiled in
+PAGE_SIZE = 16  # a paged cache's page in the compiles: small pages, the most block-table lookups per key tile
+MLA_GROUP, GQA_GROUP = 128, 8  # query heads per kv head: DeepSeek-V3's MLA decode, and a Llama-style GQA
 # fp32 (fp64 for fp64 inputs), whatever the input dtype: softmax statistics, the fused backward's dQ,
-# decode's partial outputs.
+# split-KV's partial outputs.
 ACCUMULATOR_POINTERS = {"LSE", "DELTA", "DQ", "O_PART", "LSE_PART"}
-FP32_POINTERS = {"SINKS", "ALIBI_SLOPES"}
-INT32_POINTERS = {"CU_SEQLENS_Q", "CU_SEQLENS_K", "SEQLENS", "BLOCK_TABLE"}
+FP32_POINTERS = {"SINKS", "ALIBI_SLOPES", "DESCALE", "K_SCALE", "V_SCALE"}
+INT32_POINTERS = {"CU_SEQLENS_Q", "CU_SEQLENS_K", "SEQLENS", "SEQUSED_K", "LEFTPAD", "BLOCK_TABLE", "BLOCK_MASK"}
 INT64_POINTERS = {"SEED"}
 INT8_POINTERS = {"MASK"}
-INT_ARGS = {"H_Q", "H_KV", "GROUP_SIZE", "N_Q", "N_K", "N_COLS", "N_ROWS", "NUM_ROWS", "NUM_SPLITS",
-            "HEADS_PER_PROGRAM", "window_left", "window_right", "row_offset", "stream_offset"}
+INT_ARGS = {"H_Q", "H_KV", "GROUP_SIZE", "GROUP", "N_Q", "N_K", "N_COLS", "N_ROWS", "NUM_ROWS", "NUM_SPLITS",
+            "HEADS_PER_PROGRAM", "window_left", "window_right", "row_offset", "stream_offset", "BATCH",
+            "HEAD_BLOCKS", "CAPACITY", "NUM_PAGES", "TILES", "SPLIT_TILES", "search_steps"}
 FLOAT_ARGS = {"qk_scale", "sm_scale", "softcap", "dropout_p"}
+TUPLE_ARGS = {"score_args", "mask_args", "grad_args"}  # the mods' arguments: empty tuples without mods
 PTXAS_USAGE = {"registers": r"Used (\d+) registers", "stack_frame": r"(\d+) bytes stack frame",
                "spill_stores": r"(\d+) bytes spill stores", "spill_loads": r"(\d+) bytes spill loads"}
 JOB_TIMEOUT_S = 600  # a compile that has not finished by then (the slowest take ~20 s) is reported as failed
@@ -134,8 +145,11 @@ def ptxas_usage(kernel_name: str, ptx: str, cc: int, printed: str) -> dict:
     return usage
 
 
-def signature_and_constexprs(kernel, constexprs: dict, dtype: str):
+def signature_and_constexprs(kernel, constexprs: dict, dtype: str, pointer_dtypes=None):
     """Triton's signature of `kernel` for a launch with `dtype` tensors, and the constexprs completed.
+
+    pointer_dtypes: {pointer name: dtype} for tensors not in `dtype` (an fp8 forward's bf16 output,
+    a bf16 query over an fp8 cache).
 
     A constexpr the caller does not give takes the kernel's default, so kernels
     may grow optional switches without breaking this tool. Unit strides of the
@@ -146,6 +160,8 @@ def signature_and_constexprs(kernel, constexprs: dict, dtype: str):
     defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
     constexprs = dict(defaults, **constexprs, **{n: 1 for n in names if n.startswith("stride") and n[-1] in "kc"})
     accumulator = "fp64" if dtype == "fp64" else "fp32"
+    if dtype.startswith("fp8"):  # fp8 inputs come with 16-bit everything else
+        pointer_dtypes = {"O": "bf16", **(pointer_dtypes or {})}
     signature = {}
     for param in kernel.params:
         name = param.name
@@ -153,6 +169,10 @@ def signature_and_constexprs(kernel, constexprs: dict, dtype: str):
             signature[name] = "constexpr"
         elif param.is_constexpr:
             raise ValueError(f"{kernel.__name__}: no value for constexpr {name}")
+        elif name in TUPLE_ARGS:
+            signature[name] = ()  # what Triton's launch makes of an empty tuple
+        elif pointer_dtypes and name in pointer_dtypes:
+            signature[name] = f"*{pointer_dtypes[name]}"
         elif name in INT_ARGS or name.startswith("stride"):
             signature[name] = "i32"
         elif name in FLOAT_ARGS:
@@ -165,28 +185,32 @@ def signature_and_constexprs(kernel, constexprs: dict, dtype: str):
 
 
 def compile_kernel(kernel, constexprs: dict, num_warps: int, num_stages: int, dtype: str, cc: int,
-                   printed=lambda: "") -> dict:
+                   printed=lambda: "", pointer_dtypes=None) -> dict:
     """Compile `kernel` for capability `cc` and describe the code: pipelining, MMA kind, shared memory, spills.
 
     printed: returns what the compile printed so far (see ptxas_usage).
     """
-    signature, constexprs = signature_and_constexprs(kernel, constexprs, dtype)
+    signature, constexprs = signature_and_constexprs(kernel, constexprs, dtype, pointer_dtypes)
     names = kernel.arg_names
     divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
-                 if signature[name] != "constexpr" and (signature[name].startswith("*") or name.startswith("stride"))}
+                 if isinstance(signature[name], str) and signature[name] != "constexpr"
+                 and (signature[name].startswith("*") or name.startswith("stride"))}
     source = ASTSource(fn=kernel, signature=signature, attrs=divisible,
                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
-    ttgir = compiled.asm["ttgir"]
+    ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
     # cp.async copies (ttg.async_copy_global_to_local), TMA copies (ttng.async_tma_copy_global_to_local),
     # whether the code was split into warp-specialized partitions (a ttg.warp_specialize op), and the
     # matrix products: Hopper's wgmma (ttng.warp_group_dot), Blackwell's tcgen05 (ttng.tc_gen5_mma).
     return {"async_copies": ttgir.count("ttg.async_copy_global_to_local"),
             "tma_loads": ttgir.count("ttng.async_tma_copy_global_to_local"),
             "warp_specialized": "ttg.warp_specialize(" in ttgir, "wgmma": ttgir.count("ttng.warp_group_dot"),
-            "tcgen05_mma": ttgir.count("ttng.tc_gen5_mma"), "shared_bytes": compiled.metadata.shared,
-            **ptxas_usage(kernel.__name__, compiled.asm["ptx"], cc, printed())}
+            "tcgen05_mma": ttgir.count("ttng.tc_gen5_mma"),
+            # fp8 tensor-core instructions: Ada's mma.sync ...e4m3.e4m3, Hopper's wgmma ...e4m3.e4m3,
+            # Blackwell's tcgen05.mma kind::f8f6f4
+            "fp8_mma": len(re.findall(r"(mma\.sync|wgmma\.mma_async)[^\n]*\.e4m3\.e4m3|kind::f8f6f4", ptx)),
+            "shared_bytes": compiled.metadata.shared, **ptxas_usage(kernel.__name__, ptx, cc, printed())}
 
 
 # ----------------------------------------------------------------------------
@@ -199,23 +223,47 @@ NOT_WITH_WARP_SPECIALIZATION = ("IS_CAUSAL", "HAS_WINDOW", "IS_VARLEN")
 def switches(kernel: str, variant: str, options: dict) -> dict:
     """The compile-time switches of one compile; each kernel takes the ones it has (see signature_and_constexprs).
 
-    plain: causal, nothing else; variants: everything on. A warp-specialized
-    config is compiled only with the switches the launcher may combine it with.
+    plain: causal, nothing else (paged attention: a packed batch over a paged cache); variants:
+    everything on. A warp-specialized config is compiled only with the switches the launcher
+    may combine it with.
     """
     on = variant == "variants"
     flags = dict(IS_CAUSAL=True, HAS_WINDOW=on, HAS_SOFTCAP=on, HAS_ALIBI=on, HAS_SINKS=on, HAS_DROPOUT=on,
-                 IS_VARLEN=on, FUSED_DQ=on and kernel == "bwd_dkdv", PAGED=on)
+                 IS_VARLEN=on, FUSED_DQ=on and kernel == "bwd_dkdv")
+    if kernel == "paged":
+        flags.update(IS_VARLEN=True, PAGED=True, PAGE_SIZE=PAGE_SIZE, HAS_LEFTPAD=on, SPLIT=on,
+                     KV_SCALES=2 if on else 0)
     if options.get("WARP_SPECIALIZE"):
         flags.update(dict.fromkeys(NOT_WITH_WARP_SPECIALIZATION, False))
-    return dict(flags, BLOCK_SIZE=PAGED_BLOCK_SIZE if on else 1)
+    return flags
 
 
 def attention_constexprs(kernel: str, dtype: str, head_dim: int, variant: str, config) -> dict:
     """The constexprs a launcher passes on a GPU for this config, dtype, head dim and variant."""
     options = {name: value for name, value in config.kwargs.items() if name not in ("BLOCK_M", "BLOCK_N")}
-    return dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=tiles._head_dim_pad(head_dim), **config.kwargs,
+    head_dim_pad = tiles._head_dim_pad(head_dim)
+    extra = {}
+    if dtype.startswith("fp8"):  # kernels/flash_attention.py's _launch_plan: the fp8 MMA's K is 32
+        head_dim_pad = max(32, head_dim_pad)
+        extra = dict(HAS_DESCALE=True, ROUND_BY_HAND=False)
+    head_dim_v = head_dim
+    if kernel == "paged":
+        mla = head_dim > 256
+        head_dim_v = paged_launch.MAX_HEAD_DIM_V if mla else head_dim
+        head_dim_pad, tail = paged_launch.head_dim_tiles(head_dim)
+        heads, _, _ = paged_launch._tile_shape(config.kwargs["BLOCK_M"], MLA_GROUP if mla else GQA_GROUP)
+        extra = dict(HEAD_DIM_TAIL=tail, HEADS=heads, SHARED_KV=mla)
+    return dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, HEAD_DIM_V=head_dim_v,
+                HEAD_DIM_V_PAD=tiles._head_dim_pad(head_dim_v), **config.kwargs,
                 UPCAST=False, DOT_PRECISION="tf32" if dtype == "bf16" else "ieee",
-                ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32, **switches(kernel, variant, options))
+                ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32, **extra, **switches(kernel, variant, options))
+
+
+def pointer_dtypes(kernel: str, dtype: str, variant: str):
+    """Tensors not in the job's dtype: paged attention's fp8 cache in the variants compile."""
+    if kernel == "paged" and variant == "variants" and dtype == "bf16":
+        return {"K": "fp8e4nv", "V": "fp8e4nv"}
+    return None
 
 
 def attention_jobs(arch: str) -> list:
@@ -224,6 +272,8 @@ def attention_jobs(arch: str) -> list:
     jobs = []
     for kernel, kernel_configs in configs.KERNELS.items():
         for (precision, head_dim_class), candidates in kernel_configs.candidates.items():
+            if precision == "fp8" and arch not in FP8_ARCHS:
+                continue
             dtype = PRECISION_DTYPES[precision]
             for config in candidates:
                 if config.kwargs.get("USE_TMA") and not chip.has_tma:
@@ -235,20 +285,24 @@ def attention_jobs(arch: str) -> list:
                                  "block_m": config.kwargs["BLOCK_M"], "block_n": config.kwargs["BLOCK_N"],
                                  "warps": config.num_warps, "stages": config.num_stages,
                                  "options": {k: v for k, v in config.kwargs.items() if k not in ("BLOCK_M", "BLOCK_N")},
-                                 "footprint_key": key,
+                                 "footprint_key": key, "pointer_dtypes": pointer_dtypes(kernel, dtype, variant),
                                  "constexprs": attention_constexprs(kernel, dtype, head_dim, variant, config)})
     return jobs
 
 
 def helper_jobs(arch: str) -> list:
-    """The kernels with one fixed launch, as the launchers launch them (bf16, head dim 128)."""
+    """The kernels with one fixed launch, as the launchers launch them (bf16, head dim 128; the merge also at
+    MLA's 512)."""
     d128 = dict(HEAD_DIM=128, HEAD_DIM_PAD=128)
-    helpers = [("bwd_preprocess", 4, dict(d128, BLOCK_M=64)),  # flash_attention's delta tile
-               ("softmax", 8, dict(BLOCK_N=4096)),  # softmax's widest step: 4096 columns, 8 warps
-               ("decode_merge", 4, dict(d128, BLOCK_R=dec.MERGE_BLOCK_R)),
-               ("dropout_mask", 4, dict(BLOCK_M=32, BLOCK_N=32))]  # dropout_keep_mask's tiles
-    return [{"job": f"{arch} {kernel}", "arch": arch, "variant": "helper", "kernel": kernel, "dtype": "bf16",
-             "warps": warps, "stages": 1, "constexprs": constexprs} for kernel, warps, constexprs in helpers]
+    merge = dict(BLOCK_R=paged_launch.MERGE_BLOCK_R, IS_VARLEN=True, HAS_SINKS=False, UPCAST=False)
+    helpers = [("bwd_preprocess", "bwd_preprocess", 4, dict(d128, BLOCK_M=64)),  # flash_attention's delta tile
+               ("softmax", "softmax", 8, dict(BLOCK_N=4096)),  # softmax's widest step: 4096 columns, 8 warps
+               ("paged_merge", "paged_merge", paged_launch.MERGE_WARPS, dict(d128, **merge)),
+               ("paged_merge d512", "paged_merge", paged_launch.MERGE_WARPS,
+                dict(HEAD_DIM=512, HEAD_DIM_PAD=512, **merge)),
+               ("dropout_mask", "dropout_mask", 4, dict(BLOCK_M=32, BLOCK_N=32))]  # dropout_keep_mask's tiles
+    return [{"job": f"{arch} {name}", "arch": arch, "variant": "helper", "kernel": kernel, "dtype": "bf16",
+             "warps": warps, "stages": 1, "constexprs": constexprs} for name, kernel, warps, constexprs in helpers]
 
 
 def all_jobs(archs) -> list:
@@ -265,8 +319,8 @@ def expected_cost(job) -> tuple:
 def compile_identity(job) -> str:
     """What determines the compiled code: jobs with the same identity share one compile."""
     constexprs = {name: str(value) for name, value in job["constexprs"].items()}
-    return json.dumps([job["arch"], job["kernel"], job["dtype"], job["warps"], job["stages"], constexprs],
-                      sort_keys=True)
+    return json.dumps([job["arch"], job["kernel"], job["dtype"], job["warps"], job["stages"], constexprs,
+                       job.get("pointer_dtypes")], sort_keys=True)
 
 
 # ----------------------------------------------------------------------------
@@ -284,7 +338,7 @@ def compile_job(job, log) -> dict:
     start = time.perf_counter()
     try:
         row = compile_kernel(KERNELS[job["kernel"]], job["constexprs"], job["warps"], job["stages"], job["dtype"],
-                             capability(job["arch"]), printed)
+                             capability(job["arch"]), printed, job.get("pointer_dtypes"))
     except Exception as error:  # a config the chip cannot take is a result, not a crash
         said = [line.strip() for line in printed().splitlines()
                 if re.search(r"error|Assertion|ptxas (fatal|error)", line) and len(line) < 500]
@@ -349,11 +403,13 @@ def row_of(job, result) -> dict:
 # Footprints
 # ----------------------------------------------------------------------------
 def write_footprints(rows, path):
-    """Merge measured footprints into `path`: {arch: {footprint_key: [shared bytes, spill-store bytes]}}.
+    """Merge measured footprints into `path`: {arch: {key: [shared bytes, plain spills, variants spills]}}.
 
-    Each entry is the maximum over the key's compiles (plain and variants) and
-    over the value already in the file, so runs on several Triton versions
-    leave the worst case of all of them. A key with a failed compile in any
+    Shared memory is the maximum over the key's compiles (plain and variants),
+    spill-store bytes per thread the maximum of each compile apart, and every
+    value the maximum with the one already in the file, so runs on several
+    Triton versions leave the worst case of all of them (a warp-specialized
+    config has no variants compile: its plain spills stand for both). A key with a failed compile in any
     run gets no entry: it goes under "failed" ({arch: {key: [triton versions]}}),
     and the launcher never offers it there. Keys that are no longer candidates
     are dropped. Values only grow: to measure afresh (a kernel got leaner, a
@@ -372,8 +428,12 @@ def write_footprints(rows, path):
         if "error" in row:
             failed.setdefault(arch, {})[key] = sorted(set(failed.get(arch, {}).get(key, [])) | {version})
         else:
-            old = measured.setdefault(arch, {}).get(key, [0, 0])
-            measured[arch][key] = [max(old[0], row["shared_bytes"]), max(old[1], row["spill_stores"])]
+            old = measured.setdefault(arch, {}).get(key, [0, 0, 0])
+            old = old if len(old) == 3 else [old[0], old[1], old[1]]
+            plain, variants = max(old[1], row["spill_stores"]), max(old[2], row["spill_stores"])
+            measured[arch][key] = [max(old[0], row["shared_bytes"]), plain if row["variant"] == "plain" else old[1],
+                                   variants if row["variant"] == "variants" or row["options"].get("WARP_SPECIALIZE")
+                                   else old[2]]
     candidates = {arch: {job["footprint_key"] for job in attention_jobs(arch)} for arch in configs.CHIPS}
     failed = {arch: {key: versions for key, versions in sorted(failed.get(arch, {}).items()) if key in candidates[arch]}
               for arch in configs.CHIPS}
@@ -383,8 +443,9 @@ def write_footprints(rows, path):
     data["measured_with"] = {
         "tool": "python -m tests.gpu_compile --write-footprints",
         "triton": {**data["measured_with"].get("triton", {}), version: datetime.date.today().isoformat()},
-        "values": "[shared memory bytes per block, spill-store bytes per thread]: the maximum over plain "
-                  "and variant compiles and over the Triton versions listed",
+        "values": "[shared memory bytes per block (the larger of the plain and variants compiles), spill-store "
+                  "bytes per thread of the plain compile, of the variants compile]: the maximum over the "
+                  "Triton versions listed",
     }
     text = json.dumps(data, indent=1)
     # One line per entry: [shared, spills] and the failed versions on the key's own line.

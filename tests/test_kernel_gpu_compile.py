@@ -14,14 +14,14 @@ candidate for every chip (`python -m tests.gpu_compile --write-footprints`,
   configs the launcher picks by default for bf16 at head dim 128 on sm_80,
   sm_86, sm_90, sm_100 and sm_120, compiled plain and (sm_80, sm_86, sm_90)
   with every variant switch on, the head-dim-256 forward and dQ on sm_86,
-  the forward's Hopper options and the helper kernels on sm_90. Each
-  compiles, needs no more shared memory than the file records (the file is
-  not stale) nor than the chip has, 16-bit at head dim 128 does not spill on
-  sm_80 and sm_90, and the sm_90 code is what we expect: pipelined loads,
-  wgmma, TMA copies and warp specialization where asked for. 40 compiles,
-  two at a time: 39 s of wall time on a two-core machine with an empty
-  Triton cache (65 s while other work shared it), 22 s with a warm one (a
-  cached compile still runs ptxas -v for its spills).
+  the fp8 forward on sm_89 and sm_90, MLA's paged decode (576/512) on sm_90
+  and sm_86, the forward's Hopper options and the helper kernels on sm_90.
+  Each compiles, needs no more shared memory than the file records (the file
+  is not stale) nor than the chip has, 16-bit at head dim 128 does not spill
+  on sm_80 and sm_90 in its plain compile, the fp8 forward multiplies on fp8
+  tensor cores (wgmma on sm_90, mma.sync on sm_89) without spilling, and the
+  sm_90 code is what we expect: pipelined loads, wgmma, TMA copies and warp
+  specialization where asked for.
 """
 import json
 import os
@@ -35,7 +35,9 @@ import torch
 from kernels import configs
 
 ROOT = Path(__file__).resolve().parent.parent
-PRECISION_DTYPES = {"16-bit": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+PRECISION_DTYPES = {"16-bit": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64,
+                    "fp8": torch.float8_e4m3fn}
+FP8_ARCHS = ("sm_89", "sm_90", "sm_100", "sm_120")  # the launcher refuses fp8 below sm_89 (kernels/fp8.py)
 
 # Candidates with no footprint on a chip, each with the reason: (arch, footprint key) -> why.
 # None today: every candidate compiles on every chip with Triton 3.6 and 3.9.
@@ -66,6 +68,8 @@ def candidates(arch):
     chip = configs.CHIPS[arch]
     for kernel, kernel_configs in configs.KERNELS.items():
         for (precision, head_dim_class), configs_of_class in kernel_configs.candidates.items():
+            if precision == "fp8" and arch not in FP8_ARCHS:
+                continue
             for config in configs_of_class:
                 if chip.has_tma or not config.kwargs.get("USE_TMA"):
                     yield kernel, precision, head_dim_class, config
@@ -88,6 +92,8 @@ def test_every_kernel_has_a_fitting_config_on_every_chip():
     for arch, chip in configs.CHIPS.items():
         for kernel, kernel_configs in configs.KERNELS.items():
             for precision, head_dim_class in kernel_configs.candidates:
+                if precision == "fp8" and arch not in FP8_ARCHS:
+                    continue
                 fits = kernel_configs.fitting(chip, PRECISION_DTYPES[precision], head_dim_class)
                 where = (arch, kernel, precision, head_dim_class)
                 if not fits and where not in NOTHING_FITS:
@@ -99,7 +105,9 @@ def test_every_kernel_has_a_fitting_config_on_every_chip():
 
 
 def test_every_candidate_spills_is_still_true():
-    """An entry of EVERY_CANDIDATE_SPILLS goes when a spill-free candidate arrives (then the slice holds it to 0)."""
+    """An entry of EVERY_CANDIDATE_SPILLS goes when a spill-free candidate arrives (then the slice holds it to 0).
+
+    Spills of the plain compile: what a call without variants ranks by."""
     for arch, kernel in EVERY_CANDIDATE_SPILLS:
         measured = configs.footprints()[arch]
         clean = [configs.config_label(config)
@@ -113,14 +121,15 @@ def test_every_candidate_spills_is_still_true():
 # ----------------------------------------------------------------------------
 DEFAULT_ARCHS = ("sm_80", "sm_86", "sm_90", "sm_100", "sm_120")
 VARIANT_ARCHS = ("sm_80", "sm_86", "sm_90")  # A100, the 99 KB consumer chips, H100: every switch on
-ATTENTION_KERNELS = ("fwd", "bwd_dkdv", "bwd_dq", "decode")
-HELPERS = ("bwd_preprocess", "softmax", "decode_merge", "dropout_mask")
+ATTENTION_KERNELS = ("fwd", "bwd_dkdv", "bwd_dq", "paged")
+HELPERS = ("bwd_preprocess", "softmax", "paged_merge", "paged_merge d512", "dropout_mask")
 
 
-def default_job(arch, kernel, head_dim_class=128, variant="plain"):
-    """The job name of the config the launcher picks by default for bf16 at this head-dim class."""
-    config = configs.KERNELS[kernel].fitting(configs.CHIPS[arch], torch.bfloat16, head_dim_class)[0]
-    return f"{arch} {configs.footprint_key(kernel, '16-bit', head_dim_class, config)} {variant}"
+def default_job(arch, kernel, head_dim_class=128, variant="plain", precision="16-bit"):
+    """The job name of the config the launcher picks by default for this precision and head-dim class."""
+    config = configs.KERNELS[kernel].fitting(configs.CHIPS[arch], PRECISION_DTYPES[precision], head_dim_class,
+                                             variants=variant == "variants")[0]
+    return f"{arch} {configs.footprint_key(kernel, precision, head_dim_class, config)} {variant}"
 
 
 def hopper_option_jobs():
@@ -135,6 +144,9 @@ def hopper_option_jobs():
 def slice_jobs():
     jobs = [default_job(arch, kernel) for arch in DEFAULT_ARCHS for kernel in ATTENTION_KERNELS]
     jobs += [default_job("sm_86", kernel, 256) for kernel in ("fwd", "bwd_dq")]
+    jobs += [default_job(arch, "fwd", precision="fp8") for arch in ("sm_89", "sm_90")]
+    jobs += [default_job(arch, "paged", 576, variant) for arch in ("sm_86", "sm_90") for variant in ("plain",
+                                                                                                 "variants")]
     jobs += [default_job(arch, kernel, variant="variants") for arch in VARIANT_ARCHS for kernel in ATTENTION_KERNELS]
     jobs += hopper_option_jobs()
     jobs += [f"sm_90 {helper}" for helper in HELPERS]
@@ -177,7 +189,8 @@ def test_shared_memory_within_footprint_and_chip(compiled):
             problems.append(f"{row['job']}: {row['shared_bytes']} B of shared memory, the chip has {limit} B")
         if "footprint_key" in row:
             recorded = measured.get(row["arch"], {}).get(row["footprint_key"])
-            if recorded is None or row["shared_bytes"] > recorded[0] or row["spill_stores"] > recorded[1]:
+            spills = recorded[1 if row["variant"] == "plain" else 2] if recorded else None
+            if recorded is None or row["shared_bytes"] > recorded[0] or row["spill_stores"] > spills:
                 problems.append(f"{row['job']}: measured {row['shared_bytes']} B shared, {row['spill_stores']} B "
                                 f"spill stores; kernels/footprints.json records {recorded}")
     assert not problems, "\n".join(problems)
@@ -188,7 +201,8 @@ def test_16_bit_head_dim_128_does_not_spill_on_a100_and_h100(compiled):
     spilling = [f"{row['job']}: {row['spill_stores']} B spill stores, {row['registers']} registers"
                 for row in attention_rows(compiled)
                 if row["arch"] in ("sm_80", "sm_90") and row["precision"] == "16-bit" and row["head_dim"] <= 128
-                and row["spill_stores"] and (row["arch"], row["kernel"]) not in EVERY_CANDIDATE_SPILLS]
+                and row["variant"] == "plain" and row["spill_stores"]
+                and (row["arch"], row["kernel"]) not in EVERY_CANDIDATE_SPILLS]
     assert not spilling, "configs that spill registers:\n" + "\n".join(spilling)
 
 
@@ -231,3 +245,25 @@ def test_sm90_helper_kernels_do_not_spill(compiled):
     spilling = [f"sm_90 {helper}: {compiled[f'sm_90 {helper}']}" for helper in HELPERS
                 if compiled[f"sm_90 {helper}"].get("spill_stores", 0)]
     assert not spilling, "helper kernels that spill registers:\n" + "\n".join(spilling)
+
+
+@pytest.mark.slow
+def test_fp8_forward_multiplies_on_fp8_tensor_cores_without_spilling(compiled):
+    """Issue 19: q.k and P.V of the fp8 forward are fp8 MMAs (Hopper's wgmma, Ada's mma.sync ...e4m3.e4m3)."""
+    rows = [row for row in attention_rows(compiled) if row["precision"] == "fp8"]
+    assert {row["arch"] for row in rows} == {"sm_89", "sm_90"}, [row["job"] for row in rows]
+    for row in rows:
+        assert row["fp8_mma"] > 0, f"{row['job']}: no fp8 tensor-core instruction: {row}"
+        assert row["spill_stores"] == 0, f"{row['job']}: spills {row['spill_stores']} B"
+        if row["arch"] == "sm_90":
+            assert row["wgmma"] > 0, f"{row['job']}: not on wgmma: {row}"
+
+
+@pytest.mark.slow
+def test_mla_decode_fits_and_keeps_its_accumulator_in_registers(compiled):
+    """MLA's absorbed decode (q/k 576 = 512 + 64, v 512 a view of k) fits a 99 KB chip and an H100 without spills."""
+    rows = [row for row in attention_rows(compiled) if row["kernel"] == "paged" and row["head_dim"] == 576]
+    assert {row["arch"] for row in rows} == {"sm_86", "sm_90"}, [row["job"] for row in rows]
+    for row in rows:
+        assert row["shared_bytes"] <= configs.CHIPS[row["arch"]].shared_bytes
+        assert row["spill_stores"] == 0, f"{row['job']}: spills {row['spill_stores']} B"
