@@ -308,6 +308,14 @@ def autotune_enabled() -> bool:
     return _autotune
 
 
+_reset_hooks = []
+
+
+def on_reset(hook) -> None:
+    """Call `hook()` on every reset(): for launchers that keep plans holding a chosen config (kernels/paged.py)."""
+    _reset_hooks.append(hook)
+
+
 def reset() -> None:
     """Forget every choice and re-read the footprints and tuned tables (tests that change ATTN_CHIP or the files)."""
     for kernel in KERNELS.values():
@@ -315,6 +323,8 @@ def reset() -> None:
         kernel.timings.clear()
     footprints.cache_clear()
     tuned_table.cache_clear()
+    for hook in _reset_hooks:
+        hook()
 
 
 # The switches on in the plain compile of tests/gpu_compile.py, besides which any switch on makes a call one

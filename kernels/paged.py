@@ -38,6 +38,7 @@ from reference.paged import check_paged_inputs, validate_paged_data
 from . import runtime
 from .block_mask import as_mask_mod, check_mod_args
 from .configs import KERNELS as CONFIGS
+from .configs import chip_for, on_reset
 from .flash_attention import _window_bounds, check_flash_options
 from .paged_fwd import MAX_SPLIT_QUERIES, MIN_KEYS_PER_SPLIT, _paged_attn_fwd, _paged_merge
 from .runtime import check_flag, check_runnable, dot_precision, upcast_tiles
@@ -48,7 +49,8 @@ __all__ = ["paged_attention", "decode_attention", "choose_num_splits"]
 PAGED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM_QK, MAX_HEAD_DIM_V = 576, 512  # MLA's absorbed decode: 512 latent + 64 rotary dims, 512 values
 MAX_SPLITS = 64
-MERGE_BLOCK_R = 32  # (token, head) rows per merge program
+FP8_TYPE_CAPABILITY = (8, 9)  # Triton's float8_e4m3fn type: GPUs with fp8 tensor cores
+MERGE_TILE_ELEMENTS = 4096  # a merge program's accumulator: 32 rows at head dim 128, 8 at MLA's 512 (no spills)
 MERGE_WARPS = 4
 # The interpreter has no SMs: it assumes an H100 SXM's 132, so the CPU picks the splits an H100 would.
 INTERPRETER_SM_COUNT = 132
@@ -137,7 +139,12 @@ class _Launch:
     loop builds it once (paged_attention's plan cache) and each step only allocates and launches."""
 
     __slots__ = ("o_shape", "lse_shape", "parts", "grid", "scalars", "constexprs", "merge_grid", "merge_scalars",
-                 "merge_constexprs", "config", "device", "empty")
+                 "merge_constexprs", "config", "device", "empty", "e4m3_bytes")
+
+
+def merge_block_rows(head_dim_v_pad: int) -> int:
+    """(token, head) rows per merge program: the fp32 accumulator and one partial tile stay in registers."""
+    return max(1, MERGE_TILE_ELEMENTS // head_dim_v_pad)
 
 
 def _plan_launch(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_seqlen_q, causal, sm_scale, window,
@@ -191,16 +198,21 @@ def _plan_launch(q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, max_
                     *alibi_strides, *scale_strides, batch, n_q, h_q, h_q // h_kv, head_blocks, capacity,
                     k_cache.shape[0], num_splits, tiles, split_tiles, max(1, (batch - 1).bit_length()))
     flags = {name: value for name, value in switches if name not in ("KV_SCALES", "HAS_MASK_MOD")}
+    # Triton has no e4m3 type before sm_89 (no fp8 tensor cores): such a chip reads an e4m3 cache as bytes.
+    chip = chip_for(q.device)
+    plan.e4m3_bytes = (k_cache.dtype == torch.float8_e4m3fn and chip is not None
+                       and chip.capability < FP8_TYPE_CAPABILITY)
     plan.constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, HEAD_DIM_TAIL=head_dim_tail,
                            HEAD_DIM_V=head_dim_v, HEAD_DIM_V_PAD=head_dim_v_pad, HEADS=heads,
                            PAGE_SIZE=k_cache.shape[2] if paged else 1, **flags, SPLIT=split,
                            SHARED_KV=shares_storage(k_cache, v_cache), KV_SCALES=kv_scales,
                            UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype), MASK_MOD=None,
-                           **config.all_kwargs())
+                           E4M3_BYTES=plan.e4m3_bytes, **config.all_kwargs())
     if split:
-        plan.merge_grid = (-(-(batch * MAX_SPLIT_QUERIES * h_q) // MERGE_BLOCK_R),)
+        merge_rows = merge_block_rows(head_dim_v_pad)
+        plan.merge_grid = (-(-(batch * MAX_SPLIT_QUERIES * h_q) // merge_rows),)
         plan.merge_scalars = (*o_strides, *lse_strides, batch, h_q, n_q, num_splits)
-        plan.merge_constexprs = dict(HEAD_DIM=head_dim_v, HEAD_DIM_PAD=head_dim_v_pad, BLOCK_R=MERGE_BLOCK_R,
+        plan.merge_constexprs = dict(HEAD_DIM=head_dim_v, HEAD_DIM_PAD=head_dim_v_pad, BLOCK_R=merge_rows,
                                      IS_VARLEN=packed, HAS_SINKS=sinks is not None, UPCAST=upcast_tiles(q.dtype),
                                      num_warps=MERGE_WARPS)
     return plan
@@ -217,6 +229,8 @@ def _run(plan, q, k_cache, v_cache, seqused_k, block_table, cu_seqlens_q, cache_
     else:
         o_part, lse_part = o, lse  # never read: the kernel writes o and lse itself
     placeholder = seqused_k  # a switched-off option's pointer is never read
+    if plan.e4m3_bytes:
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     sinks = sinks.float().contiguous() if sinks is not None else placeholder
     constexprs = plan.constexprs if mask_mod is None else dict(plan.constexprs, MASK_MOD=mask_mod.fn)
     with runtime.on_device(plan.device):
@@ -371,6 +385,7 @@ def paged_attention(q, k_cache, v_cache, seqused_k, block_table=None, *, cu_seql
 # loop meets a handful; the bound only keeps a pathological caller from growing the dict forever.
 _PLANS = {}
 MAX_PLANS = 1024
+on_reset(_PLANS.clear)  # a plan holds its config: configs.reset() (another chip, new footprints) drops them
 
 
 def _described(t):

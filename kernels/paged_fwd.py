@@ -35,7 +35,7 @@ table per row, so any page size works, from 1 (token-granular tables) up.
 import triton
 import triton.language as tl
 
-from .tiles import LN2, LOG2E, _block_range, _cast_for_store, _load_rows_where, _scores
+from .tiles import LN2, LOG2E, _block_range, _cast_for_store, _e4m3_to_float, _load_rows_where, _scores
 
 MAX_SPLIT_QUERIES = 16  # new tokens per sequence up to which split-KV pays: decode, verification
 MIN_KEYS_PER_SPLIT = 256  # below this, a split's fixed costs (its Q tile, its partial) dominate its reads
@@ -71,6 +71,16 @@ def _paged_visible(pos, k_idx, seq_start, seq_end, window_left, window_right,
 
 
 @triton.jit
+def _cache_tile(ptrs, readable, offs_col, n_cols, dtype: tl.constexpr, E4M3_BYTES: tl.constexpr):
+    """A tile of cached keys or values in q's dtype: a 16-bit or fp32 cache as it is, an fp8 one cast exactly,
+    or e4m3 bytes decoded (E4M3_BYTES)."""
+    tile = _load_rows_where(ptrs, readable, offs_col, n_cols, False)
+    if E4M3_BYTES:
+        tile = _e4m3_to_float(tile)
+    return tile.to(dtype)
+
+
+@triton.jit
 def _paged_inner(acc, l_i, m_i, bad, q, q_tail, k_base, v_base, bt_row, stride_btn, stride_kp, stride_kn, stride_kk,
                  stride_vp, stride_vn, stride_vk, K_SCALE, V_SCALE, stride_sp, stride_sn, pos, offs_n, offs_d, offs_dt,
                  offs_dv, lo, hi, seq_start, seq_end, num_pages, sm_scale, softcap, alibi_slope, window_left,
@@ -80,7 +90,7 @@ def _paged_inner(acc, l_i, m_i, bad, q, q_tail, k_base, v_base, bt_row, stride_b
                  MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr, SHARED_KV: tl.constexpr,
                  KV_SCALES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 MASK_MOD: tl.constexpr):
+                 MASK_MOD: tl.constexpr, E4M3_BYTES: tl.constexpr):
     """Walk key tiles [lo, hi) of one sequence, updating the online-softmax state of the tile's rows.
 
     bad collects block-table entries outside the pool: those keys are never read.
@@ -89,6 +99,7 @@ def _paged_inner(acc, l_i, m_i, bad, q, q_tail, k_base, v_base, bt_row, stride_b
     SHARED_KV: v is the first HEAD_DIM_V columns of k (MLA's latent cache): read once.
     KV_SCALES: an fp8 cache's dequantization, 1 per tensor or 2 per (token, kv head) (vLLM's two
     schemes): k's scale multiplies the scores, v's the probabilities, after the exact fp8 -> 16-bit cast.
+    E4M3_BYTES: the cache is e4m3 read as bytes, decoded in software (a GPU before sm_89: tiles.py).
     MASK_MOD(b, h, q_idx, kv_idx, mask_args): a user's mask (a speculative-decoding tree), with q_idx
     the new token's index (0 .. n_new - 1) and kv_idx the key's position relative to the first new
     token (negative: cached), so one mod serves sequences of any cached length.
@@ -114,13 +125,13 @@ def _paged_inner(acc, l_i, m_i, bad, q, q_tail, k_base, v_base, bt_row, stride_b
             v_rows = cur_n.to(tl.int64) * stride_vn
             scale_rows = cur_n.to(tl.int64) * stride_sn
             readable = in_seq
-        k = _load_rows_where(k_base + k_rows[:, None] + offs_d[None, :] * stride_kk, readable, offs_d, HEAD_DIM,
-                             False).to(q.dtype)
+        k = _cache_tile(k_base + k_rows[:, None] + offs_d[None, :] * stride_kk, readable, offs_d, HEAD_DIM,
+                        q.dtype, E4M3_BYTES)
         # s = modified (q @ k.T) * sm_scale, in base-2 units.      (BLOCK_M, BLOCK_N)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if HEAD_DIM_TAIL > 0:
-            k_tail = _load_rows_where(k_base + k_rows[:, None] + (HEAD_DIM_PAD + offs_dt[None, :]) * stride_kk,
-                                      readable, HEAD_DIM_PAD + offs_dt, HEAD_DIM, False).to(q.dtype)
+            k_tail = _cache_tile(k_base + k_rows[:, None] + (HEAD_DIM_PAD + offs_dt[None, :]) * stride_kk,
+                                 readable, HEAD_DIM_PAD + offs_dt, HEAD_DIM, q.dtype, E4M3_BYTES)
             qk = tl.dot(q_tail, tl.trans(k_tail), acc=qk, input_precision=DOT_PRECISION)
         if KV_SCALES == 2:
             qk = qk * tl.load(K_SCALE + scale_rows, mask=readable, other=0.0)[None, :]
@@ -144,8 +155,8 @@ def _paged_inner(acc, l_i, m_i, bad, q, q_tail, k_base, v_base, bt_row, stride_b
         if SHARED_KV:
             v = k  # the latent's first HEAD_DIM_V (= HEAD_DIM_PAD) columns: already loaded
         else:
-            v = _load_rows_where(v_base + v_rows[:, None] + offs_dv[None, :] * stride_vk, readable, offs_dv,
-                                 HEAD_DIM_V, False).to(q.dtype)
+            v = _cache_tile(v_base + v_rows[:, None] + offs_dv[None, :] * stride_vk, readable, offs_dv, HEAD_DIM_V,
+                            q.dtype, E4M3_BYTES)
         if KV_SCALES == 2:
             # p @ (v * scale per key) = (p * scale per key) @ v.
             p = p * tl.load(V_SCALE + scale_rows, mask=readable, other=0.0)[None, :]
@@ -171,7 +182,7 @@ def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, 
                     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
                     SPLIT: tl.constexpr, SHARED_KV: tl.constexpr, KV_SCALES: tl.constexpr, UPCAST: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, MASK_MOD: tl.constexpr = None):
+                    DOT_PRECISION: tl.constexpr, MASK_MOD: tl.constexpr = None, E4M3_BYTES: tl.constexpr = False):
     """One program: BLOCK_Q new tokens x HEADS query heads of one kv group, one split of their keys.
 
     N_Q: the dense layout's new tokens per sequence (unused when packed, IS_VARLEN).
@@ -323,7 +334,7 @@ def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, 
                                           off_z, head, n_new, mask_args, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_TAIL,
                                           HEAD_DIM_V, BLOCK_N, PAGE_SIZE, PAGED, HAS_WINDOW, MASK_RIGHT, HAS_LEFTPAD,
                                           HAS_SOFTCAP, HAS_ALIBI, stage != 1 or MASK_MOD is not None, SHARED_KV,
-                                          KV_SCALES, UPCAST, DOT_PRECISION, MASK_MOD)
+                                          KV_SCALES, UPCAST, DOT_PRECISION, MASK_MOD, E4M3_BYTES)
     if KV_SCALES == 1:
         acc = acc * tl.load(V_SCALE)
 

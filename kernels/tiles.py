@@ -151,6 +151,27 @@ def _round_to_fp8(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _e4m3_to_float(bits):
+    """e4m3fn bytes (uint8) as fp32, exactly: an fp8 cache read where Triton has no e4m3 type (before sm_89).
+
+    Triton compiles float8_e4m3fn only for GPUs with fp8 tensor cores; older ones (A100, RTX 3090)
+    still hold e4m3 caches (vLLM's default fp8 cache). The byte is sign, 4 exponent bits (bias 7)
+    and 3 mantissa bits: a normal value moves its fields into an fp32 bit pattern (exponent + 120),
+    a subnormal is mantissa * 2**-9, and exponent 15 with mantissa 7 is NaN (e4m3fn has no inf).
+    """
+    b = bits.to(tl.uint32)
+    sign = (b & 0x80) << 24
+    exponent = (b >> 3) & 0xF
+    mantissa = b & 0x7
+    normal = (sign | ((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
+    # The sign as a bit, not a negation (0 - 0.0 is +0.0): -0.0 stays -0.0.
+    subnormal = ((mantissa.to(tl.float32) * 0.001953125).to(tl.uint32, bitcast=True) | sign).to(tl.float32,
+                                                                                                 bitcast=True)
+    value = tl.where(exponent == 0, subnormal, normal)
+    return tl.where((exponent == 15) & (mantissa == 7), float("nan"), value)
+
+
+@triton.jit
 def _sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_z, N_Q, N_K, IS_VARLEN: tl.constexpr):
     """(q_start, k_start, seqlen_q, seqlen_k) of sequence off_z.
 

@@ -16,7 +16,7 @@ and each candidate of each (precision, head-dim class), two compiles:
     variants  a padded head dim inside the class (80 or 192; 576 stays) and every switch the
               kernel has on: causal, window, softcap, ALiBi, sinks, dropout, varlen, fused dQ
               (dK/dV); for paged attention also left padding, split-KV and an fp8 (e4m3) cache
-              with per-row scales.
+              with per-row scales (before sm_89, as the launcher does, bytes decoded in software).
 Warp-specialized configs are compiled with the switches the launcher may give
 them: never causal, windowed or packed (plain: every switch off).
 16-bit compiles as bf16 (fp16 is the same code), fp32 and fp64 in true fp32/fp64,
@@ -238,7 +238,7 @@ def switches(kernel: str, variant: str, options: dict) -> dict:
     return flags
 
 
-def attention_constexprs(kernel: str, dtype: str, head_dim: int, variant: str, config) -> dict:
+def attention_constexprs(kernel: str, dtype: str, head_dim: int, variant: str, config, arch: str) -> dict:
     """The constexprs a launcher passes on a GPU for this config, dtype, head dim and variant."""
     options = {name: value for name, value in config.kwargs.items() if name not in ("BLOCK_M", "BLOCK_N")}
     head_dim_pad = tiles._head_dim_pad(head_dim)
@@ -252,17 +252,20 @@ def attention_constexprs(kernel: str, dtype: str, head_dim: int, variant: str, c
         head_dim_v = paged_launch.MAX_HEAD_DIM_V if mla else head_dim
         head_dim_pad, tail = paged_launch.head_dim_tiles(head_dim)
         heads, _, _ = paged_launch._tile_shape(config.kwargs["BLOCK_M"], MLA_GROUP if mla else GQA_GROUP)
-        extra = dict(HEAD_DIM_TAIL=tail, HEADS=heads, SHARED_KV=mla)
+        extra = dict(HEAD_DIM_TAIL=tail, HEADS=heads, SHARED_KV=mla,
+                     E4M3_BYTES=pointer_dtypes(kernel, dtype, variant, arch) == {"K": "u8", "V": "u8"})
     return dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, HEAD_DIM_V=head_dim_v,
                 HEAD_DIM_V_PAD=tiles._head_dim_pad(head_dim_v), **config.kwargs,
                 UPCAST=False, DOT_PRECISION="tf32" if dtype == "bf16" else "ieee",
                 ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32, **extra, **switches(kernel, variant, options))
 
 
-def pointer_dtypes(kernel: str, dtype: str, variant: str):
-    """Tensors not in the job's dtype: paged attention's fp8 cache in the variants compile."""
+def pointer_dtypes(kernel: str, dtype: str, variant: str, arch: str):
+    """Tensors not in the job's dtype: paged attention's e4m3 cache in the variants compile, as bytes where
+    Triton has no e4m3 type (before sm_89: kernels/paged.py reads it so)."""
     if kernel == "paged" and variant == "variants" and dtype == "bf16":
-        return {"K": "fp8e4nv", "V": "fp8e4nv"}
+        cache = "fp8e4nv" if arch in FP8_ARCHS else "u8"
+        return {"K": cache, "V": cache}
     return None
 
 
@@ -285,8 +288,8 @@ def attention_jobs(arch: str) -> list:
                                  "block_m": config.kwargs["BLOCK_M"], "block_n": config.kwargs["BLOCK_N"],
                                  "warps": config.num_warps, "stages": config.num_stages,
                                  "options": {k: v for k, v in config.kwargs.items() if k not in ("BLOCK_M", "BLOCK_N")},
-                                 "footprint_key": key, "pointer_dtypes": pointer_dtypes(kernel, dtype, variant),
-                                 "constexprs": attention_constexprs(kernel, dtype, head_dim, variant, config)})
+                                 "footprint_key": key, "pointer_dtypes": pointer_dtypes(kernel, dtype, variant, arch),
+                                 "constexprs": attention_constexprs(kernel, dtype, head_dim, variant, config, arch)})
     return jobs
 
 
@@ -294,12 +297,12 @@ def helper_jobs(arch: str) -> list:
     """The kernels with one fixed launch, as the launchers launch them (bf16, head dim 128; the merge also at
     MLA's 512)."""
     d128 = dict(HEAD_DIM=128, HEAD_DIM_PAD=128)
-    merge = dict(BLOCK_R=paged_launch.MERGE_BLOCK_R, IS_VARLEN=True, HAS_SINKS=False, UPCAST=False)
+    merge = dict(IS_VARLEN=True, HAS_SINKS=False, UPCAST=False)
     helpers = [("bwd_preprocess", "bwd_preprocess", 4, dict(d128, BLOCK_M=64)),  # flash_attention's delta tile
                ("softmax", "softmax", 8, dict(BLOCK_N=4096)),  # softmax's widest step: 4096 columns, 8 warps
-               ("paged_merge", "paged_merge", paged_launch.MERGE_WARPS, dict(d128, **merge)),
+               ("paged_merge", "paged_merge", paged_launch.MERGE_WARPS, dict(d128, BLOCK_R=paged_launch.merge_block_rows(128), **merge)),
                ("paged_merge d512", "paged_merge", paged_launch.MERGE_WARPS,
-                dict(HEAD_DIM=512, HEAD_DIM_PAD=512, **merge)),
+                dict(HEAD_DIM=512, HEAD_DIM_PAD=512, BLOCK_R=paged_launch.merge_block_rows(512), **merge)),
                ("dropout_mask", "dropout_mask", 4, dict(BLOCK_M=32, BLOCK_N=32))]  # dropout_keep_mask's tiles
     return [{"job": f"{arch} {name}", "arch": arch, "variant": "helper", "kernel": kernel, "dtype": "bf16",
              "warps": warps, "stages": 1, "constexprs": constexprs} for name, kernel, warps, constexprs in helpers]
@@ -410,8 +413,8 @@ def write_footprints(rows, path):
     value the maximum with the one already in the file, so runs on several
     Triton versions leave the worst case of all of them (a warp-specialized
     config has no variants compile: its plain spills stand for both). A key with a failed compile in any
-    run gets no entry: it goes under "failed" ({arch: {key: [triton versions]}}),
-    and the launcher never offers it there. Keys that are no longer candidates
+    run gets no entry: it goes under "failed" ({arch: {key: [triton versions]}}; a later run
+    of the same Triton version in which it compiles clears it), and the launcher never offers it there. Keys that are no longer candidates
     are dropped. Values only grow: to measure afresh (a kernel got leaner, a
     failure was fixed), delete the file and run once per supported Triton version.
     """
@@ -421,6 +424,10 @@ def write_footprints(rows, path):
             data.update(json.load(f))
     version = triton.__version__
     measured, failed = data["archs"], data["failed"]
+    for row in rows:  # this run's compiles decide this version's failures: a fixed one leaves the list
+        if "footprint_key" in row and "error" not in row and version in failed.get(row["arch"], {}).get(
+                row["footprint_key"], []):
+            failed[row["arch"]][row["footprint_key"]].remove(version)
     for row in rows:
         if "footprint_key" not in row:
             continue
@@ -435,8 +442,8 @@ def write_footprints(rows, path):
                                    variants if row["variant"] == "variants" or row["options"].get("WARP_SPECIALIZE")
                                    else old[2]]
     candidates = {arch: {job["footprint_key"] for job in attention_jobs(arch)} for arch in configs.CHIPS}
-    failed = {arch: {key: versions for key, versions in sorted(failed.get(arch, {}).items()) if key in candidates[arch]}
-              for arch in configs.CHIPS}
+    failed = {arch: {key: versions for key, versions in sorted(failed.get(arch, {}).items())
+                     if key in candidates[arch] and versions} for arch in configs.CHIPS}
     data["archs"] = {arch: {key: value for key, value in sorted(measured.get(arch, {}).items())
                             if key in candidates[arch] and key not in failed[arch]} for arch in configs.CHIPS}
     data["failed"] = {arch: keys for arch, keys in failed.items() if keys}

@@ -49,6 +49,10 @@ def _quantized(case, device, seed=0):
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in FP8_CASES])
 def test_fp8_forward_obeys_the_tolerance_rule(case, device):
+    check_fp8(case, device)
+
+
+def check_fp8(case, device):
     s = case.shape
     (q8, k8, v8), descales, (q, k, v) = _quantized(case, device)
     sm_scale = 1.0 / math.sqrt(s.head_dim)
@@ -70,6 +74,15 @@ def test_fp8_forward_obeys_the_tolerance_rule(case, device):
     public = kernels.flash_attention(q8, k8, v8, causal=s.causal, sm_scale=sm_scale, out_dtype=case.out,
                                      **descales)
     assert torch.equal(public, o), "the public call and the launcher differ"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_fp8_forward_long_sequence_gpu(causal, device):
+    """The GPU's own fp8 MMAs and conversions (the CPU rounds P by hand): GQA 8:2 at 4k, head dim 128."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 tensor cores need sm_89 or newer")
+    check_fp8(Fp8Case(AttentionCase(1, 8, 2, 4096, 4096, 128, causal)), device)
 
 
 def test_varlen_with_per_sequence_descales(device):

@@ -102,7 +102,8 @@ def chosen(log, kernel):
 
 
 def footprint(arch, kernel, dtype, head_dim, config):
-    key = configs.footprint_key(kernel, configs.PRECISIONS[dtype], triton.next_power_of_2(max(16, head_dim)), config)
+    padded = head_dim if head_dim > 256 else triton.next_power_of_2(max(16, head_dim))  # 576: MLA's tiles, unpadded
+    key = configs.footprint_key(kernel, configs.PRECISIONS[dtype], padded, config)
     return configs.footprints()[arch].get(key)
 
 
@@ -139,10 +140,10 @@ def test_every_launched_config_fits_the_chip(on_chip, launches, arch, dtype):
 @pytest.mark.parametrize("arch", list(configs.CHIPS))
 def test_paged_configs_fit_the_chip(on_chip, arch, device):
     """Paged attention: the tile of new tokens x a kv group's heads fits, from a decode step of a small group
-    (4 rows) to a prefill chunk (thousands of rows), 16-bit and fp32."""
+    (4 rows) to a prefill chunk (thousands of rows), 16-bit and fp32, up to MLA's 576 (512 + 64) tiles."""
     chip = on_chip(arch)
     for dtype in (torch.bfloat16, torch.float32):
-        for head_dim in (64, 128, 256):
+        for head_dim in (64, 128, 256, 576):
             for rows in (1, 4, 16, 64, 4096):
                 config = configs.KERNELS["paged"].choose(torch.device("cpu"), dtype, max(16, head_dim), rows, None,
                                                          (("PAGED", True), ("IS_CAUSAL", True)))

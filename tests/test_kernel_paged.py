@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import kernels.runtime
 import reference.decode as ref_decode
@@ -16,6 +18,7 @@ import reference.paged as ref
 from conftest import DEVICE
 from kernels import append_kv, decode_attention, paged_attention
 from kernels.paged import MAX_SPLIT_QUERIES, _paged_fwd, choose_num_splits
+from kernels.tiles import _e4m3_to_float
 from tests.cases import PAGED_CASES, PagedCase, dtype_params
 from tests.helpers import assert_close_to_reference, poisoned_like
 
@@ -465,3 +468,46 @@ def test_fp8_cache_inputs_are_checked(device):
     with pytest.raises(TypeError, match="k_scale must be a float32 tensor"):
         decode_attention(q, k, k.clone(), lengths, k_scale=torch.ones(1, dtype=torch.float64, device=device),
                          v_scale=torch.ones(1, device=device))
+
+
+@triton.jit
+def _decode_kernel(X, Y, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(Y + offs, _e4m3_to_float(tl.load(X + offs)))
+
+
+def test_e4m3_bytes_decode_exactly(device):
+    """Every one of the 256 e4m3fn bytes, decoded in software as a GPU before sm_89 reads an e4m3 cache."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).to(device)
+    decoded = torch.empty(256, dtype=torch.float32, device=device)
+    _decode_kernel[(1,)](codes, decoded, BLOCK=256)
+    expected = codes.view(torch.float8_e4m3fn).float()
+    assert torch.equal(decoded.isnan(), expected.isnan())
+    assert torch.equal(decoded.nan_to_num(0.0).view(torch.int32), expected.nan_to_num(0.0).view(torch.int32))
+
+
+def test_an_e4m3_cache_is_read_as_bytes_before_sm89(monkeypatch, device):
+    """An A100 or RTX 3090 (emulated: ATTN_CHIP) has no e4m3 type in Triton: the launcher hands the kernel the
+    cache's bytes and the kernel decodes them; the result obeys the tolerance rule as on sm_89 and later."""
+    from kernels import configs
+    from kernels import paged as paged_launcher
+
+    torch.manual_seed(6)
+    lengths = torch.tensor([40, 7], dtype=torch.int32, device=device)
+    latent = torch.randn(2, 2, 48, 32, device=device) * 2
+    scale = latent.abs().amax(-1) / 448  # one per row and kv head
+    cache = (latent / scale[..., None]).to(torch.float8_e4m3fn)
+    q = torch.randn(2, 4, 1, 32, device=device, dtype=torch.bfloat16)
+    args, options = (q, cache, cache.clone(), lengths), dict(k_scale=scale, v_scale=scale.clone())
+    monkeypatch.setenv(configs.CHIP_ENV, "sm_86")
+    configs.reset()
+    try:
+        with torch.no_grad():
+            out = decode_attention(*args, **options)
+        plans = [plan for _, plan in paged_launcher._PLANS.values()]
+        assert plans and all(plan.e4m3_bytes for plan in plans), "the cache was not read as bytes"
+    finally:
+        monkeypatch.delenv(configs.CHIP_ENV)
+        configs.reset()
+    expected = ref.paged_attention(*args, **options, dtype=torch.float64)
+    assert_close_to_reference(out, expected, ref.paged_attention(*args, **options), name="e4m3 bytes on sm_86")
