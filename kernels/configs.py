@@ -334,6 +334,12 @@ PLAIN_SWITCHES = frozenset({"IS_CAUSAL", "IS_GQA"})
 PAGED_PLAIN_SWITCHES = PLAIN_SWITCHES | {"PAGED", "IS_VARLEN"}
 
 
+# Spill-store bytes per thread a config may have and still rank as spill-free: one or two registers parked
+# (Triton 3.9 spills 4 B in the H100's dK/dV tile, M16 N128 w8 s2, where 3.6 spills none) cost less than
+# falling back to a tile too narrow for wgmma.
+SPILL_TOLERANCE_BYTES = 8
+
+
 class NoConfigFits(ValueError):
     """No candidate of a kernel fits the chip for this dtype and head dim."""
 
@@ -359,7 +365,7 @@ class KernelConfigs:
     def fitting(self, chip: Chip, dtype, head_dim_pad: int, tma=False, warp_specialize=False, variants=False):
         """The candidates `chip` can run for this dtype and head dim: measured there, within its shared memory.
 
-        Sorted spill-free first (each group in the list's order), by the plain
+        Sorted spill-free first (each group in the list's order; SPILL_TOLERANCE_BYTES), by the plain
         kernel's spills or, with `variants` (a call with switches beyond the
         plain compile's), by the every-switch compile's; descriptor and
         warp-specialized configs only where allowed.
@@ -375,7 +381,7 @@ class KernelConfigs:
                 continue
             footprint = measured.get(footprint_key(self.name, precision, head_dim_pad, config))
             if footprint is not None and footprint[0] <= chip.shared_bytes:
-                fits.append((footprint[2 if variants else 1] > 0, config))
+                fits.append((footprint[2 if variants else 1] > SPILL_TOLERANCE_BYTES, config))
         return [config for _, config in sorted(fits, key=lambda item: item[0])]
 
     def choose(self, device, dtype, head_dim_pad, n_q, n_k, switches, *, tma=False, warp_specialize=False,

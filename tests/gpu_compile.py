@@ -40,7 +40,8 @@ Run from the repository root, without TRITON_INTERPRET:
 It prints one JSON line per job:
     {"job": "sm_90 fwd 16-bit d128 M128 N64 w8 s3 plain", "arch", "triton", "variant", "kernel", "dtype",
      "head_dim", "block_m", "block_n", "warps", "stages", "options", "footprint_key",
-     "async_copies", "tma_loads", "warp_specialized", "wgmma", "tcgen05_mma", "fp8_mma", "shared_bytes",
+     "async_copies", "tma_loads", "warp_specialized", "wgmma", "tcgen05_mma", "fp8_mma", "atomic_adds",
+     "ordered_atomic_adds", "shared_bytes",
      "registers", "spill_stores", "spill_loads", "stack_frame", "seconds"}
 (bytes per thread, except shared_bytes: per block); a job that does not
 compile has "error" instead of the measurements. --write-footprints merges
@@ -50,8 +51,10 @@ Speed: each job is compiled in a process forked from this one (kernels
 already imported; a compiler crash or hang costs one row, not the run), the
 slowest (fp64, fp32, head dim 256) first so no worker is left alone with a
 long one at the end, and jobs that would compile exactly the same thing
-share one compile. The full matrix (834 compiles) took 20-23 minutes of wall
-time on two cores with an empty Triton cache, on Triton 3.6 and 3.9 alike.
+share one compile. The full matrix (1186 jobs) took 33 minutes of wall time
+on two cores with an empty Triton cache (Triton 3.9, 2026-12-06); its slowest
+compiles, 2-3 minutes each, are MLA's decode with every switch on sm_80 and
+sm_86, whose e4m3 cache is decoded in software there.
 """
 import argparse
 import datetime
@@ -210,6 +213,10 @@ def compile_kernel(kernel, constexprs: dict, num_warps: int, num_stages: int, dt
             # fp8 tensor-core instructions: Ada's mma.sync ...e4m3.e4m3, Hopper's wgmma ...e4m3.e4m3,
             # Blackwell's tcgen05.mma kind::f8f6f4
             "fp8_mma": len(re.findall(r"(mma\.sync|wgmma\.mma_async)[^\n]*\.e4m3\.e4m3|kind::f8f6f4", ptx)),
+            # atomic adds (the fused backward's dQ), and those with an ordering a sum does not need
+            "atomic_adds": len(atomic_adds := re.findall(r"\b(?:atom|red)\.[^\n]*\.add\b[^\n]*", ptx)),
+            "ordered_atomic_adds": sum(bool(re.search(r"\.(acq_rel|acquire|release)\b", line))
+                                       for line in atomic_adds),
             "shared_bytes": compiled.metadata.shared, **ptxas_usage(kernel.__name__, ptx, cc, printed())}
 
 
@@ -300,7 +307,8 @@ def helper_jobs(arch: str) -> list:
     merge = dict(IS_VARLEN=True, HAS_SINKS=False, UPCAST=False)
     helpers = [("bwd_preprocess", "bwd_preprocess", 4, dict(d128, BLOCK_M=64)),  # flash_attention's delta tile
                ("softmax", "softmax", 8, dict(BLOCK_N=4096)),  # softmax's widest step: 4096 columns, 8 warps
-               ("paged_merge", "paged_merge", paged_launch.MERGE_WARPS, dict(d128, BLOCK_R=paged_launch.merge_block_rows(128), **merge)),
+               ("paged_merge", "paged_merge", paged_launch.MERGE_WARPS,
+                dict(d128, BLOCK_R=paged_launch.merge_block_rows(128), **merge)),
                ("paged_merge d512", "paged_merge", paged_launch.MERGE_WARPS,
                 dict(HEAD_DIM=512, HEAD_DIM_PAD=512, BLOCK_R=paged_launch.merge_block_rows(512), **merge)),
                ("dropout_mask", "dropout_mask", 4, dict(BLOCK_M=32, BLOCK_N=32))]  # dropout_keep_mask's tiles
@@ -413,10 +421,10 @@ def write_footprints(rows, path):
     value the maximum with the one already in the file, so runs on several
     Triton versions leave the worst case of all of them (a warp-specialized
     config has no variants compile: its plain spills stand for both). A key with a failed compile in any
-    run gets no entry: it goes under "failed" ({arch: {key: [triton versions]}}; a later run
-    of the same Triton version in which it compiles clears it), and the launcher never offers it there. Keys that are no longer candidates
-    are dropped. Values only grow: to measure afresh (a kernel got leaner, a
-    failure was fixed), delete the file and run once per supported Triton version.
+    run gets no entry: it goes under "failed" ({arch: {key: [triton versions]}}; a later run of the
+    same Triton version in which it compiles clears it), and the launcher never offers it there.
+    Keys that are no longer candidates are dropped. Values only grow: to measure afresh (a kernel got
+    leaner, a failure was fixed), delete the file and run once per supported Triton version.
     """
     data = {"measured_with": {}, "archs": {}, "failed": {}}
     if os.path.exists(path):

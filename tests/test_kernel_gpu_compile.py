@@ -3,7 +3,7 @@
 The launcher runs a config on a chip only if kernels/footprints.json says it
 fits there (kernels/configs.py); the file is written by compiling every
 candidate for every chip (`python -m tests.gpu_compile --write-footprints`,
-20-23 minutes on two cores per Triton version). Two kinds of test:
+about 35 minutes on two cores per Triton version). Two kinds of test:
 
 - Fast, no compiling: the file covers every candidate on every chip (or the
   candidate is in NOT_MEASURED, with the reason), every kernel, precision
@@ -18,7 +18,7 @@ candidate for every chip (`python -m tests.gpu_compile --write-footprints`,
   and (plain) sm_86, the forward's Hopper options and the helper kernels on sm_90.
   Each compiles, needs no more shared memory than the file records (the file
   is not stale) nor than the chip has, 16-bit at head dim 128 does not spill
-  on sm_80 and sm_90 in its plain compile, the fp8 forward multiplies on fp8
+  on sm_80 and sm_90 in its plain compile (beyond configs.SPILL_TOLERANCE_BYTES), the fp8 forward multiplies on fp8
   tensor cores (wgmma on sm_90, mma.sync on sm_89) without spilling, and the
   sm_90 code is what we expect: pipelined loads, wgmma, TMA copies and warp
   specialization where asked for.
@@ -43,8 +43,8 @@ FP8_ARCHS = ("sm_89", "sm_90", "sm_100", "sm_120")  # the launcher refuses fp8 b
 # kernels/footprints.json lists them under "failed", so the launcher never offers them there.
 NOT_MEASURED = {
     ("sm_90", "fwd fp8 d128 M128 N128 w4 s3 tma ws"):
-        "Triton 3.6's Hopper lowering stops at the fp8 wgmma of a warp-specialized loop ('WGMMA type or shape is "
-        "not supported'); the same config compiles on sm_100, and without warp specialization on sm_90",
+        "the Hopper lowering of Triton 3.6 and 3.9 stops at the fp8 wgmma of a warp-specialized loop ('WGMMA type "
+        "or shape is not supported'); the same config compiles on sm_100, and without warp specialization on sm_90",
 }
 
 # (arch, kernel, precision, head-dim class) where no candidate fits: -> why.
@@ -106,14 +106,15 @@ def test_every_kernel_has_a_fitting_config_on_every_chip():
 def test_every_candidate_spills_is_exactly_the_spilling_cases():
     """16-bit at head dim 128, the common case: every attention kernel on every chip has a fitting config whose
     plain compile does not spill, except the cases EVERY_CANDIDATE_SPILLS names (an entry goes when a spill-free
-    candidate arrives; then the slice holds the default to 0 spills)."""
+    candidate arrives; then the slice holds the default to it). Spill-free: at most configs.SPILL_TOLERANCE_BYTES."""
     wrong = []
     for arch, chip in configs.CHIPS.items():
         measured = configs.footprints()[arch]
         for kernel in ("fwd", "bwd_dkdv", "bwd_dq", "paged"):
             clean = [configs.config_label(config)
                      for config in configs.KERNELS[kernel].fitting(chip, torch.bfloat16, 128)
-                     if measured[configs.footprint_key(kernel, "16-bit", 128, config)][1] == 0]
+                     if measured[configs.footprint_key(kernel, "16-bit", 128, config)][1]
+                     <= configs.SPILL_TOLERANCE_BYTES]
             if bool(clean) == ((arch, kernel) in EVERY_CANDIDATE_SPILLS):
                 wrong.append(f"{arch} {kernel}: spill-free fitting configs {clean}")
     assert not wrong, "EVERY_CANDIDATE_SPILLS disagrees with kernels/footprints.json:\n" + "\n".join(wrong)
@@ -206,7 +207,7 @@ def test_16_bit_head_dim_128_does_not_spill_on_a100_and_h100(compiled):
     spilling = [f"{row['job']}: {row['spill_stores']} B spill stores, {row['registers']} registers"
                 for row in attention_rows(compiled)
                 if row["arch"] in ("sm_80", "sm_90") and row["precision"] == "16-bit" and row["head_dim"] <= 128
-                and row["variant"] == "plain" and row["spill_stores"]
+                and row["variant"] == "plain" and row["spill_stores"] > configs.SPILL_TOLERANCE_BYTES
                 and (row["arch"], row["kernel"]) not in EVERY_CANDIDATE_SPILLS]
     assert not spilling, "configs that spill registers:\n" + "\n".join(spilling)
 
@@ -272,3 +273,14 @@ def test_mla_decode_fits_and_keeps_its_accumulator_in_registers(compiled):
     for row in rows:
         assert row["shared_bytes"] <= configs.CHIPS[row["arch"]].shared_bytes
         assert row["spill_stores"] == 0, f"{row['job']}: spills {row['spill_stores']} B"
+
+
+@pytest.mark.slow
+def test_fused_dq_adds_with_relaxed_atomics(compiled):
+    """deterministic=False adds dQ with atomics in the dK/dV kernel: relaxed ones, since a sum needs no ordering
+    (Triton's default, acq_rel, fences every add)."""
+    rows = [row for row in attention_rows(compiled) if row["kernel"] == "bwd_dkdv" and row["variant"] == "variants"]
+    assert rows
+    for row in rows:
+        assert row["atomic_adds"] > 0, f"{row['job']}: no atomic add of dQ: {row}"
+        assert row["ordered_atomic_adds"] == 0, f"{row['job']}: {row['ordered_atomic_adds']} ordered atomic adds"

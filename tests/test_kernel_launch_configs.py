@@ -151,7 +151,8 @@ def test_paged_configs_fit_the_chip(on_chip, arch, device):
                 assert measured is not None and measured[0] <= chip.shared_bytes, (arch, dtype, head_dim, rows)
                 assert config.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(rows)), (arch, rows, config)
                 if configs.PRECISIONS[dtype] == "16-bit" and head_dim <= 128:
-                    assert measured[1] == 0, f"paged {dtype} d{head_dim} on {arch} spills {measured[1]} B"
+                    assert measured[1] <= configs.SPILL_TOLERANCE_BYTES, (
+                        f"paged {dtype} d{head_dim} on {arch} spills {measured[1]} B")
 
 
 def test_a_chip_with_too_little_shared_memory_gets_a_clear_error(launches, monkeypatch):
