@@ -14,7 +14,8 @@ guessed. Read in this order:
                  `python -m tests.gpu_compile --write-footprints`): a candidate runs on a chip only
                  if it was measured there and fits
     choose       the config of one launch: a tuned table's entry for this GPU, else the first candidate
-                 that fits the chip, does not spill, and is no longer than the sequence. Memoized per
+                 that fits the chip, does not spill (at most SPILL_TOLERANCE_BYTES; where every
+                 candidate spills, the one that spills least), and is no longer than the sequence. Memoized per
                  (device, dtype, head dim, switches, length buckets): one dict lookup per launch
     tuned tables kernels/tuned/<gpu>.json, written by `python -m bench.tune` on that GPU
     autotuning   opt-in (ATTN_AUTOTUNE=1 or set_autotune(True)): time the fitting candidates once per
@@ -312,7 +313,8 @@ _reset_hooks = []
 
 
 def on_reset(hook) -> None:
-    """Call `hook()` on every reset(): for launchers that keep plans holding a chosen config (kernels/paged.py)."""
+    """Call `hook()` on every reset() and at both ends of an only_config block: for launchers that keep plans
+    holding a chosen config (kernels/paged.py)."""
     _reset_hooks.append(hook)
 
 
@@ -365,10 +367,10 @@ class KernelConfigs:
     def fitting(self, chip: Chip, dtype, head_dim_pad: int, tma=False, warp_specialize=False, variants=False):
         """The candidates `chip` can run for this dtype and head dim: measured there, within its shared memory.
 
-        Sorted spill-free first (each group in the list's order; SPILL_TOLERANCE_BYTES), by the plain
-        kernel's spills or, with `variants` (a call with switches beyond the
-        plain compile's), by the every-switch compile's; descriptor and
-        warp-specialized configs only where allowed.
+        Sorted spill-free first (at most SPILL_TOLERANCE_BYTES of spill stores; in the list's order),
+        then the others by their spills, least first: the spills of the plain compile or, with
+        `variants` (a call with switches beyond the plain compile's), of the every-switch compile.
+        Descriptor and warp-specialized configs only where allowed.
         """
         precision = PRECISIONS.get(dtype)
         if precision is None:
@@ -381,7 +383,8 @@ class KernelConfigs:
                 continue
             footprint = measured.get(footprint_key(self.name, precision, head_dim_pad, config))
             if footprint is not None and footprint[0] <= chip.shared_bytes:
-                fits.append((footprint[2 if variants else 1] > SPILL_TOLERANCE_BYTES, config))
+                spills = footprint[2 if variants else 1]
+                fits.append((0 if spills <= SPILL_TOLERANCE_BYTES else spills, config))
         return [config for _, config in sorted(fits, key=lambda item: item[0])]
 
     def choose(self, device, dtype, head_dim_pad, n_q, n_k, switches, *, tma=False, warp_specialize=False,
@@ -465,7 +468,8 @@ KERNELS = {
 class only_config:
     """Within the block, kernel `name` launches `config` for every shape, untimed and unchecked (tests, bench.tune).
 
-    Its memo is cleared on entry and exit, so no choice made inside leaks out.
+    Its memo and the launchers' plans are cleared on entry and exit, so no choice made inside leaks out
+    and none made before is reused inside.
     A config that cannot fit the shape fails at launch (Triton's OutOfResources).
     """
 
@@ -479,13 +483,18 @@ class only_config:
     def __enter__(self):
         self.saved = self.kernel.forced
         self.kernel.forced = self.config
-        self.kernel.memo.clear()
+        self._forget_choices()
         return self.kernel
 
     def __exit__(self, *exc):
         self.kernel.forced = self.saved
-        self.kernel.memo.clear()
+        self._forget_choices()
         return False
+
+    def _forget_choices(self):
+        self.kernel.memo.clear()
+        for hook in _reset_hooks:  # launch plans that hold a config chosen before (or inside) the block
+            hook()
 
 
 def _do_bench(run) -> float:

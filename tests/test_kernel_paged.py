@@ -487,10 +487,13 @@ def test_e4m3_bytes_decode_exactly(device):
 
 
 def test_an_e4m3_cache_is_read_as_bytes_before_sm89(monkeypatch, device):
-    """An A100 or RTX 3090 (emulated: ATTN_CHIP) has no e4m3 type in Triton: the launcher hands the kernel the
-    cache's bytes and the kernel decodes them; the result obeys the tolerance rule as on sm_89 and later."""
+    """An A100 or RTX 3090 has no e4m3 type in Triton: the launcher hands the kernel the cache's bytes and the
+    kernel decodes them; the result obeys the tolerance rule as on sm_89 and later. On the CPU an sm_86 is
+    emulated (ATTN_CHIP); on a GPU the test runs on the GPU's own chip, which reads bytes only before sm_89."""
     from kernels import configs
     from kernels import paged as paged_launcher
+
+    reads_bytes = device != "cuda" or torch.cuda.get_device_capability() < (8, 9)
 
     torch.manual_seed(6)
     lengths = torch.tensor([40, 7], dtype=torch.int32, device=device)
@@ -505,9 +508,33 @@ def test_an_e4m3_cache_is_read_as_bytes_before_sm89(monkeypatch, device):
         with torch.no_grad():
             out = decode_attention(*args, **options)
         plans = [plan for _, plan in paged_launcher._PLANS.values()]
-        assert plans and all(plan.e4m3_bytes for plan in plans), "the cache was not read as bytes"
+        assert plans and all(plan.e4m3_bytes == reads_bytes for plan in plans), (
+            f"the cache was {'not ' if reads_bytes else ''}read as bytes")
     finally:
         monkeypatch.delenv(configs.CHIP_ENV)
         configs.reset()
     expected = ref.paged_attention(*args, **options, dtype=torch.float64)
     assert_close_to_reference(out, expected, ref.paged_attention(*args, **options), name="e4m3 bytes on sm_86")
+
+
+def test_only_config_reaches_a_call_whose_plan_is_cached(device):
+    """A launch plan holds its config: only_config drops the plans on entry and exit, so a decode loop's cached
+    plan cannot outlive the forced config or hide it."""
+    from kernels import configs
+    from kernels import paged as paged_launcher
+
+    q = torch.randn(2, 4, 1, 32, device=device)
+    k = torch.randn(2, 2, 40, 32, device=device)
+    lengths = torch.tensor([40, 7], dtype=torch.int32, device=device)
+    with torch.no_grad():
+        decode_attention(q, k, k, lengths)  # the plan of this call signature, with the usual config
+        usual = [plan.config for _, plan in paged_launcher._PLANS.values()]
+        forced = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+        assert forced not in usual
+        with configs.only_config("paged", forced):
+            out = decode_attention(q, k, k, lengths)
+            assert [plan.config for _, plan in paged_launcher._PLANS.values()] == [forced]
+        decode_attention(q, k, k, lengths)
+        assert [plan.config for _, plan in paged_launcher._PLANS.values()] == usual
+    expected = ref.paged_attention(q, k, k, lengths, dtype=torch.float64)
+    assert_close_to_reference(out, expected, ref.paged_attention(q, k, k, lengths), name="forced config")
