@@ -28,8 +28,8 @@ in plain PyTorch, without the variants.
 import triton
 import triton.language as tl
 
-from .tiles import (LOG2E, _cast_for_store, _dropout_keep, _key_range, _load_tile, _mask_mod_visible, _query_range,
-                    _score_grad, _scores, _sequence_bounds, _visible)
+from .tiles import (LOG2E, _cast_for_store, _dropout_keep, _key_range, _listed_block_start, _load_tile,
+                    _mask_mod_visible, _query_range, _score_grad, _scores, _sequence_bounds, _stage_range, _visible)
 
 
 @triton.jit
@@ -91,12 +91,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_
     else:
         STEP: tl.constexpr = BLOCK_M
     for it in range(lo, hi, STEP):
-        if SPARSE_BLOCK_M > 0:
-            SUB: tl.constexpr = SPARSE_BLOCK_M // BLOCK_M
-            start_m = tl.load(Q_LIST + 1 + it // SUB) * SPARSE_BLOCK_M + (it % SUB) * BLOCK_M
-        else:
-            start_m = it
-        start_m = tl.multiple_of(start_m, BLOCK_M)
+        start_m = _listed_block_start(it, Q_LIST, SPARSE_BLOCK_M, BLOCK_M)
         cur_m = start_m + offs_m
         q = _load_tile(q_ptrs + start_m.to(tl.int64) * stride_qm, cur_m, N_Q, offs_d, HEAD_DIM, MASKED, PAD_D,
                        UPCAST)
@@ -253,12 +248,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_SEQLENS_Q, CU_SEQLENS
                 MASKED = stage == 0
             else:
                 q_list = BLOCK_MASK
-                if stage == 0:
-                    stage_lo, stage_hi = lo, full_lo
-                elif stage == 1:
-                    stage_lo, stage_hi = full_lo, full_hi
-                else:
-                    stage_lo, stage_hi = full_hi, hi
+                stage_lo, stage_hi = _stage_range(stage, lo, full_lo, full_hi, hi)
                 MASKED = stage != 1 or MASK_MOD is not None
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE_row, DELTA_row, stride_qm,
                                           stride_dom, stride_dqm, offs_n, offs_m, offs_d, offs_dv, stage_lo, stage_hi,
@@ -299,12 +289,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_
     else:
         STEP: tl.constexpr = BLOCK_N
     for it in range(lo, hi, STEP):
-        if SPARSE_BLOCK_N > 0:
-            SUB: tl.constexpr = SPARSE_BLOCK_N // BLOCK_N
-            start_n = tl.load(KV_LIST + 1 + it // SUB) * SPARSE_BLOCK_N + (it % SUB) * BLOCK_N
-        else:
-            start_n = it
-        start_n = tl.multiple_of(start_n, BLOCK_N)
+        start_n = _listed_block_start(it, KV_LIST, SPARSE_BLOCK_N, BLOCK_N)
         cur_n = start_n + offs_n
         k = _load_tile(k_ptrs + start_n.to(tl.int64) * stride_kn, cur_n, N_K, offs_d, HEAD_DIM, MASKED, PAD_D,
                        UPCAST)
@@ -415,12 +400,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_
             MASKED = stage == 0
         else:
             kv_list = BLOCK_MASK
-            if stage == 0:
-                stage_lo, stage_hi = lo, full_lo
-            elif stage == 1:
-                stage_lo, stage_hi = full_lo, full_hi
-            else:
-                stage_lo, stage_hi = full_hi, hi
+            stage_lo, stage_hi = _stage_range(stage, lo, full_lo, full_hi, hi)
             MASKED = stage != 1 or MASK_MOD is not None
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                 offs_dv, stage_lo, stage_hi, seqlen_q, seqlen_k, offset, sm_scale, softcap,

@@ -72,8 +72,9 @@ and builds the grid.
 import triton
 import triton.language as tl
 
-from .tiles import (LN2, LOG2E, _cast_for_store, _dropout_keep, _key_range, _load_rows, _mask_mod_visible,
-                    _round_to_fp8, _row_descriptor, _scores, _sequence_bounds, _visible)
+from .tiles import (LN2, LOG2E, _cast_for_store, _dropout_keep, _key_range, _listed_block_start, _load_rows,
+                    _mask_mod_visible, _round_to_fp8, _row_descriptor, _scores, _sequence_bounds, _stage_range,
+                    _visible)
 
 
 @triton.jit
@@ -104,12 +105,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m
     # copies to a producer warp group and the math to two consumer warp groups,
     # so loads and math overlap without waiting on each other.
     for it in tl.range(lo, hi, STEP, warp_specialize=WARP_SPECIALIZE):
-        if SPARSE_BLOCK_N > 0:
-            SUB: tl.constexpr = SPARSE_BLOCK_N // BLOCK_N
-            start_n = tl.load(KV_LIST + 1 + it // SUB) * SPARSE_BLOCK_N + (it % SUB) * BLOCK_N
-        else:
-            start_n = it
-        start_n = tl.multiple_of(start_n, BLOCK_N)
+        start_n = _listed_block_start(it, KV_LIST, SPARSE_BLOCK_N, BLOCK_N)
         cur_n = start_n + offs_n
         k = _load_rows(k_src, start_n, stride_kn, cur_n, N_K, offs_d, HEAD_DIM, MASKED, PAD_D, UPCAST, USE_TMA)
         # s = modified (q @ k.T) * sm_scale, in base-2 units.      (BLOCK_M, BLOCK_N)
@@ -284,12 +280,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SINKS, ALIBI_SLOPES, 
             # a mask_mod may hide any key); stage 2: the diagonal (or the window's right edge) and the
             # ragged last block, masked.
             kv_list = BLOCK_MASK
-            if stage == 0:
-                stage_lo, stage_hi = lo, full_lo
-            elif stage == 1:
-                stage_lo, stage_hi = full_lo, full_hi
-            else:
-                stage_lo, stage_hi = full_hi, hi
+            stage_lo, stage_hi = _stage_range(stage, lo, full_lo, full_hi, hi)
             MASKED = stage != 1 or MASK_MOD is not None
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                         offs_dv, stage_lo, stage_hi, seqlen_q, seqlen_k, offset, sm_scale, softcap,

@@ -35,7 +35,8 @@ table per row, so any page size works, from 1 (token-granular tables) up.
 import triton
 import triton.language as tl
 
-from .tiles import LN2, LOG2E, _block_range, _cast_for_store, _e4m3_to_float, _load_rows_where, _scores
+from .tiles import (LN2, LOG2E, _block_range, _cast_for_store, _e4m3_to_float, _load_rows_where, _scores,
+                    _stage_range)
 
 MAX_SPLIT_QUERIES = 16  # new tokens per sequence up to which split-KV pays: decode, verification
 MIN_KEYS_PER_SPLIT = 256  # below this, a split's fixed costs (its Q tile, its partial) dominate its reads
@@ -320,12 +321,7 @@ def _paged_attn_fwd(Q, K, V, O, LSE, O_PART, LSE_PART, CU_SEQLENS_Q, SEQUSED_K, 
     bt_row = BLOCK_TABLE + off_z * stride_btz
     # Masked left edge, unmasked middle, masked right edge (the diagonal, the window, the ragged end).
     for stage in tl.static_range(3):
-        if stage == 0:
-            stage_lo, stage_hi = lo, full_lo
-        elif stage == 1:
-            stage_lo, stage_hi = full_lo, full_hi
-        else:
-            stage_lo, stage_hi = full_hi, hi
+        stage_lo, stage_hi = _stage_range(stage, lo, full_lo, full_hi, hi)
         acc, l_i, m_i, bad = _paged_inner(acc, l_i, m_i, bad, q, q_tail, k_base, v_base, bt_row, stride_btn,
                                           stride_kp, stride_kn, stride_kk, stride_vp, stride_vn, stride_vk,
                                           K_SCALE + scale_base, V_SCALE + scale_base, stride_sp, stride_sn, pos,

@@ -215,6 +215,32 @@ def _block_range(BLOCK: tl.constexpr, first_seen, last_seen, first_full, last_fu
 
 
 @triton.jit
+def _stage_range(STAGE: tl.constexpr, lo, full_lo, full_hi, hi):
+    """The blocks of one of _block_range's three stages: 0 the masked left part [lo, full_lo),
+    1 the unmasked middle [full_lo, full_hi), 2 the masked right part [full_hi, hi)."""
+    if STAGE == 0:
+        stage_lo, stage_hi = lo, full_lo
+    elif STAGE == 1:
+        stage_lo, stage_hi = full_lo, full_hi
+    else:
+        stage_lo, stage_hi = full_hi, hi
+    return stage_lo, stage_hi
+
+
+@triton.jit
+def _listed_block_start(it, BLOCK_LIST, LIST_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """The first index of step `it` of a block loop: `it` itself, or with a block mask (LIST_BLOCK > 0,
+    the mask's block size) the it-th BLOCK-sized piece of the blocks BLOCK_LIST names (its entry 0 is
+    the count, then block indices)."""
+    if LIST_BLOCK > 0:
+        PIECES: tl.constexpr = LIST_BLOCK // BLOCK
+        start = tl.load(BLOCK_LIST + 1 + it // PIECES) * LIST_BLOCK + (it % PIECES) * BLOCK
+    else:
+        start = it
+    return tl.multiple_of(start, BLOCK)
+
+
+@triton.jit
 def _key_range(start_m, N_Q, N_K, window_left, window_right,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr):
     """Key blocks for the query block [start_m, start_m + BLOCK_M): see _block_range.
