@@ -211,20 +211,28 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, return_lse=False, wind
     """
     check_flash_inputs(q, k, v, sm_scale)
     check_flash_options(q, q.shape[0], softcap, alibi_slopes, sinks, dropout_p)
+    return _checked_forward(q, k, v, causal, sm_scale, window_size, softcap, alibi_slopes, sinks, dropout_p,
+                            deterministic, return_lse, (q_descale, k_descale, v_descale), out_dtype)
+
+
+def _checked_forward(q, k, v, causal, sm_scale, window_size, softcap, alibi_slopes, sinks, dropout_p, deterministic,
+                     return_lse, descales, out_dtype, packed=()):
+    """The rest of flash_attention and flash_attention_varlen (packed: their offsets and maximum lengths):
+    the flags checked, the default scale, then the fp8 forward or _attention."""
     causal = check_flag(causal, "causal")
     return_lse = check_flag(return_lse, "return_lse")
     deterministic = check_flag(deterministic, "deterministic")
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    descales = (q_descale, k_descale, v_descale)
+    window = _op_window(window_size, causal)
     if q.dtype in FP8_DTYPES:
         out_dtype = check_fp8_call(q, k, v, dropout_p, out_dtype, descales)
-        o, lse = fp8_forward(q, k, v, causal, sm_scale, _op_window(window_size, causal), softcap, alibi_slopes,
-                             sinks, descales, out_dtype)
-        return (o, lse) if return_lse else o
-    if q_descale is not None or k_descale is not None or v_descale is not None or out_dtype is not None:
-        check_no_descales(q, out_dtype, descales)
-    o, lse = _attention(q, k, v, causal, sm_scale, _op_window(window_size, causal), softcap, alibi_slopes, sinks,
-                        dropout_p, deterministic, return_lse)
+        o, lse = fp8_forward(q, k, v, causal, sm_scale, window, softcap, alibi_slopes, sinks, descales, out_dtype,
+                             *packed)
+    else:
+        if out_dtype is not None or descales[0] is not None or descales[1] is not None or descales[2] is not None:
+            check_no_descales(q, out_dtype, descales)
+        o, lse = _attention(q, k, v, causal, sm_scale, window, softcap, alibi_slopes, sinks, dropout_p,
+                            deterministic, return_lse, *packed)
     return (o, lse) if return_lse else o
 
 
@@ -297,20 +305,6 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sm_scale,
                         check_flag(validate, "validate"))
     check_flash_options(q, cu_seqlens_q.shape[0] - 1, softcap, alibi_slopes, sinks, dropout_p)
-    causal = check_flag(causal, "causal")
-    return_lse = check_flag(return_lse, "return_lse")
-    deterministic = check_flag(deterministic, "deterministic")
-    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    descales = (q_descale, k_descale, v_descale)
-    if q.dtype in FP8_DTYPES:
-        out_dtype = check_fp8_call(q, k, v, dropout_p, out_dtype, descales)
-        o, lse = fp8_forward(q, k, v, causal, sm_scale, _op_window(window_size, causal), softcap, alibi_slopes,
-                             sinks, descales, out_dtype, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                             int(max_seqlen_k))
-        return (o, lse) if return_lse else o
-    if q_descale is not None or k_descale is not None or v_descale is not None or out_dtype is not None:
-        check_no_descales(q, out_dtype, descales)
-    o, lse = _attention(q, k, v, causal, sm_scale, _op_window(window_size, causal), softcap, alibi_slopes, sinks,
-                        dropout_p, deterministic, return_lse, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                        int(max_seqlen_k))
-    return (o, lse) if return_lse else o
+    return _checked_forward(q, k, v, causal, sm_scale, window_size, softcap, alibi_slopes, sinks, dropout_p,
+                            deterministic, return_lse, (q_descale, k_descale, v_descale), out_dtype,
+                            (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k)))
