@@ -249,20 +249,13 @@ def build_jobs(args, device_type):
 # ----------------------------------------------------------------------------
 # Build, check
 # ----------------------------------------------------------------------------
-def _inputs(case, device, requires_grad):
-    def rand(heads):
-        return torch.randn(case.batch, heads, case.n, case.head_dim, device=device, dtype=case.dtype,
-                           requires_grad=requires_grad)
-    return rand(case.heads_q), rand(case.heads_kv), rand(case.heads_kv)
-
-
 def _build(job, device):
     """The callable to time and its gradient leaves: a block-mask build, or one attention call."""
     if isinstance(job.case, MaskBuildCase):
         build = BUILDS[job.provider]
         case = job.case.case
         return (lambda: build(case, device)), []
-    q, k, v = _inputs(job.case, device, requires_grad=job.mode != "fwd")
+    q, k, v = sweep.attention_inputs(job.case, device, requires_grad=job.mode != "fwd")
     return sweep.mode_call(ATTENTION[job.provider](q, k, v, job.case), job.mode, [q, k, v])
 
 
@@ -296,7 +289,7 @@ def _check(job, device):
                               num_kv)
         return float((mine != truth).sum().item())
     case = job.case
-    q, k, v = _inputs(case, device, requires_grad=job.mode == "bwd")
+    q, k, v = sweep.attention_inputs(case, device, requires_grad=job.mode == "bwd")
     fn = ATTENTION[job.provider](q, k, v, case)
     leaves64 = [t.detach().double().requires_grad_(job.mode == "bwd") for t in (q, k, v)]
 

@@ -198,15 +198,8 @@ def build_jobs(args, device_type):
 # ----------------------------------------------------------------------------
 # Build, check: the suite's handlers of its case type
 # ----------------------------------------------------------------------------
-def _inputs(case, device, requires_grad):
-    def rand(heads):
-        return torch.randn(case.batch, heads, case.n, case.head_dim, device=device, dtype=case.dtype,
-                           requires_grad=requires_grad)
-    return rand(case.heads_q), rand(case.heads_kv), rand(case.heads_kv)
-
-
 def _build(job, device):
-    q, k, v = _inputs(job.case, device, requires_grad=job.mode != "fwd")
+    q, k, v = sweep.attention_inputs(job.case, device, requires_grad=job.mode != "fwd")
     prepare, _ = PROVIDERS[job.provider]
     return sweep.mode_call(prepare(q, k, v, job.case.window), job.mode, [q, k, v])
 
@@ -217,7 +210,7 @@ def _check(job, device):
 
     case = job.case
     prepare, windowed = PROVIDERS[job.provider]
-    q, k, v = _inputs(case, device, requires_grad=job.mode == "bwd")
+    q, k, v = sweep.attention_inputs(case, device, requires_grad=job.mode == "bwd")
     fn = prepare(q, k, v, case.window)
     leaves64 = [t.detach().double().requires_grad_(job.mode == "bwd") for t in (q, k, v)]
     window_size = (case.window - 1, 0) if windowed else None

@@ -11,6 +11,8 @@ is 0 analytically and exactly 0 in PyTorch's order of operations).
 """
 import torch
 
+from reference.llama import right_pad
+
 OUTPUT_FACTOR = 2.0
 GRADIENT_FACTOR = 3.0
 
@@ -94,3 +96,25 @@ def sdpa_attention(q, k, v, causal, sm_scale):
     mask = causal_visibility(q.shape[2], k.shape[2], q.device) if causal else None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sm_scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
+
+
+def assert_same_tokens(got, expected, what):
+    """Greedy generations agree token for token; else the message names the first (sequence, step) that differs."""
+    differ = (got != expected).nonzero()
+    assert not len(differ), f"{what}: first difference at (sequence, step) {tuple(differ[0].tolist())}"
+
+
+def assert_no_near_greedy_ties(model, prompts, generated, min_margin=1e-4):
+    """Exact token equality is meaningful only if no step's top two logits are within rounding of each other.
+
+    model: the reference decoder that generated `generated` (B, steps) greedily from `prompts` (lists of ids).
+    """
+    sequences = [p + g for p, g in zip(prompts, generated.tolist())]
+    steps = generated.shape[1]
+    with torch.no_grad():
+        logits = model(right_pad(sequences, device=next(model.parameters()).device))
+    for b, prompt in enumerate(prompts):
+        n = len(prompt)
+        top2 = logits[b, n - 1:n - 1 + steps].topk(2, dim=-1).values  # (steps, 2)
+        margin = (top2[:, 0] - top2[:, 1]).min().item()
+        assert margin > min_margin, f"sequence {b}: a near tie ({margin:.1e}) would make the comparison luck"

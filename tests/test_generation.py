@@ -7,8 +7,8 @@ import torch
 import modules
 import reference
 from conftest import DEVICE
-from reference.llama import LlamaConfig, right_pad
-from tests.helpers import assert_close_to_reference
+from reference.llama import LlamaConfig
+from tests.helpers import assert_close_to_reference, assert_no_near_greedy_ties, assert_same_tokens
 
 D_MODEL, CONTEXT = 48, 64
 GQA = dict(d_in=D_MODEL, d_out=D_MODEL, num_heads=4, num_kv_groups=2, context_length=CONTEXT)
@@ -91,16 +91,11 @@ def llama_pair():
     return naive, fast, prompts, naive.generate(prompts, NEW_TOKENS, use_cache=False)
 
 
-def _assert_same_tokens(got, expected, what):
-    differ = (got != expected).nonzero()
-    assert not len(differ), f"{what}: first difference at (sequence, step) {tuple(differ[0].tolist())}"
-
-
 def test_triton_with_cache_generates_the_naive_tokens(llama_pair):
     naive, fast, prompts, expected = llama_pair
     assert expected.shape == (len(PROMPT_LENGTHS), NEW_TOKENS)
-    _assert_same_tokens(fast.generate(prompts, NEW_TOKENS, use_cache=True), expected, "triton, contiguous cache")
-    _assert_same_tokens(naive.generate(prompts, NEW_TOKENS, use_cache=True), expected, "reference, contiguous cache")
+    assert_same_tokens(fast.generate(prompts, NEW_TOKENS, use_cache=True), expected, "triton, contiguous cache")
+    assert_same_tokens(naive.generate(prompts, NEW_TOKENS, use_cache=True), expected, "reference, contiguous cache")
 
 
 def test_paged_cache_generates_the_naive_tokens(llama_pair):
@@ -108,22 +103,15 @@ def test_paged_cache_generates_the_naive_tokens(llama_pair):
     block of the 5- and 12-token prompts; the 12-token one needs a block again at its fifth token."""
     naive, fast, prompts, expected = llama_pair
     steps = 8
-    _assert_same_tokens(fast.generate(prompts, steps, use_cache=True, block_size=16), expected[:, :steps],
+    assert_same_tokens(fast.generate(prompts, steps, use_cache=True, block_size=16), expected[:, :steps],
                         "triton, paged cache")
-    _assert_same_tokens(naive.generate(prompts, NEW_TOKENS, use_cache=True, block_size=16), expected,
+    assert_same_tokens(naive.generate(prompts, NEW_TOKENS, use_cache=True, block_size=16), expected,
                         "reference, paged cache")
 
 
 def test_greedy_choices_are_not_near_ties(llama_pair):
-    """Exact token equality is meaningful only if no step's top two logits are within rounding of each other."""
     naive, _, prompts, expected = llama_pair
-    sequences = [p + e for p, e in zip(prompts, expected.tolist())]
-    with torch.no_grad():
-        logits = naive(right_pad(sequences, device=DEVICE))
-    for b, n in enumerate(PROMPT_LENGTHS):
-        top2 = logits[b, n - 1:n - 1 + NEW_TOKENS].topk(2, dim=-1).values  # (steps, 2)
-        margin = (top2[:, 0] - top2[:, 1]).min().item()
-        assert margin > 1e-4, f"sequence {b}: a near tie ({margin:.1e}) would make the comparison luck"
+    assert_no_near_greedy_ties(naive, prompts, expected)
 
 
 def test_llama_twin_shares_the_state_dict_and_generate_checks_arguments(llama_pair):

@@ -11,10 +11,9 @@ import modules
 import reference
 from conftest import DEVICE
 from reference.decode import gather_cache
-from reference.llama import right_pad
 from reference.mla import DEEPSEEK_V3, LatentCache, MLAConfig, cache_bytes_per_token
 from reference.paged import paged_attention as paged_reference
-from tests.helpers import assert_close, assert_close_to_reference
+from tests.helpers import assert_close, assert_close_to_reference, assert_no_near_greedy_ties, assert_same_tokens
 
 CONFIG = MLAConfig()  # 8 heads; kv_lora_rank 64, rope 16, nope 32, v 32: q/k 48 and v 32 naive, 80 and 64 absorbed
 NO_Q_LORA = MLAConfig(q_lora_rank=None)  # DeepSeek-V2-Lite's queries: q_proj straight from x
@@ -165,32 +164,20 @@ def mla_pair():
     return naive, fast, prompts, naive.generate(prompts, NEW_TOKENS, use_cache=False)
 
 
-def _assert_same_tokens(got, expected, what):
-    differ = (got != expected).nonzero()
-    assert not len(differ), f"{what}: first difference at (sequence, step) {tuple(differ[0].tolist())}"
-
-
 @pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged"])
 def test_triton_with_latent_cache_generates_the_naive_tokens(mla_pair, block_size):
     """Paged: the padded prefill takes two 16-row pages per sequence, truncation frees the second of the
     5- and 12-token prompts, and the 12-token one takes a page again at its fifth new token."""
     naive, fast, prompts, expected = mla_pair
     assert expected.shape == (len(PROMPT_LENGTHS), NEW_TOKENS)
-    _assert_same_tokens(fast.generate(prompts, NEW_TOKENS, block_size=block_size), expected, "triton, latent cache")
-    _assert_same_tokens(naive.generate(prompts, NEW_TOKENS, block_size=block_size), expected,
+    assert_same_tokens(fast.generate(prompts, NEW_TOKENS, block_size=block_size), expected, "triton, latent cache")
+    assert_same_tokens(naive.generate(prompts, NEW_TOKENS, block_size=block_size), expected,
                         "reference, latent cache")
 
 
 def test_greedy_choices_are_not_near_ties(mla_pair):
-    """Exact token equality is meaningful only if no step's top two logits are within rounding of each other."""
     naive, _, prompts, expected = mla_pair
-    sequences = [p + e for p, e in zip(prompts, expected.tolist())]
-    with torch.no_grad():
-        logits = naive(right_pad(sequences, device=DEVICE))
-    for b, n in enumerate(PROMPT_LENGTHS):
-        top2 = logits[b, n - 1:n - 1 + NEW_TOKENS].topk(2, dim=-1).values  # (steps, 2)
-        margin = (top2[:, 0] - top2[:, 1]).min().item()
-        assert margin > 1e-4, f"sequence {b}: a near tie ({margin:.1e}) would make the comparison luck"
+    assert_no_near_greedy_ties(naive, prompts, expected)
 
 
 # ----------------------------------------------------------------------------
